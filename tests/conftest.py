@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random Llama / Qwen2 / Qwen3 / Mistral backbones built in the test (no weights, no network)."""
+
+import pytest
+import torch
+
+from buddy.backbone import Backbone
+from buddy.planner import Planner
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def tiny_hf(model_type: str, n_layers: int = 6, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    extra = {"head_dim": 16} if model_type == "qwen3" else {}
+    cfg = AutoConfig.for_model(
+        model_type, vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        **extra,
+    )
+    if model_type == "qwen2":
+        cfg.attention_bias = True  # Qwen2 has qkv bias; keep it explicit
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
+    with torch.no_grad():  # random init is small; scale up so layers differ visibly
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def tiny_backbone(model_type: str = "llama", n_layers: int = 6, seed: int = 0) -> Backbone:
+    return Backbone(tiny_hf(model_type, n_layers, seed), tokenizer=None, name=f"tiny-{model_type}")
+
+
+class FixedPlanner(Planner):
+    """Returns given per-position plans [B, S, L] for whatever slots are in flight (tests only)."""
+
+    name = "fixed"
+
+    def __init__(self, plans: torch.Tensor):
+        self.plans = plans
+
+    def plan(self, h0, cache, k):
+        s, e = cache.slot
+        return self.plans[:, s:e]
+
+
+def random_plans(B: int, S: int, L: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Random plans with exactly k layers per token, layer 0 and L-1 always on."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(B, S, L - 2, generator=g)
+    from buddy.planner import topk_plan
+
+    return topk_plan(scores, torch.full((B,), k))
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
