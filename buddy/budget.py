@@ -53,19 +53,17 @@ class Budget:
 def parse_fraction(text: str) -> Budget:
     """Parse a command-line budget fraction such as '0.5'."""
     try:
-        value = float(text)
-    except (TypeError, ValueError):
+        return Budget(fraction=float(text))
+    except (TypeError, ValueError):  # BudgetError is a ValueError: one message naming the text as typed
         raise BudgetError(f"invalid budget {text!r}: must be a fraction of layers in (0, 1]") from None
-    return Budget(fraction=value)
 
 
 def parse_layers(text: str) -> Budget:
     """Parse a command-line layer count such as '15'."""
     try:
-        value = int(text)
+        return Budget(layers=int(text))
     except (TypeError, ValueError):
         raise BudgetError(f"invalid layer count {text!r}: must be an integer >= {ALWAYS_ON_MIN}") from None
-    return Budget(layers=value)
 
 
 def as_budget(budget: float | int | Budget | None = None, layers: int | None = None) -> Budget:

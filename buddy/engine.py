@@ -99,7 +99,9 @@ class Engine:
 
     def resolve_k(self, budget=None, layers: int | None = None) -> int:
         b = budget if isinstance(budget, Budget) else as_budget(budget, layers)
-        return b.k(self.n_layers)
+        k = b.k(self.n_layers)
+        self.planner.check(k, self.n_layers)
+        return k
 
     # --- generation ---------------------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool = False) -> list[int]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .budget import BudgetError
+
 ALWAYS_ON = 2  # layer 0 and layer L-1
 
 
@@ -51,12 +53,20 @@ class Planner:
     def plan(self, h0: torch.Tensor, cache, k) -> torch.Tensor:
         raise NotImplementedError
 
+    def check(self, k: int, n_layers: int) -> None:
+        """Raise BudgetError if this planner cannot serve k layers."""
+
 
 class FullPlanner(Planner):
     name = "full"
 
     def __init__(self, n_layers: int):
         self.n_layers = n_layers
+
+    def check(self, k, n_layers):
+        if k != n_layers:
+            raise BudgetError(f"planner 'full' runs all {n_layers} layers but the budget asks for {k}: "
+                              "choose a planner such as static-greedy")
 
     def plan(self, h0, cache, k):
         B, T = h0.shape[:2]

@@ -57,3 +57,26 @@ def random_plans(B: int, S: int, L: int, k: int, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
+
+
+def save_tiny_checkpoint(path, model_type: str = "llama", n_layers: int = 6):
+    """A tiny local Hugging Face checkpoint directory (random weights, a word-level tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "</s>"] + [f"w{i}" for i in range(95)]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece(prefix="##")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>")
+    model = tiny_hf(model_type, n_layers)
+    model.config.eos_token_id = 1
+    model.generation_config.eos_token_id = 1
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))

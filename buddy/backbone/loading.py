@@ -164,6 +164,9 @@ def load_backbone(model: str = "smollm2", device: str = "auto", dtype: str = "au
     """Load a model through transformers' own classes and wrap it in a Backbone."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # Buddy's own loads take well under a second
     name, path = checkpoint_dir(model)
     cfg = AutoConfig.from_pretrained(path)
     if cfg.model_type not in SUPPORTED_MODEL_TYPES:

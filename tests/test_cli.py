@@ -1,0 +1,66 @@
+"""The command line on a tiny local checkpoint: bad input gives one line and exit code 2; traces are JSONL."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "buddy", *args], capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--budget", "0", "(0, 1]"), ("--budget", "-0.5", "(0, 1]"), ("--budget", "1.5", "(0, 1]"),
+    ("--budget", "nan", "(0, 1]"), ("--budget", "abc", "(0, 1]"), ("--layers", "1", ">= 2"),
+    ("--layers", "many", ">= 2"), ("--layers", "7", "[2, 6]"),
+])
+def test_bad_budget_one_line_exit_2(tiny_ckpt, flag, value, needle):
+    r = run("generate", "--model", str(tiny_ckpt), flag, value, "w1 w2")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert value in lines[0] and needle in lines[0]
+
+
+def test_unknown_model_and_bad_policy(tmp_path):
+    r = run("generate", "--model", "no-such-model", "hi")
+    assert r.returncode == 2 and "unknown model 'no-such-model'" in r.stderr and "Traceback" not in r.stderr
+    r = run("generate", "--model", str(tmp_path), "hi")
+    assert r.returncode == 2 and "config.json" in r.stderr
+
+
+def test_partial_budget_without_calibration_is_explained(tiny_ckpt):
+    r = run("generate", "--model", str(tiny_ckpt), "--budget", "0.5", "w1 w2")
+    assert r.returncode == 2 and "static-greedy" in r.stderr
+
+
+def test_generate_trace_jsonl(tiny_ckpt, tmp_path):
+    trace = tmp_path / "t.jsonl"
+    r = run("generate", "--model", str(tiny_ckpt), "--planner", "full", "--max-new-tokens", "5",
+            "--trace", str(trace), "w1 w2 w3")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in trace.read_text().splitlines()]
+    assert 1 <= len(lines) <= 5
+    for x in lines:
+        assert set(x) == {"token", "text", "layers", "ms"} and x["layers"] == list(range(6)) and x["ms"] > 0
+    assert f"tokens={len(lines)}" in r.stdout and "layers/token=6.00" in r.stdout
+
+
+def test_overlong_prompt_is_rejected(tiny_ckpt):
+    r = run("generate", "--model", str(tiny_ckpt), "--planner", "full", "--max-new-tokens", "10", " ".join(["w1"] * 250))
+    assert r.returncode == 2 and "context of 256" in r.stderr
+
+
+def test_eval_ppl_json(tiny_ckpt, tmp_path):
+    f = tmp_path / "text.txt"
+    f.write_text(" ".join(f"w{i % 90}" for i in range(400)))
+    r = run("eval", "ppl", "--model", str(tiny_ckpt), "--planner", "full", "--text-file", str(f), "--window", "64",
+            "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["planner"] == "full" and out["layers_per_token"] == 6 and out["tokens"] == 6 * 63 and out["ppl"] > 1
+    r = run("eval", "ppl", "--model", str(tiny_ckpt), "--planner", "full", "--text-file", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "does not exist" in r.stderr

@@ -1,0 +1,55 @@
+"""Offline layer importance: Block Influence, greedy removal, calibration files."""
+
+import json
+
+import pytest
+import torch
+
+from buddy.engine import Engine
+from buddy.eval.ppl import evaluate_windows
+from buddy.prior import CalibrationError, LayerSetPlanner, block_influence, calibrate, greedy_removal, load_calibration
+
+from conftest import tiny_backbone
+
+
+def test_block_influence_matches_hidden_state_cosines():
+    bb = tiny_backbone("llama", n_layers=5)
+    ids = torch.randint(0, 97, (2, 16))
+    bi = block_influence(bb, ids)
+    with torch.no_grad():
+        hs = bb.model(ids, output_hidden_states=True).hidden_states  # embeddings, then each layer (last is normed)
+    expect0 = 1 - torch.nn.functional.cosine_similarity(hs[0], hs[1], dim=-1).mean()
+    assert len(bi) == 5 and abs(bi[0] - float(expect0)) < 1e-4
+
+
+def test_greedy_removal_removes_the_cheapest_layer_first():
+    bb = tiny_backbone("qwen2", n_layers=5)
+    ids = torch.randint(0, 97, (2, 16))
+    removed, ppls, dense = greedy_removal(bb, ids, progress=False)
+    assert sorted(removed) == [1, 2, 3]
+    first = {i: evaluate_windows(Engine(bb, LayerSetPlanner([j for j in range(5) if j != i], 5)), ids,
+                                 layers=4).ppl for i in (1, 2, 3)}
+    assert removed[0] == min(first, key=first.get) and abs(ppls[0] - first[removed[0]]) < 1e-6
+
+
+def test_calibration_file_roundtrip_and_mismatch(tmp_path, monkeypatch):
+    monkeypatch.setenv("BUDDY_CACHE", str(tmp_path))
+    bb = tiny_backbone("llama", n_layers=5)
+    bb.__dict__["checksum"] = "abc"  # the cached property's slot
+    with pytest.raises(CalibrationError, match="buddy calibrate"):
+        load_calibration(bb)
+    cal = calibrate(bb, torch.randint(0, 97, (2, 16)), command="buddy calibrate --model tiny", data="random",
+                    progress=False)
+    assert sorted(cal["orders"]["static-bi"]) == sorted(cal["orders"]["static-greedy"]) == [1, 2, 3]
+    from buddy.prior import calibration_path, save_calibration
+
+    save_calibration(cal, calibration_path(bb))
+    assert load_calibration(bb)["orders"] == cal["orders"]
+    bad = dict(cal, checksum="other")
+    save_calibration(bad, calibration_path(bb))
+    with pytest.raises(CalibrationError, match="another model"):
+        load_calibration(bb)
+    calibration_path(bb).write_text("{not json")
+    with pytest.raises(CalibrationError, match="not valid JSON"):
+        load_calibration(bb)
+    json.dumps(cal)  # serialisable

@@ -1,0 +1,49 @@
+"""Integration on the embedded default model SmolLM2-135M (installed by `make`; CI runs these)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def smol():
+    import buddy
+
+    try:
+        return buddy.load("smollm2", planner="full", dtype="float32", device="cpu")
+    except Exception as e:  # noqa: BLE001 - report what is missing, do not hide it
+        pytest.fail(f"SmolLM2 could not be loaded ({e}); run `make setup`")
+
+
+def test_full_budget_greedy_equals_transformers_generate(smol):
+    ids = smol.encode("The three most important inventions of the last century are", chat=False)
+    ours = [s.token for s in smol.generate(ids, budget=1.0, max_new_tokens=32)]
+    with torch.no_grad():
+        ref = smol.bb.model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+    assert ours == ref
+    assert len(ours) == 32 or ours[-1] in smol.stop_ids()
+
+
+def test_shipped_calibration_loads_and_static_plans_are_exact(smol):
+    from buddy.api import make_planner
+
+    for name in ("static-bi", "static-greedy"):
+        p = make_planner(name, smol.bb)
+        plan = p.plan(torch.zeros(1, 3, 8), None, 15)
+        assert (plan.sum(-1) == 15).all() and plan[..., 0].all() and plan[..., 29].all()
+
+
+def test_cli_budget_half_traces_15_layers(tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    r = subprocess.run([sys.executable, "-m", "buddy", "generate", "--model", "smollm2", "--budget", "0.5",
+                        "--max-new-tokens", "12", "--trace", str(trace), "Once upon a time"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in trace.read_text().splitlines()]
+    assert lines and all(len(x["layers"]) == 15 and 0 in x["layers"] and 29 in x["layers"] for x in lines)
+    assert "layers/token=15.00" in r.stdout
