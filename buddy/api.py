@@ -8,25 +8,56 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .backbone import Backbone, load_backbone
 from .config import LoadConfig
 from .engine import Engine
 from .planner import FullPlanner, Planner, StaticPlanner
 
 STATIC_PLANNERS = ("static-bi", "static-greedy")
-PLANNERS = ("full", *STATIC_PLANNERS)
+ROUTER_PLANNERS = {  # name -> RouterPlanner options (ablations of the trained router)
+    "router": {},
+    "router-frozen": {"reroute_every": 0},
+    "router-noprior": {"use_prior": False},
+    "prior": {"use_router": False},
+}
+PLANNERS = ("full", *STATIC_PLANNERS, *ROUTER_PLANNERS)
+ROUTERS = Path(__file__).parent / "data" / "routers"
+
+
+def router_dir(bb: Backbone, kv_policy: str) -> Path | None:
+    """The shipped router for this model: the one trained for `kv_policy`, else the `fill` one."""
+    for policy in (kv_policy, "fill"):
+        d = ROUTERS / f"{bb.name}-{policy}"
+        if (d / "router.json").is_file():
+            return d
+    return None
 
 
 class PlannerError(ValueError):
     """Unknown planner, or one this model cannot use yet."""
 
 
-def make_planner(name: str | None, bb: Backbone) -> Planner:
-    """Build a planner by name; None picks the best available for the model."""
-    from .prior import CalibrationError, calibration_path, load_calibration
+def make_planner(name: str | None, bb: Backbone, kv_policy: str = "fill", router: str | None = None,
+                 reroute_every: int | None = None) -> Planner:
+    """Build a planner by name; None picks the best available: the trained router, else static-greedy."""
+    from .prior import calibration_path, load_calibration
 
+    rdir = Path(router) if router else router_dir(bb, kv_policy)
     if name is None:
-        name = "static-greedy" if calibration_path(bb).is_file() else "full"
+        name = "router" if rdir else ("static-greedy" if calibration_path(bb).is_file() else "full")
+    if name in ROUTER_PLANNERS:
+        from .router import RouterPlanner, load_router, prior_scores
+
+        if rdir is None:
+            raise PlannerError(f"no trained router for model {bb.name!r}: train one with "
+                               f"`buddy train router --model {bb.name}` and pass --router DIR")
+        module, meta = load_router(rdir, checksum=bb.checksum, n_layers=bb.n_layers)
+        opts = dict(ROUTER_PLANNERS[name])
+        if reroute_every is not None and name != "router-frozen":
+            opts["reroute_every"] = reroute_every
+        return RouterPlanner(module.to(bb.device), prior_scores(meta.prior_order, bb.n_layers), name=name, **opts)
     if name == "full":
         return FullPlanner(bb.n_layers)
     if name in STATIC_PLANNERS:
@@ -36,8 +67,9 @@ def make_planner(name: str | None, bb: Backbone) -> Planner:
 
 
 def load(model: str = LoadConfig.model, planner: str | None = LoadConfig.planner,
-         kv_policy: str = LoadConfig.kv_policy, device: str = LoadConfig.device,
-         dtype: str = LoadConfig.dtype) -> Engine:
-    cfg = LoadConfig(model=model, planner=planner, kv_policy=kv_policy, device=device, dtype=dtype)
+         kv_policy: str = LoadConfig.kv_policy, device: str = LoadConfig.device, dtype: str = LoadConfig.dtype,
+         router: str | None = LoadConfig.router, reroute_every: int = LoadConfig.reroute_every) -> Engine:
+    cfg = LoadConfig(model=model, planner=planner, kv_policy=kv_policy, device=device, dtype=dtype, router=router,
+                     reroute_every=reroute_every)
     bb = load_backbone(cfg.model, cfg.device, cfg.dtype)
-    return Engine(bb, make_planner(cfg.planner, bb), cfg.kv_policy)
+    return Engine(bb, make_planner(cfg.planner, bb, cfg.kv_policy, cfg.router, cfg.reroute_every), cfg.kv_policy)

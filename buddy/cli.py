@@ -39,6 +39,8 @@ def _add_load_args(p: argparse.ArgumentParser, planner: bool = True) -> None:
     if planner:
         p.add_argument("--planner", default=d.planner, help=_doc_of(LoadConfig, "planner"))
         p.add_argument("--kv-policy", default=d.kv_policy, choices=KV_POLICIES, help=_doc_of(LoadConfig, "kv_policy"))
+        p.add_argument("--router", default=d.router, help=_doc_of(LoadConfig, "router"))
+        p.add_argument("--reroute-every", type=int, default=d.reroute_every, help=_doc_of(LoadConfig, "reroute_every"))
     p.add_argument("--device", default=d.device, help=_doc_of(LoadConfig, "device"))
     p.add_argument("--dtype", default=d.dtype, choices=DTYPES, help=_doc_of(LoadConfig, "dtype"))
 
@@ -58,8 +60,8 @@ def _budget(args) -> Budget:
 def _load(args):
     from .api import load
 
-    return load(args.model, planner=getattr(args, "planner", None), kv_policy=getattr(args, "kv_policy", "fill"),
-                device=args.device, dtype=args.dtype)
+    return load(args.model, planner=args.planner, kv_policy=args.kv_policy, device=args.device, dtype=args.dtype,
+                router=args.router, reroute_every=args.reroute_every)
 
 
 def cmd_generate(args) -> int:
@@ -141,6 +143,42 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+def _add_dataclass_args(p: argparse.ArgumentParser, cls) -> None:
+    """One --flag per dataclass field, with its default and the help from the class docstring."""
+    for f in fields(cls):
+        default = f.default
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default,
+                       help=f"{_doc_of(cls, f.name)} (default {default!r})")
+
+
+def cmd_train_router(args) -> int:
+    from pathlib import Path
+
+    from .backbone import load_backbone
+    from .data import sotu_texts, token_windows
+    from .prior import load_calibration
+    from .train.router import RouterTrainer, TrainConfig
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    out = Path(args.out or f"runs/router-{Path(args.model).name}-{cfg.kv_policy}")
+    if (out / "state.pt").is_file() and not args.resume:
+        raise UsageError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
+    bb = load_backbone(args.model, args.device, args.dtype)
+    order = load_calibration(bb)["orders"][cfg.prior]
+    train = token_windows(bb.tokenizer, sotu_texts("train"), cfg.seq_len)
+    val = token_windows(bb.tokenizer, sotu_texts("validation"), cfg.seq_len, cfg.val_windows)
+    data = (f"SOTU train years <= 2000: {train.shape[0]} windows x {cfg.seq_len} tokens; validation: "
+            f"SOTU 2001-2010, {val.shape[0]} windows x {cfg.seq_len} tokens")
+    command = "buddy train router " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+    trainer = RouterTrainer(bb, cfg, order, train, val, out, command=command, data=data)
+    if args.resume and trainer.load_state():
+        print(f"resuming {out} at step {trainer.step}", file=sys.stderr)
+    best = trainer.run()
+    print(f"wrote {out}/router.safetensors and router.json (best step {best['step']}, "
+          f"{trainer.train_seconds / 60:.1f} min)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="buddy", description="Budget-driven dynamic depth routing for LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -166,6 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="output JSON (default: the model's calibration path)")
     c.set_defaults(func=cmd_calibrate)
 
+    t = sub.add_parser("train", help="train the router")
+    tsub = t.add_subparsers(dest="train_command", required=True)
+    tr = tsub.add_parser("router", help="train a Decision Module on a frozen backbone")
+    from .train.router import TrainConfig
+
+    _add_load_args(tr, planner=False)
+    tr.set_defaults(dtype="bfloat16")
+    _add_dataclass_args(tr, TrainConfig)
+    tr.add_argument("--out", help="output directory (default runs/router-<model>-<kv policy>)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
+    tr.set_defaults(func=cmd_train_router)
+
     e = sub.add_parser("eval", help="evaluate quality at a budget")
     esub = e.add_subparsers(dest="eval_command", required=True)
     pp = esub.add_parser("ppl", help="perplexity of a UTF-8 text file in fixed windows")
@@ -186,11 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     from .backbone import ModelNotFoundError, UnsupportedModelError
     from .kv_cache import ContextOverflowError
     from .prior import CalibrationError
+    from .router import RouterFileError
 
     try:
         return args.func(args)
     except (UsageError, BudgetError, ConfigError, PlannerError, ModelNotFoundError, UnsupportedModelError,
-            ContextOverflowError, CalibrationError) as e:
+            ContextOverflowError, CalibrationError, RouterFileError) as e:
         print(f"buddy: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

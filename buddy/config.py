@@ -36,6 +36,8 @@ class LoadConfig:
     kv_policy: what a skipped (layer, token) leaves in the KV cache: `fill`, `mask` or `zero`.
     device: `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available).
     dtype: `auto` (float32 on CPU, bfloat16 on CUDA), `float32`, `bfloat16`, `float16`.
+    router: a router directory (router.safetensors + router.json); default: the one shipped for the model.
+    reroute_every: router planners re-plan every N decode tokens (1 = every token, 0 = frozen after prefill).
     """
 
     model: str = "smollm2"
@@ -43,8 +45,12 @@ class LoadConfig:
     kv_policy: str = "fill"
     device: str = "auto"
     dtype: str = "auto"
+    router: str | None = None
+    reroute_every: int = 1
 
     def __post_init__(self):
+        if isinstance(self.reroute_every, bool) or not isinstance(self.reroute_every, int) or self.reroute_every < 0:
+            raise ConfigError(f"invalid reroute_every {self.reroute_every!r}: must be an integer >= 0")
         if self.kv_policy not in KV_POLICIES:
             raise ConfigError(f"invalid kv policy {self.kv_policy!r}: must be one of {', '.join(KV_POLICIES)}")
         if self.dtype not in DTYPES:

@@ -23,7 +23,10 @@ class ContextOverflowError(ValueError):
 
 
 class KVCache:
-    def __init__(self, shapes: Shapes, batch: int, max_len: int, policy: str, dtype, device, pool_kv0: bool = False):
+    def __init__(self, shapes: Shapes, batch: int, max_len: int, policy: str, dtype, device, pool_kv0: bool = False,
+                 store: bool = True):
+        """store=False: one parallel forward from an empty cache whose K/V are not kept (router training:
+        autograd must not see K/V written into shared buffers)."""
         if policy not in KV_POLICIES:
             raise ValueError(f"invalid kv policy {policy!r}: must be one of {', '.join(KV_POLICIES)}")
         L, H, D = shapes.n_layers, shapes.n_kv_heads, shapes.head_dim
@@ -31,8 +34,9 @@ class KVCache:
         self.n_layers = L
         self.batch = batch
         self.max_len = max_len
-        self.k = torch.zeros(L, batch, H, max_len, D, dtype=dtype, device=device)
-        self.v = torch.zeros(L, batch, H, max_len, D, dtype=dtype, device=device)
+        kv_len = max_len if store else 0
+        self.k = torch.zeros(L, batch, H, kv_len, D, dtype=dtype, device=device)
+        self.v = torch.zeros(L, batch, H, kv_len, D, dtype=dtype, device=device)
         self.filled = torch.zeros(L, batch, max_len, dtype=torch.bool, device=device)
         self.length = 0  # slots committed so far (shared by all rows; rows may be left-padded)
         self.seen = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens per row so far
@@ -43,6 +47,8 @@ class KVCache:
         self.kv0_count = torch.zeros(batch, 1, dtype=torch.float32, device=device)
         self.kv0_mean = None  # [B, T, 2*H*D]: mean of layer-0 K/V over positions <= t, for the slot in flight
         self.keep = None  # [B, T] bool while a layer runs on tokens of which only some execute it
+        self.planner_state = None  # per-sequence state a planner keeps between forwards
+        self.store = store
         self._slot = (0, 0)
         self._valid = None
         self._masks = {}
@@ -88,10 +94,12 @@ class KVCache:
         if self.policy == "zero" and self.keep is not None:
             keep = self.keep[:, None, :, None].to(k.dtype)
             k, v = k * keep, v * keep
-        self.k[layer_idx, :, :, s:e] = k
-        self.v[layer_idx, :, :, s:e] = v
         if layer_idx == 0 and self.pool_kv0:
             self._pool(k, v)
+        if not self.store:
+            return k, v
+        self.k[layer_idx, :, :, s:e] = k
+        self.v[layer_idx, :, :, s:e] = v
         return self.k[layer_idx, :, :, :e], self.v[layer_idx, :, :, :e]
 
     def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:

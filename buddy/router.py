@@ -1,0 +1,195 @@
+"""The Decision Module: a two-layer MLP scoring the intermediate layers, and the router planner.
+
+Inputs per token t: the running mean of layer 0's keys and values over positions <= t (kept
+incrementally by the KV cache), the token's hidden state after layer 0, and the budget k/L.
+Final score = MLP score + prior (from `buddy calibrate`); exactly k-2 intermediate layers by top-k.
+This module knows nothing of transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .planner import Planner, as_row_budgets, topk_plan
+
+
+class RouterFileError(ValueError):
+    """A router file is missing, corrupt, or made for another model."""
+
+
+@dataclass
+class RouterConfig:
+    """Shape of a Decision Module.
+
+    n_layers: layers of the base model (the router scores the L-2 intermediate ones).
+    kv_dim: size of the pooled layer-0 K/V feature (2 * kv heads * head dim).
+    hidden_dim: the base model's hidden size (the newest token's state after layer 0).
+    width: the MLP's hidden width.
+    budget_features: number of Fourier features encoding the budget fraction.
+    """
+
+    n_layers: int
+    kv_dim: int
+    hidden_dim: int
+    width: int = 256
+    budget_features: int = 8
+
+
+class DecisionModule(nn.Module):
+    def __init__(self, cfg: RouterConfig):
+        super().__init__()
+        self.cfg = cfg
+        n_in = cfg.kv_dim + cfg.hidden_dim + 2 * cfg.budget_features + 1
+        self.norm_kv = nn.LayerNorm(cfg.kv_dim, elementwise_affine=False)
+        self.norm_h = nn.LayerNorm(cfg.hidden_dim, elementwise_affine=False)
+        self.fc1 = nn.Linear(n_in, cfg.width)
+        self.fc2 = nn.Linear(cfg.width, cfg.n_layers - 2)
+        nn.init.zeros_(self.fc2.weight)  # starts as the prior: training moves away from it only if it helps
+        nn.init.zeros_(self.fc2.bias)
+        self.register_buffer("freqs", math.pi * torch.arange(1, cfg.budget_features + 1, dtype=torch.float32))
+
+    def budget_encoding(self, frac: torch.Tensor) -> torch.Tensor:
+        """[B] fractions in (0, 1] -> [B, 2F+1]."""
+        x = frac[:, None].float() * self.freqs
+        return torch.cat([frac[:, None].float(), torch.sin(x), torch.cos(x)], dim=-1)
+
+    def forward(self, kv0_mean: torch.Tensor, h0: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
+        """kv0_mean [B, T, kv_dim], h0 [B, T, hidden], frac [B] -> scores [B, T, L-2]."""
+        B, T = h0.shape[:2]
+        dtype = self.fc1.weight.dtype
+        b = self.budget_encoding(frac)[:, None].expand(B, T, -1)
+        x = torch.cat([self.norm_kv(kv0_mean.to(dtype)), self.norm_h(h0.to(dtype)), b.to(dtype)], dim=-1)
+        return self.fc2(nn.functional.gelu(self.fc1(x))).float()
+
+
+def prior_scores(order: list[int], n_layers: int) -> torch.Tensor:
+    """[L-2] scores for intermediate layers 1..L-2: 1 for the most important, falling linearly to 0."""
+    m = n_layers - 2
+    s = torch.empty(m)
+    for rank, layer in enumerate(order):
+        s[layer - 1] = 1 - rank / max(m - 1, 1)
+    return s
+
+
+class RouterPlanner(Planner):
+    """Per-token top-k of router + prior scores, rerouted every `reroute_every` decode steps.
+
+    reroute_every: 1 = every token; N = every N-th decode token; 0 = frozen after prefill.
+    use_router / use_prior: ablations (prior only, router without prior).
+    """
+
+    needs_kv0 = True
+
+    def __init__(self, module: DecisionModule, prior: torch.Tensor, reroute_every: int = 1,
+                 use_router: bool = True, use_prior: bool = True, name: str = "router"):
+        if reroute_every < 0:
+            raise ValueError(f"invalid reroute_every {reroute_every}: must be >= 0 (0 = frozen after prefill)")
+        self.module = module.eval()
+        self.prior = prior
+        self.reroute_every = reroute_every
+        self.use_router = use_router
+        self.use_prior = use_prior
+        self.name = name
+        self.n_layers = module.cfg.n_layers
+
+    def scores(self, h0: torch.Tensor, cache, k) -> torch.Tensor:
+        B, T = h0.shape[:2]
+        s = torch.zeros(B, T, self.n_layers - 2, device=h0.device)
+        if self.use_router:
+            frac = as_row_budgets(k, B, h0.device).float() / self.n_layers
+            s = s + self.module(cache.kv0_mean, h0, frac)
+        if self.use_prior:
+            s = s + self.prior.to(h0.device)
+        return s
+
+    def plan(self, h0, cache, k):
+        B = h0.shape[0]
+        plan = topk_plan(self.scores(h0, cache, k), as_row_budgets(k, B, h0.device))
+        start, end = cache.slot
+        if start == 0:  # prefill: every prompt token routed; remember where decoding starts
+            cache.planner_state = {"prefill_end": end, "last": plan[:, -1]}
+            return plan
+        if self.reroute_every != 1:  # reuse the plan of the last routing position
+            st = cache.planner_state
+            d = torch.arange(start, end, device=h0.device) - st["prefill_end"]  # decode step index
+            routed = d % self.reroute_every == 0 if self.reroute_every else torch.zeros_like(d, dtype=torch.bool)
+            plans = torch.cat([st["last"][:, None], plan], dim=1)  # index 0 = carried-over plan
+            pos = torch.arange(1, end - start + 1, device=h0.device) * routed
+            src = torch.cummax(pos, dim=0).values
+            plan = plans[:, src]
+        cache.planner_state["last"] = plan[:, -1]
+        return plan
+
+
+# --- router files: safetensors weights + JSON metadata ------------------------------------------
+@dataclass
+class RouterMeta:
+    model: str
+    checksum: str
+    n_layers: int
+    kv_policy: str
+    budgets: tuple[float, float]
+    prior: str
+    prior_order: list[int]
+    config: dict
+    steps: int = 0
+    data: str = ""
+    command: str = ""
+    git_commit: str = ""
+    train_seconds: float = 0.0
+    validation: dict = field(default_factory=dict)
+    best_step: int = 0
+
+
+def save_router(module: DecisionModule, meta: RouterMeta, out_dir: Path) -> None:
+    """Write router.safetensors and router.json atomically into out_dir."""
+    import os
+
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items() if k != "freqs"}
+    tmp_w, tmp_j = out_dir / "router.safetensors.tmp", out_dir / "router.json.tmp"
+    save_file(state, tmp_w)
+    tmp_j.write_text(json.dumps(asdict(meta), indent=1) + "\n")
+    os.replace(tmp_w, out_dir / "router.safetensors")
+    os.replace(tmp_j, out_dir / "router.json")
+
+
+def load_router(path: Path, checksum: str | None = None, n_layers: int | None = None):
+    """(DecisionModule, RouterMeta) from a router directory; checks it was made for this model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    wf, jf = path / "router.safetensors", path / "router.json"
+    if not wf.is_file() or not jf.is_file():
+        raise RouterFileError(f"{path} is not a router directory (needs router.safetensors and router.json)")
+    try:
+        raw = json.loads(jf.read_text())
+        meta = RouterMeta(**{**raw, "budgets": tuple(raw["budgets"])})
+    except (json.JSONDecodeError, TypeError, KeyError) as e:
+        raise RouterFileError(f"{jf} is corrupt ({e})") from None
+    if n_layers is not None and meta.n_layers != n_layers:
+        raise RouterFileError(f"{path}: router was trained for a {meta.n_layers}-layer model, this one has {n_layers}")
+    if checksum is not None and meta.checksum != checksum:
+        raise RouterFileError(
+            f"{path}: router was trained for model {meta.model!r} with other weights (checksum "
+            f"{meta.checksum[:12]} != {checksum[:12]})"
+        )
+    module = DecisionModule(RouterConfig(**meta.config))
+    try:
+        state = load_file(wf)
+        module.load_state_dict(state, strict=False)
+        missing = set(module.state_dict()) - set(state) - {"freqs"}
+        if missing:
+            raise RouterFileError(f"{wf} is corrupt (missing {sorted(missing)})")
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise RouterFileError(f"{wf} is corrupt ({e})") from None
+    return module, meta

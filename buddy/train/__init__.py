@@ -1,0 +1,1 @@
+"""Training: the router (Decision Module); the budget predictor comes later."""

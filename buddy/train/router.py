@@ -1,0 +1,264 @@
+"""Router training: a frozen backbone, a Decision Module learning which layers each token should run.
+
+    buddy train router --model smollm2 --kv-policy fill --budgets 0.5:1.0 --steps 400 --out runs/router
+
+Each sequence gets its own budget k (sampled from the range), so one router serves every budget.
+The routed forward is one parallel pass that reproduces cached decode exactly for the chosen KV policy
+(hard top-k plans; a straight-through sigmoid around the top-k threshold carries the gradient).
+Loss: KL from the dense model's next-token distribution (+ optional LM cross-entropy). Validation
+perplexity on SOTU validation years every N steps, against the prior-only plan; the best checkpoint is
+what gets written. Checkpoints are atomic; `--resume` continues a killed run with the same result.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..backbone import Backbone
+from ..config import KV_POLICIES, ConfigError
+from ..kv_cache import KVCache
+from ..planner import topk_plan
+from ..router import DecisionModule, RouterConfig, RouterMeta, RouterPlanner, prior_scores, save_router
+
+
+@dataclass
+class TrainConfig:
+    """Router training settings.
+
+    kv_policy: the KV policy the router is trained (and later served) with.
+    budgets: range of budget fractions `lo:hi`; each sequence samples k uniformly in it (k < L).
+    steps: optimizer steps.
+    batch: sequences per step.
+    seq_len: tokens per sequence.
+    lr: AdamW learning rate.
+    tau: temperature of the straight-through sigmoid around the top-k threshold.
+    ce_weight: weight of the LM cross-entropy added to the KL loss.
+    width: hidden width of the Decision Module.
+    val_every: validate (and checkpoint) every N steps.
+    val_windows: SOTU validation windows of seq_len tokens.
+    val_layers: layer counts validated at (comma list; empty = 0.5, 0.7, 0.9 of L).
+    prior: calibration order used as the prior (static-greedy or static-bi).
+    seed: seed for data order, budgets and initialisation.
+    """
+
+    kv_policy: str = "fill"
+    budgets: str = "0.5:1.0"
+    steps: int = 400
+    batch: int = 4
+    seq_len: int = 256
+    lr: float = 1e-3
+    tau: float = 0.1
+    ce_weight: float = 0.0
+    width: int = 256
+    val_every: int = 25
+    val_windows: int = 8
+    val_layers: str = ""
+    prior: str = "static-greedy"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.kv_policy not in KV_POLICIES:
+            raise ConfigError(f"invalid kv policy {self.kv_policy!r}: must be one of {', '.join(KV_POLICIES)}")
+        try:
+            lo, hi = (float(x) for x in self.budgets.split(":"))
+        except ValueError:
+            raise ConfigError(f"invalid budgets {self.budgets!r}: use lo:hi, e.g. 0.5:1.0") from None
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"invalid budgets {self.budgets!r}: need 0 < lo <= hi <= 1")
+        for name in ("steps", "batch", "seq_len", "val_every", "val_windows", "width"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"invalid {name} {getattr(self, name)}: must be >= 1")
+
+    def k_range(self, n_layers: int) -> tuple[int, int]:
+        lo, hi = (float(x) for x in self.budgets.split(":"))
+        k_lo = max(2, math.floor(lo * n_layers + 0.5))
+        k_hi = min(n_layers - 1, math.floor(hi * n_layers + 0.5))  # k = L has nothing to route
+        return k_lo, max(k_lo, k_hi)
+
+    def val_ks(self, n_layers: int) -> list[int]:
+        if self.val_layers:
+            return [int(x) for x in self.val_layers.split(",")]
+        return sorted({max(2, math.floor(f * n_layers + 0.5)) for f in (0.5, 0.7, 0.9)})
+
+
+def routed_train_forward(bb: Backbone, module: DecisionModule, prior: torch.Tensor, ids: torch.Tensor,
+                         k: torch.Tensor, policy: str, tau: float):
+    """Routed logits [B, T, V] of one parallel pass with per-token hard plans (decode semantics for
+    `policy`) and straight-through gates; returns (logits, hard plan [B, T, L])."""
+    B, T = ids.shape
+    L = bb.n_layers
+    cache = KVCache(bb.shapes, B, T, policy, bb.dtype, bb.device, pool_kv0=True, store=False)
+    cache.begin(T)
+    with torch.no_grad():
+        h = bb.embed(ids)
+        rope = bb.rope(h, cache.positions)
+        h = bb.layer(0, h, cache.mask(0), rope, cache)
+    scores = module(cache.kv0_mean, h, k.float() / L) + prior.to(h.device)  # [B, T, L-2]
+    plan = topk_plan(scores.detach(), k)
+    ranked = scores.detach().sort(dim=-1, descending=True).values
+    m = k.view(B, 1, 1) - 2  # intermediate layers kept
+    hi = ranked.gather(-1, (m - 1).clamp(0, L - 3).expand(B, T, 1))
+    lo = ranked.gather(-1, m.clamp(0, L - 3).expand(B, T, 1))
+    soft = torch.sigmoid((scores - (hi + lo) / 2) / tau)
+    gates = (plan[..., 1:-1].to(soft.dtype) + soft - soft.detach()).to(h.dtype)
+    cache.route(plan)
+    for i in range(1, L):
+        cache.keep = plan[..., i]
+        out = bb.layer(i, h, cache.mask(i), rope, cache)
+        h = out if i == L - 1 else h + gates[..., i - 1, None] * (out - h)
+    cache.end()
+    return bb.head(h), plan
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+class RouterTrainer:
+    """Holds the frozen backbone, the module, data and optimizer; `run()` trains with checkpoints."""
+
+    def __init__(self, bb: Backbone, cfg: TrainConfig, order: list[int], train_windows: torch.Tensor,
+                 val_windows: torch.Tensor, out: Path, command: str = "", data: str = ""):
+        self.bb, self.cfg, self.out = bb, cfg, Path(out)
+        for p in bb.model.parameters():
+            p.requires_grad_(False)
+        torch.manual_seed(cfg.seed)
+        rcfg = RouterConfig(n_layers=bb.n_layers, kv_dim=2 * bb.shapes.n_kv_heads * bb.shapes.head_dim,
+                            hidden_dim=bb.shapes.hidden, width=cfg.width)
+        self.module = DecisionModule(rcfg).to(bb.device)
+        self.order = order
+        self.prior = prior_scores(order, bb.n_layers).to(bb.device)
+        self.opt = torch.optim.AdamW(self.module.parameters(), lr=cfg.lr, weight_decay=0.0)
+        self.train_windows, self.val_windows = train_windows, val_windows
+        self.step = 0
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        self.baseline: dict | None = None
+        self.train_seconds = 0.0
+        self.meta = RouterMeta(model=bb.name, checksum=bb.checksum, n_layers=bb.n_layers, kv_policy=cfg.kv_policy,
+                               budgets=tuple(float(x) for x in cfg.budgets.split(":")), prior=cfg.prior,
+                               prior_order=list(order), config=asdict(rcfg), command=command, data=data,
+                               git_commit=_git_commit())
+
+    # --- deterministic data and budgets per step (so a resumed run repeats exactly) ----------------------
+    def batch_for(self, step: int):
+        n = self.train_windows.shape[0]
+        per_epoch = max(1, n // self.cfg.batch)
+        epoch, j = divmod(step, per_epoch)
+        g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
+        perm = torch.randperm(n, generator=g)[j * self.cfg.batch:(j + 1) * self.cfg.batch]
+        gk = torch.Generator().manual_seed(self.cfg.seed * 7919 + step)
+        lo, hi = self.cfg.k_range(self.bb.n_layers)
+        k = torch.randint(lo, hi + 1, (len(perm),), generator=gk)
+        return self.train_windows[perm].to(self.bb.device), k.to(self.bb.device)
+
+    def loss(self, ids, k):
+        with torch.no_grad():
+            dense = torch.log_softmax(self.bb.model(ids).logits.float(), dim=-1)
+        logits, _ = routed_train_forward(self.bb, self.module, self.prior, ids, k, self.cfg.kv_policy, self.cfg.tau)
+        logq = torch.log_softmax(logits, dim=-1)
+        kl = (dense.exp() * (dense - logq)).sum(-1).mean()
+        loss = kl
+        if self.cfg.ce_weight:
+            ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            loss = loss + self.cfg.ce_weight * ce
+        return loss, kl
+
+    def validate(self, use_router: bool = True) -> dict:
+        from ..engine import Engine
+        from ..eval.ppl import evaluate_windows
+
+        planner = RouterPlanner(self.module, self.prior, use_router=use_router)
+        eng = Engine(self.bb, planner, self.cfg.kv_policy)
+        res = {}
+        for k in self.cfg.val_ks(self.bb.n_layers):
+            res[k] = evaluate_windows(eng, self.val_windows, layers=k, batch_size=self.cfg.batch).nll
+        self.module.train()
+        return {"nll": res, "mean_nll": sum(res.values()) / len(res)}
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+    def save_state(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = {"step": self.step, "module": self.module.state_dict(), "opt": self.opt.state_dict(),
+                 "history": self.history, "best": self.best, "baseline": self.baseline,
+                 "train_seconds": self.train_seconds}
+        tmp = self.out / "state.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / "state.pt")
+
+    def load_state(self) -> bool:
+        path = self.out / "state.pt"
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location=self.bb.device, weights_only=True)
+        self.module.load_state_dict(state["module"])
+        self.opt.load_state_dict(state["opt"])
+        self.step, self.history = state["step"], state["history"]
+        self.best, self.baseline, self.train_seconds = state["best"], state["baseline"], state["train_seconds"]
+        return True
+
+    def _write_best(self) -> None:
+        """The best validated router so far becomes the output router."""
+        self.meta.steps = self.step
+        self.meta.best_step = self.best["step"]
+        self.meta.train_seconds = round(self.train_seconds, 1)
+        self.meta.validation = {"prior_only_ppl": {str(k): math.exp(v) for k, v in self.baseline["nll"].items()},
+                                "router_ppl": {str(k): math.exp(v) for k, v in self.best["nll"].items()},
+                                "split": "SOTU validation years 2001-2010"}
+        module = DecisionModule(self.module.cfg)
+        module.load_state_dict(self.best["module"])
+        save_router(module, self.meta, self.out)
+
+    def run(self, progress: bool = True) -> dict:
+        cfg = self.cfg
+        if self.baseline is None:
+            self.baseline = self.validate(use_router=False)
+            self.best = {"step": 0, "mean_nll": self.baseline["mean_nll"], "nll": self.baseline["nll"],
+                         "module": {k: v.clone() for k, v in self.module.state_dict().items()}}
+        self.module.train()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train router", unit="step", disable=not progress)
+        tokens = cfg.batch * cfg.seq_len
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            ids, k = self.batch_for(self.step)
+            loss, kl = self.loss(ids, k)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
+            self.opt.step()
+            self.step += 1
+            dt = time.perf_counter() - t0
+            self.train_seconds += dt
+            self.history.append({"step": self.step, "loss": float(loss), "kl": float(kl)})
+            bar.update(1)
+            bar.set_postfix(kl=f"{float(kl):.4f}", tok_s=f"{tokens / dt:.0f}",
+                            best=f"{math.exp(self.best['mean_nll']):.2f}@{self.best['step']}")
+            if self.step % cfg.val_every == 0 or self.step == cfg.steps:
+                t1 = time.perf_counter()
+                v = self.validate()
+                self.train_seconds += time.perf_counter() - t1
+                self.history[-1]["val_mean_nll"] = v["mean_nll"]
+                if v["mean_nll"] < self.best["mean_nll"]:
+                    self.best = {"step": self.step, "mean_nll": v["mean_nll"], "nll": v["nll"],
+                                 "module": {k: t.clone() for k, t in self.module.state_dict().items()}}
+                bar.write(f"step {self.step}: val ppl " + " ".join(
+                    f"k={k}:{math.exp(x):.2f}(prior {math.exp(self.baseline['nll'][k]):.2f})"
+                    for k, x in v["nll"].items()))
+                self._write_best()
+                self.save_state()
+        bar.close()
+        self._write_best()
+        self.save_state()
+        return self.best

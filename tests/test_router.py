@@ -1,0 +1,155 @@
+"""Decision Module and router planner: training forward == cached decode, rerouting, exact k, no future
+leakage, router files, resumable training."""
+
+import json
+
+import pytest
+import torch
+
+from buddy.config import KV_POLICIES
+from buddy.engine import Engine
+from buddy.router import (DecisionModule, RouterConfig, RouterFileError, RouterMeta, RouterPlanner, load_router,
+                          prior_scores, save_router)
+from buddy.train.router import RouterTrainer, TrainConfig, routed_train_forward
+
+from conftest import tiny_backbone
+
+TOL = 1e-4
+
+
+def random_router(bb, seed=0):
+    torch.manual_seed(seed)
+    cfg = RouterConfig(n_layers=bb.n_layers, kv_dim=2 * bb.shapes.n_kv_heads * bb.shapes.head_dim,
+                       hidden_dim=bb.shapes.hidden, width=32)
+    m = DecisionModule(cfg)
+    torch.nn.init.normal_(m.fc2.weight, std=1.0)  # not the zero init: plans must vary per token
+    return m
+
+
+def stepwise(eng, ids, k, prompt_len):
+    cache = eng.new_cache(ids.shape[0], ids.shape[1])
+    h, plan = eng.forward(ids[:, :prompt_len], cache, k)
+    logits, plans = [eng.bb.head(h)], [plan]
+    for t in range(prompt_len, ids.shape[1]):
+        h, plan = eng.forward(ids[:, t:t + 1], cache, k)
+        logits.append(eng.bb.head(h))
+        plans.append(plan)
+    return torch.cat(logits, 1), torch.cat(plans, 1)
+
+
+@pytest.mark.parametrize("policy", KV_POLICIES)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_training_forward_equals_cached_decode(arch, policy):
+    bb = tiny_backbone(arch, n_layers=8)
+    router = random_router(bb)
+    prior = prior_scores([3, 1, 5, 2, 6, 4], 8)
+    ids = torch.randint(0, 97, (2, 12))
+    k = torch.tensor([4, 6])
+    with torch.no_grad():
+        train_logits, train_plan = routed_train_forward(bb, router, prior, ids, k, policy, tau=0.1)
+    eng = Engine(bb, RouterPlanner(router, prior), policy)
+    for prompt_len in (1, 5):
+        logits, plan = stepwise(eng, ids, [4, 6], prompt_len)
+        assert torch.equal(plan, train_plan)
+        assert (logits - train_logits).abs().max() <= TOL
+
+
+def test_training_forward_gives_router_gradients():
+    bb = tiny_backbone("llama", n_layers=8)
+    router = random_router(bb)
+    for p in bb.model.parameters():
+        p.requires_grad_(False)
+    logits, _ = routed_train_forward(bb, router, prior_scores(list(range(1, 7)), 8), torch.randint(0, 97, (2, 10)),
+                                     torch.tensor([4, 5]), "fill", tau=0.5)
+    logits.logsumexp(-1).mean().backward()
+    assert router.fc2.weight.grad is not None and router.fc2.weight.grad.abs().sum() > 0
+
+
+def test_exact_k_rerouting_and_modes():
+    bb = tiny_backbone("llama", n_layers=10)
+    router, prior = random_router(bb, 1), prior_scores(list(range(1, 9)), 10)
+    ids = torch.randint(0, 97, (1, 20))
+    plans = {}
+    for every in (1, 3, 0):
+        eng = Engine(bb, RouterPlanner(router, prior, reroute_every=every), "fill")
+        _, plan = stepwise(eng, ids, 5, prompt_len=6)
+        assert (plan.sum(-1) == 5).all() and plan[..., 0].all() and plan[..., -1].all()
+        plans[every] = plan[0]
+    per_token = plans[1]
+    assert len({tuple(p.tolist()) for p in per_token[6:]}) > 1  # rerouting changes plans between tokens
+    assert (plans[0][6:] == plans[0][5]).all()  # frozen after prefill: the last prompt token's plan
+    for t in range(6, 20):  # every 3rd decode token re-plans, others carry the last plan
+        src = 6 + ((t - 6) // 3) * 3
+        assert torch.equal(plans[3][t], per_token[src])
+
+
+def test_prior_only_is_the_static_order_and_router_without_prior_differs():
+    bb = tiny_backbone("llama", n_layers=8)
+    order = [4, 2, 6, 1, 3, 5]
+    router, prior = random_router(bb), prior_scores(order, 8)
+    ids = torch.randint(0, 97, (1, 9))
+    plan = Engine(bb, RouterPlanner(router, prior, use_router=False)).logits(ids, layers=5)[1]
+    assert set(plan[0, 0].nonzero().flatten().tolist()) == {0, 7, 4, 2, 6} and (plan == plan[:, :1]).all()
+    plan2 = Engine(bb, RouterPlanner(router, prior, use_prior=False)).logits(ids, layers=5)[1]
+    assert (plan2.sum(-1) == 5).all()
+
+
+def test_router_never_sees_the_future():
+    bb = tiny_backbone("qwen2", n_layers=8)
+    eng = Engine(bb, RouterPlanner(random_router(bb, 2), prior_scores(list(range(1, 7)), 8)), "mask")
+    ids = torch.randint(0, 97, (1, 16))
+    other = ids.clone()
+    other[0, 10:] = (other[0, 10:] + 7) % 97
+    la, pa = eng.logits(ids, layers=4)
+    lb, pb = eng.logits(other, layers=4)
+    assert torch.equal(pa[:, :10], pb[:, :10]) and (la[:, :10] - lb[:, :10]).abs().max() <= TOL
+    assert not torch.equal(pa[:, 10:], pb[:, 10:])
+
+
+def test_router_files_roundtrip_and_errors(tmp_path):
+    bb = tiny_backbone("llama", n_layers=8)
+    m = random_router(bb)
+    meta = RouterMeta(model="tiny", checksum="c0ffee", n_layers=8, kv_policy="fill", budgets=(0.5, 1.0),
+                      prior="static-greedy", prior_order=list(range(1, 7)), config=vars(m.cfg))
+    save_router(m, meta, tmp_path / "r")
+    m2, meta2 = load_router(tmp_path / "r", checksum="c0ffee", n_layers=8)
+    assert torch.equal(m2.fc2.weight, m.fc2.weight) and meta2.budgets == (0.5, 1.0)
+    with pytest.raises(RouterFileError, match="other weights"):
+        load_router(tmp_path / "r", checksum="beef", n_layers=8)
+    with pytest.raises(RouterFileError, match="8-layer model, this one has 10"):
+        load_router(tmp_path / "r", checksum="c0ffee", n_layers=10)
+    (tmp_path / "r" / "router.safetensors").write_bytes(b"garbage")
+    with pytest.raises(RouterFileError, match="corrupt"):
+        load_router(tmp_path / "r")
+    (tmp_path / "r" / "router.json").write_text("{")
+    with pytest.raises(RouterFileError, match="corrupt"):
+        load_router(tmp_path / "r")
+    with pytest.raises(RouterFileError, match="not a router directory"):
+        load_router(tmp_path / "missing")
+
+
+def make_trainer(bb, out, steps):
+    cfg = TrainConfig(steps=steps, batch=2, seq_len=12, val_every=2, val_windows=2, width=16, lr=1e-2, tau=0.5,
+                      budgets="0.5:1.0")
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 97, (8, 12), generator=g)
+    val = torch.randint(0, 97, (2, 12), generator=g)
+    return RouterTrainer(bb, cfg, list(range(1, 7)), train, val, out, command="test", data="random")
+
+
+def test_training_resumes_to_the_same_result(tmp_path):
+    bb = tiny_backbone("llama", n_layers=8)
+    straight = make_trainer(bb, tmp_path / "a", 4)
+    straight.run(progress=False)
+    first = make_trainer(bb, tmp_path / "b", 2)
+    first.run(progress=False)
+    resumed = make_trainer(bb, tmp_path / "b", 4)
+    assert resumed.load_state() and resumed.step == 2
+    resumed.run(progress=False)
+    for k, v in straight.module.state_dict().items():
+        assert torch.allclose(v, resumed.module.state_dict()[k], atol=1e-6), k
+    assert [h["loss"] for h in straight.history] == pytest.approx([h["loss"] for h in resumed.history], abs=1e-6)
+    assert straight.history[0]["loss"] != straight.history[-1]["loss"]
+    meta = json.loads((tmp_path / "a" / "router.json").read_text())
+    assert meta["steps"] == 4 and meta["kv_policy"] == "fill" and "prior_only_ppl" in meta["validation"]
+    load_router(tmp_path / "a", n_layers=8)
