@@ -132,7 +132,10 @@ def cmd_eval_ppl(args) -> int:
         windows = token_windows(m.tokenizer, [text], args.window, args.max_windows)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    r = evaluate_windows(m, windows, layers=k, batch_size=args.batch_size, progress=not args.json)
+    if not 0 <= args.prefill < args.window:
+        raise UsageError(f"invalid --prefill {args.prefill}: must be in [0, {args.window})")
+    r = evaluate_windows(m, windows, layers=k, batch_size=args.batch_size, progress=not args.json,
+                         prefill=args.prefill)
     out = {"ppl": round(r.ppl, 4), "tokens": r.tokens, "layers_per_token": round(r.layers_per_token, 3),
            "planner": m.planner.name, "kv_policy": m.kv_policy, "k": k, "model": m.bb.name}
     if args.json:
@@ -225,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
     pp.add_argument("--max-windows", type=int, default=64, help="evenly spaced windows at most (default 64)")
     pp.add_argument("--batch-size", type=int, default=4)
+    pp.add_argument("--prefill", type=int, default=0,
+                    help="route each window's first N tokens as a prompt, the rest as decode (default 0: all prompt)")
     pp.add_argument("--json", action="store_true", help="print one JSON line")
     pp.set_defaults(func=cmd_eval_ppl)
     return p

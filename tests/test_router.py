@@ -153,3 +153,15 @@ def test_training_resumes_to_the_same_result(tmp_path):
     meta = json.loads((tmp_path / "a" / "router.json").read_text())
     assert meta["steps"] == 4 and meta["kv_policy"] == "fill" and "prior_only_ppl" in meta["validation"]
     load_router(tmp_path / "a", n_layers=8)
+
+
+def test_window_logits_with_prefill_equals_stepwise_decode():
+    from buddy.eval.ppl import window_logits
+
+    bb = tiny_backbone("llama", n_layers=8)
+    eng = Engine(bb, RouterPlanner(random_router(bb, 3), prior_scores(list(range(1, 7)), 8), reroute_every=0), "zero")
+    ids = torch.randint(0, 97, (2, 14))
+    logits, plan = window_logits(eng, ids, 5, prefill=6)
+    ref_logits, ref_plan = stepwise(eng, ids, 5, prompt_len=6)
+    assert torch.equal(plan, ref_plan) and (logits - ref_logits).abs().max() <= TOL
+    assert (plan[:, 6:] == plan[:, 5:6]).all()

@@ -20,15 +20,27 @@ class PplResult:
     layers_per_token: float
 
 
+def window_logits(engine, ids: torch.Tensor, k: int, prefill: int = 0):
+    """Teacher-forced logits of ids [B, T]: the first `prefill` tokens as a prompt, the rest as decode
+    (one parallel forward each; equal to step-by-step decode). prefill=0: the whole window as a prompt."""
+    if not 0 < prefill < ids.shape[1]:
+        return engine.logits(ids, layers=k)
+    cache = engine.new_cache(ids.shape[0], ids.shape[1])
+    h1, p1 = engine.forward(ids[:, :prefill], cache, k)
+    h2, p2 = engine.forward(ids[:, prefill:], cache, k)
+    return engine.bb.head(torch.cat([h1, h2], dim=1)), torch.cat([p1, p2], dim=1)
+
+
 def evaluate_windows(engine, windows: torch.Tensor, budget=None, layers=None, batch_size: int = 4,
-                     progress: bool = False) -> PplResult:
-    """Mean next-token NLL over windows [N, T] (the first token of each window is context only)."""
+                     progress: bool = False, prefill: int = 0) -> PplResult:
+    """Mean next-token NLL over windows [N, T] (the first token of each window is context only).
+    `prefill`: tokens of each window routed as the prompt; later ones follow decode-time rerouting."""
     total, count, layer_sum = 0.0, 0, 0.0
     k = engine.resolve_k(budget, layers)
     it = range(0, windows.shape[0], batch_size)
     for s in tqdm(it, desc="ppl", unit="batch", disable=not progress, leave=False):
         ids = windows[s:s + batch_size].to(engine.bb.device)
-        logits, plan = engine.logits(ids, layers=k)
+        logits, plan = window_logits(engine, ids, k, prefill)
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
         )
