@@ -81,3 +81,70 @@ def as_budget(budget: float | int | Budget | None = None, layers: int | None = N
     if isinstance(budget, str):
         return parse_fraction(budget)
     return Budget(fraction=budget)
+
+
+# --- analytic cost model (pure functions) -----------------------------------------------------------
+@dataclass(frozen=True)
+class CostShapes:
+    """What the cost of a decode token depends on (from the model config)."""
+
+    n_layers: int
+    hidden: int
+    intermediate: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    qkv_bias: bool = False
+    router_params: int = 0  # Decision Module parameters (0 without a router)
+
+    @classmethod
+    def from_config(cls, cfg, router_params: int = 0) -> "CostShapes":
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        bias = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2"
+        return cls(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                   cfg.num_key_value_heads, head_dim, cfg.vocab_size, bias, router_params)
+
+
+def _matmul_params(s: CostShapes) -> tuple[int, int]:
+    """(one layer's matrix weights, the K/V projections' matrix weights)."""
+    q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
+    return 2 * s.hidden * q + 2 * s.hidden * kv + 3 * s.hidden * s.intermediate, 2 * s.hidden * kv
+
+
+def kv_only_params(s: CostShapes) -> int:
+    """Weights the `fill` policy reads for a skipped layer: input norm, K and V projections (+ biases)."""
+    kv = s.n_kv_heads * s.head_dim
+    return s.hidden + _matmul_params(s)[1] + (2 * kv if s.qkv_bias else 0)
+
+
+def layer_params(s: CostShapes) -> int:
+    """One decoder layer: attention (q, k, v, o), MLP (gate, up, down), two norms, qkv biases."""
+    q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
+    return _matmul_params(s)[0] + 2 * s.hidden + ((q + 2 * kv) if s.qkv_bias else 0)
+
+
+def decode_cost(s: CostShapes, k: int, context: int = 0, kv_policy: str = "mask", dtype_bytes: int = 2) -> dict:
+    """Weight bytes read and FLOPs for one decode token at batch 1 running k of L layers.
+
+    Counts: the embedding row, k layers, the K/V-only path for the L-k skipped layers under `fill`, the
+    final norm, the LM head and the router. FLOPs: 2 per matrix weight plus attention over `context`
+    cached positions (QK^T and AV); norms, biases and activations are left out. KV-cache reads are
+    reported apart (`kv_bytes`)."""
+    if not 2 <= k <= s.n_layers:
+        raise BudgetError(f"invalid layer count {k}: must be in [2, {s.n_layers}]")
+    filled = s.n_layers - k if kv_policy == "fill" else 0
+    layer_mm, kv_mm = _matmul_params(s)
+    weights = s.hidden + k * layer_params(s) + filled * kv_only_params(s) + s.hidden + s.vocab * s.hidden \
+        + s.router_params
+    flops = 2 * (k * layer_mm + filled * kv_mm + s.vocab * s.hidden + s.router_params) \
+        + k * 4 * s.n_heads * s.head_dim * context
+    kv_bytes = k * 2 * s.n_kv_heads * s.head_dim * context * dtype_bytes
+    return {"weight_bytes": weights * dtype_bytes, "flops": flops, "kv_bytes": kv_bytes, "layers": k}
+
+
+def ideal_speedup(s: CostShapes, k: int, kv_policy: str = "mask", context: int = 0, dtype_bytes: int = 2) -> float:
+    """Memory-bound decode bound: bytes read at full depth / bytes read at k layers (router included)."""
+    dense = decode_cost(CostShapes(**{**s.__dict__, "router_params": 0}), s.n_layers, context, "mask", dtype_bytes)
+    routed = decode_cost(s, k, context, kv_policy, dtype_bytes)
+    return (dense["weight_bytes"] + dense["kv_bytes"]) / (routed["weight_bytes"] + routed["kv_bytes"])

@@ -69,11 +69,14 @@ class DecisionModule(nn.Module):
 
 
 def prior_scores(order: list[int], n_layers: int) -> torch.Tensor:
-    """[L-2] scores for intermediate layers 1..L-2: 1 for the most important, falling linearly to 0."""
+    """[L-2] scores for intermediate layers 1..L-2: L-3 for the most important, down to 0 (one per rank).
+
+    Unit spacing means the router must learn a consistent score of about 1 to swap two neighbouring
+    layers of the prior, so optimizer noise does not override the prior in the first steps."""
     m = n_layers - 2
     s = torch.empty(m)
     for rank, layer in enumerate(order):
-        s[layer - 1] = 1 - rank / max(m - 1, 1)
+        s[layer - 1] = float(m - 1 - rank)
     return s
 
 

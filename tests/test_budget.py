@@ -75,3 +75,32 @@ def test_static_planner_per_row_budgets():
 def test_full_planner_refuses_partial_budget():
     with pytest.raises(BudgetError, match="static-greedy"):
         FullPlanner(6).check(4, 6)
+
+
+def test_cost_model_against_hand_counts():
+    from buddy.budget import CostShapes, decode_cost, ideal_speedup, kv_only_params, layer_params
+
+    s = CostShapes(n_layers=4, hidden=8, intermediate=16, n_heads=2, n_kv_heads=1, head_dim=4, vocab=10)
+    # q 8x8, k 8x4, v 8x4, o 8x8, mlp 3 x 8x16, 2 norms of 8
+    assert layer_params(s) == 64 + 32 + 32 + 64 + 384 + 16
+    assert kv_only_params(s) == 8 + 32 + 32
+    c = decode_cost(s, 4, context=5, dtype_bytes=2)
+    assert c["weight_bytes"] == 2 * (8 + 4 * 592 + 8 + 80)
+    assert c["flops"] == 2 * (4 * 576 + 80) + 4 * (4 * 2 * 4 * 5)
+    assert c["kv_bytes"] == 4 * 2 * 4 * 5 * 2
+    half = decode_cost(s, 2, kv_policy="fill", dtype_bytes=1)
+    assert half["weight_bytes"] == 8 + 2 * 592 + 2 * 72 + 8 + 80
+    assert ideal_speedup(s, 4) == 1.0
+    assert ideal_speedup(s, 2, "mask") == pytest.approx((16 + 4 * 592 + 80) / (16 + 2 * 592 + 80))
+    assert ideal_speedup(s, 2, "fill") < ideal_speedup(s, 2, "mask")
+    biased = CostShapes(**{**s.__dict__, "qkv_bias": True})
+    assert layer_params(biased) - layer_params(s) == 8 + 4 + 4
+
+
+def test_cost_model_on_smollm2_shapes():
+    from buddy.budget import CostShapes, decode_cost, ideal_speedup
+
+    s = CostShapes(n_layers=30, hidden=576, intermediate=1536, n_heads=9, n_kv_heads=3, head_dim=64, vocab=49152)
+    dense = decode_cost(s, 30, dtype_bytes=4)
+    assert 134e6 < dense["weight_bytes"] / 4 < 136e6  # SmolLM2-135M with its tied embedding read once per token
+    assert 1.3 < ideal_speedup(s, 15) < 2.0  # the LM head is a large fixed cost at this size

@@ -165,3 +165,26 @@ def test_window_logits_with_prefill_equals_stepwise_decode():
     ref_logits, ref_plan = stepwise(eng, ids, 5, prompt_len=6)
     assert torch.equal(plan, ref_plan) and (logits - ref_logits).abs().max() <= TOL
     assert (plan[:, 6:] == plan[:, 5:6]).all()
+
+
+def test_swap_plans_keep_exact_k_and_swap_near_the_threshold():
+    from buddy.train.router import swap_plans
+
+    scores = torch.randn(3, 7, 10)
+    k = torch.tensor([2, 6, 12])
+    plan, swapped, a, c, valid = swap_plans(scores, k, band=2, gen=torch.Generator().manual_seed(0))
+    assert (plan.sum(-1) == k[:, None]).all() and (swapped.sum(-1) == k[:, None]).all()
+    assert not valid[0].any() and not valid[2].any() and valid[1].all()  # nothing to swap at k=2 or k=L
+    diff = (plan != swapped).sum(-1)
+    assert (diff[1] == 2).all() and (diff[0] == 0).all()
+    ranks = scores.argsort(-1, descending=True).argsort(-1)
+    ra, rc = ranks[1].gather(-1, a[1, :, None]), ranks[1].gather(-1, c[1, :, None])
+    assert ((ra >= 2) & (ra <= 3)).all() and ((rc >= 4) & (rc <= 5)).all()
+
+
+def test_straight_through_estimator_training_runs(tmp_path):
+    bb = tiny_backbone("llama", n_layers=8)
+    t = make_trainer(bb, tmp_path / "s", 3)
+    t.cfg.estimator = "st"
+    t.run(progress=False)
+    assert len(t.history) == 3 and t.history[0]["loss"] != t.history[-1]["loss"]

@@ -46,6 +46,9 @@ class TrainConfig:
     val_windows: SOTU validation windows of seq_len tokens.
     val_layers: layer counts validated at (comma list; empty = 0.5, 0.7, 0.9 of L).
     prior: calibration order used as the prior (static-greedy or static-bi).
+    estimator: `swap` (measure swapping a kept and a dropped layer near the top-k threshold, per token,
+        and train the scores to rank the better one higher) or `st` (straight-through gates).
+    band: `swap` picks the swapped layers among this many ranks on each side of the threshold.
     seed: seed for data order, budgets and initialisation.
     """
 
@@ -54,14 +57,16 @@ class TrainConfig:
     steps: int = 400
     batch: int = 4
     seq_len: int = 256
-    lr: float = 1e-3
-    tau: float = 0.1
+    lr: float = 3e-4
+    tau: float = 1.0
     ce_weight: float = 0.0
     width: int = 256
     val_every: int = 25
     val_windows: int = 8
     val_layers: str = ""
     prior: str = "static-greedy"
+    estimator: str = "swap"
+    band: int = 3
     seed: int = 0
 
     def __post_init__(self):
@@ -73,7 +78,9 @@ class TrainConfig:
             raise ConfigError(f"invalid budgets {self.budgets!r}: use lo:hi, e.g. 0.5:1.0") from None
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"invalid budgets {self.budgets!r}: need 0 < lo <= hi <= 1")
-        for name in ("steps", "batch", "seq_len", "val_every", "val_windows", "width"):
+        if self.estimator not in ("swap", "st"):
+            raise ConfigError(f"invalid estimator {self.estimator!r}: must be swap or st")
+        for name in ("steps", "batch", "seq_len", "val_every", "val_windows", "width", "band"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"invalid {name} {getattr(self, name)}: must be >= 1")
 
@@ -116,6 +123,55 @@ def routed_train_forward(bb: Backbone, module: DecisionModule, prior: torch.Tens
         h = out if i == L - 1 else h + gates[..., i - 1, None] * (out - h)
     cache.end()
     return bb.head(h), plan
+
+
+class _GivenPlan:
+    """Planner returning a plan computed outside the engine (training forwards)."""
+
+    name = "given"
+    needs_kv0 = False
+
+    def __init__(self, plan):
+        self.plan_ = plan
+
+    def plan(self, h0, cache, k):
+        return self.plan_
+
+    def check(self, k, n_layers):
+        pass
+
+
+def router_features(bb: Backbone, ids: torch.Tensor, policy: str):
+    """(pooled layer-0 K/V prefix means, layer-0 output) for ids [B, T]: the router's inputs, no grad."""
+    B, T = ids.shape
+    cache = KVCache(bb.shapes, B, T, policy, bb.dtype, bb.device, pool_kv0=True, store=False)
+    cache.begin(T)
+    with torch.no_grad():
+        h = bb.embed(ids)
+        h = bb.layer(0, h, cache.mask(0), bb.rope(h, cache.positions), cache)
+    return cache.kv0_mean, h
+
+
+def swap_plans(scores: torch.Tensor, k: torch.Tensor, band: int, gen: torch.Generator):
+    """Per token, swap one kept and one dropped intermediate layer near the top-k threshold.
+
+    Returns (plan, swapped plan, kept index a, dropped index c, valid [B, T]); a and c index the L-2
+    intermediate layers."""
+    B, T, M = scores.shape
+    order = scores.argsort(dim=-1, descending=True)  # rank -> layer index
+    m = (k - 2).view(B, 1)
+    ra = m - 1 - torch.randint(0, band, (B, T), generator=gen).to(scores.device)
+    rc = m + torch.randint(0, band, (B, T), generator=gen).to(scores.device)
+    valid = (ra >= 0) & (rc < M) & (m > 0) & (m < M)
+    a = order.gather(-1, ra.clamp(0, M - 1)[..., None])[..., 0]
+    c = order.gather(-1, rc.clamp(0, M - 1)[..., None])[..., 0]
+    plan = topk_plan(scores, k)
+    mid = plan[..., 1:-1].clone()
+    bi, ti = torch.nonzero(valid, as_tuple=True)
+    mid[bi, ti, a[bi, ti]] = False
+    mid[bi, ti, c[bi, ti]] = True
+    swapped = torch.cat([plan[..., :1], mid, plan[..., -1:]], dim=-1)
+    return plan, swapped, a, c, valid
 
 
 def _git_commit() -> str:
@@ -164,9 +220,34 @@ class RouterTrainer:
         k = torch.randint(lo, hi + 1, (len(perm),), generator=gk)
         return self.train_windows[perm].to(self.bb.device), k.to(self.bb.device)
 
+    def _kl(self, dense, plan, ids, k):
+        """Per-token KL(dense || routed with `plan`) [B, T], no grad."""
+        from ..engine import Engine
+
+        eng = Engine(self.bb, _GivenPlan(plan), self.cfg.kv_policy)
+        cache = eng.new_cache(ids.shape[0], ids.shape[1])
+        h, _ = eng.forward(ids, cache, k)
+        logq = torch.log_softmax(self.bb.head(h), dim=-1)
+        return (dense.exp() * (dense - logq)).sum(-1)
+
+    def swap_loss(self, ids, k, dense):
+        """Measured effect of one swap per token near the threshold -> logistic ranking loss on the scores."""
+        kv0, h0 = router_features(self.bb, ids, self.cfg.kv_policy)
+        scores = self.module(kv0, h0, k.float() / self.bb.n_layers) + self.prior
+        gen = torch.Generator().manual_seed(self.cfg.seed * 31337 + self.step)
+        plan, swapped, a, c, valid = swap_plans(scores.detach(), k, self.cfg.band, gen)
+        kl = self._kl(dense, plan, ids, k)
+        gain = kl - self._kl(dense, swapped, ids, k)  # > 0: the dropped layer c would have been better
+        margin = scores.gather(-1, c[..., None])[..., 0] - scores.gather(-1, a[..., None])[..., 0]
+        w = gain.abs() * valid
+        loss = (w * torch.nn.functional.softplus(-torch.sign(gain) * margin)).sum() / w.sum().clamp_min(1e-9)
+        return loss, kl.mean()
+
     def loss(self, ids, k):
         with torch.no_grad():
             dense = torch.log_softmax(self.bb.model(ids).logits.float(), dim=-1)
+        if self.cfg.estimator == "swap":
+            return self.swap_loss(ids, k, dense)
         logits, _ = routed_train_forward(self.bb, self.module, self.prior, ids, k, self.cfg.kv_policy, self.cfg.tau)
         logq = torch.log_softmax(logits, dim=-1)
         kl = (dense.exp() * (dense - logq)).sum(-1).mean()
@@ -242,9 +323,9 @@ class RouterTrainer:
             dt = time.perf_counter() - t0
             self.train_seconds += dt
             self.history.append({"step": self.step, "loss": float(loss), "kl": float(kl)})
-            bar.update(1)
             bar.set_postfix(kl=f"{float(kl):.4f}", tok_s=f"{tokens / dt:.0f}",
-                            best=f"{math.exp(self.best['mean_nll']):.2f}@{self.best['step']}")
+                            best=f"{math.exp(self.best['mean_nll']):.2f}@{self.best['step']}", refresh=False)
+            bar.update(1)
             if self.step % cfg.val_every == 0 or self.step == cfg.steps:
                 t1 = time.perf_counter()
                 v = self.validate()
