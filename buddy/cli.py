@@ -150,8 +150,12 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls) -> None:
     """One --flag per dataclass field, with its default and the help from the class docstring."""
     for f in fields(cls):
         default = f.default
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default,
-                       help=f"{_doc_of(cls, f.name)} (default {default!r})")
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                           help=f"{_doc_of(cls, f.name)} (default {default!r})")
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=f"{_doc_of(cls, f.name)} (default {default!r})")
 
 
 def cmd_train_router(args) -> int:

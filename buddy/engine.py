@@ -70,19 +70,37 @@ class Engine:
         plan = self.planner.plan(h, cache, k)
         cache.route(plan)
         runs_all, runs_any = plan.all(dim=(0, 1)).tolist(), plan.any(dim=(0, 1)).tolist()  # one host sync
+        decode = input_ids.shape[1] == 1
         for i in range(1, self.n_layers):
             if runs_all[i]:
                 h = bb.layer(i, h, cache.mask(i), rope, cache)
-            elif runs_any[i]:  # some tokens run layer i: run it, keep their outputs
+            elif runs_any[i] and decode:  # rows differ: run layer i on the rows that execute it
+                h = self._some_rows(i, h, rope, cache, plan[:, 0, i])
+            elif runs_any[i]:  # tokens differ: run layer i on all, keep the outputs of those that execute it
                 cache.keep = plan[..., i]
                 h = torch.where(plan[..., i, None], bb.layer(i, h, cache.mask(i), rope, cache), h)
                 cache.keep = None
-            elif self.kv_policy == "fill":
-                cache.write(i, *bb.kv(i, h, rope))
-            elif self.kv_policy == "zero":
-                cache.write_zeros(i)
+            else:
+                self._skip(i, h, rope, cache)
         cache.end()
         return h, plan
+
+    def _skip(self, i, h, rope, cache, rows=None):
+        """What a skipped layer leaves in the cache for these tokens (or rows), by KV policy."""
+        if self.kv_policy == "fill":
+            cache.write(i, *self.bb.kv(i, h, rope), rows=rows)
+        elif self.kv_policy == "zero":
+            cache.write_zeros(i, rows=rows)
+
+    def _some_rows(self, i, h, rope, cache, runs):
+        """One decode step of layer i for the rows with runs[row] set (gather / scatter); KV policy for the rest."""
+        on, off = runs.nonzero().flatten(), (~runs).nonzero().flatten()
+        cos, sin = rope
+        cache.rows = on
+        out = self.bb.layer(i, h[on], cache.mask(i), (cos[on], sin[on]), cache)
+        cache.rows = None
+        self._skip(i, h[off], (cos[off], sin[off]), cache, rows=off)
+        return h.index_copy(0, on, out)
 
     # --- scoring ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -125,29 +143,64 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompt: str | list[int], budget=None, layers: int | None = None, **settings) -> Iterator[Step]:
         """Yield one Step per generated token; stops at max_new_tokens or an end-of-sequence token."""
+        for steps in self.generate_batch([prompt], [as_budget(budget, layers)], **settings):
+            yield steps[0]
+
+    @torch.inference_mode()
+    def generate_batch(self, prompts: list, budgets: list, **settings) -> Iterator[list[Step | None]]:
+        """Decode several prompts together, each row with its own budget and per-token path.
+
+        Prompts are left-padded; every step yields one Step per row (None once a row has finished)."""
         cfg = GenerateConfig(**settings)
-        ids = self.encode(prompt, cfg.chat) if isinstance(prompt, str) else list(prompt)
-        if not ids:
+        if len(prompts) != len(budgets) or not prompts:
+            raise ValueError("give one budget per prompt")
+        rows = [self.encode(p, cfg.chat) if isinstance(p, str) else list(p) for p in prompts]
+        if any(not r for r in rows):
             raise ValueError("empty prompt")
-        k = self.resolve_k(budget, layers)
-        cache = self.new_cache(1, len(ids) + cfg.max_new_tokens)
-        gen = torch.Generator(device=self.bb.device).manual_seed(cfg.seed)
-        stops, out, text = self.stop_ids(), [], ""
-        x = torch.tensor([ids], device=self.bb.device)
+        ks = [self.resolve_k(b) for b in budgets]
+        B, P = len(rows), max(len(r) for r in rows)
+        cache = self.new_cache(B, P + cfg.max_new_tokens)
+        dev = self.bb.device
+        x = torch.tensor([[0] * (P - len(r)) + r for r in rows], device=dev)
+        valid = torch.tensor([[False] * (P - len(r)) + [True] * len(r) for r in rows], device=dev)
+        valid = None if valid.all() else valid
+        gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+        stops = self.stop_ids()
+        detok = [_Detokenizer(self.bb.tokenizer) for _ in rows]
+        done = [False] * B
         for _ in range(cfg.max_new_tokens):
             t0 = time.perf_counter()
-            h, plan = self._forward(x, cache, k)
-            token = _sample(self.bb.head(h[:, -1]), cfg.temperature, cfg.top_p, gen)
-            tid = int(token)
+            h, plan = self._forward(x, cache, ks, valid)
+            tokens = _sample(self.bb.head(h[:, -1]), cfg.temperature, cfg.top_p, gen)
+            ids, paths = tokens.tolist(), plan[:, -1].cpu()
             ms = (time.perf_counter() - t0) * 1e3
-            out.append(tid)
-            full = self.bb.tokenizer.decode(out, skip_special_tokens=True)
-            piece, text = (full[len(text):], full) if not full.endswith("\ufffd") else ("", text)
-            layers_run = tuple(plan[0, -1].nonzero().flatten().tolist())
-            yield Step(token=tid, text=piece, layers=layers_run, ms=ms)
-            if tid in stops:
+            out: list[Step | None] = []
+            for r in range(B):
+                if done[r]:
+                    out.append(None)
+                    continue
+                out.append(Step(token=ids[r], text=detok[r].add(ids[r]), ms=ms,
+                                layers=tuple(paths[r].nonzero().flatten().tolist())))
+                done[r] = ids[r] in stops
+            yield out
+            if all(done):
                 return
-            x = token.view(1, 1)
+            x, valid = tokens.view(B, 1), None
+
+
+class _Detokenizer:
+    """Incremental text of a growing token list (holds back incomplete UTF-8 sequences)."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.ids, self.text = tokenizer, [], ""
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        full = self.tok.decode(self.ids, skip_special_tokens=True)
+        if full.endswith("\ufffd"):
+            return ""
+        piece, self.text = full[len(self.text):], full
+        return piece
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:

@@ -47,6 +47,7 @@ class KVCache:
         self.kv0_count = torch.zeros(batch, 1, dtype=torch.float32, device=device)
         self.kv0_mean = None  # [B, T, 2*H*D]: mean of layer-0 K/V over positions <= t, for the slot in flight
         self.keep = None  # [B, T] bool while a layer runs on tokens of which only some execute it
+        self.rows = None  # LongTensor of the batch rows a layer runs on (decode with per-row plans)
         self.planner_state = None  # per-sequence state a planner keeps between forwards
         self.store = store
         self._slot = (0, 0)
@@ -98,20 +99,28 @@ class KVCache:
             self._pool(k, v)
         if not self.store:
             return k, v
+        if self.rows is not None:
+            self.write(layer_idx, k, v, self.rows)
+            return self.k[layer_idx, self.rows, :, :e], self.v[layer_idx, self.rows, :, :e]
         self.k[layer_idx, :, :, s:e] = k
         self.v[layer_idx, :, :, s:e] = v
         return self.k[layer_idx, :, :, :e], self.v[layer_idx, :, :, :e]
 
-    def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """K/V for a layer that no token in the slot executes (the `fill` policy)."""
+    def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """K/V of the slot in flight for all rows, or for `rows` only."""
         s, e = self._slot
-        self.k[layer_idx, :, :, s:e] = k
-        self.v[layer_idx, :, :, s:e] = v
+        if rows is None:
+            self.k[layer_idx, :, :, s:e] = k
+            self.v[layer_idx, :, :, s:e] = v
+        else:
+            self.k[layer_idx, rows, :, s:e] = k
+            self.v[layer_idx, rows, :, s:e] = v
 
-    def write_zeros(self, layer_idx: int) -> None:
+    def write_zeros(self, layer_idx: int, rows: torch.Tensor | None = None) -> None:
         s, e = self._slot
-        self.k[layer_idx, :, :, s:e] = 0
-        self.v[layer_idx, :, :, s:e] = 0
+        sel = slice(None) if rows is None else rows
+        self.k[layer_idx, sel, :, s:e] = 0
+        self.v[layer_idx, sel, :, s:e] = 0
 
     # --- attention masks --------------------------------------------------------------------------
     def mask(self, layer_idx: int) -> torch.Tensor | None:
@@ -128,7 +137,7 @@ class KVCache:
             filled = self.filled[max(key, 0), :, :e]
             m = ((k_pos <= q_pos)[None] & filled[:, None, :]) | (k_pos == q_pos)[None]
             self._masks[key] = m[:, None]
-        return self._masks[key]
+        return self._masks[key] if self.rows is None else self._masks[key][self.rows]
 
     # --- router context feature ----------------------------------------------------------------------
     def _pool(self, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -32,6 +32,7 @@ class RouterConfig:
     hidden_dim: the base model's hidden size (the newest token's state after layer 0).
     width: the MLP's hidden width.
     budget_features: number of Fourier features encoding the budget fraction.
+    budget_onehot: also encode the exact layer count k one-hot (lets each budget learn its own layer set).
     """
 
     n_layers: int
@@ -39,13 +40,14 @@ class RouterConfig:
     hidden_dim: int
     width: int = 256
     budget_features: int = 8
+    budget_onehot: bool = False
 
 
 class DecisionModule(nn.Module):
     def __init__(self, cfg: RouterConfig):
         super().__init__()
         self.cfg = cfg
-        n_in = cfg.kv_dim + cfg.hidden_dim + 2 * cfg.budget_features + 1
+        n_in = cfg.kv_dim + cfg.hidden_dim + 2 * cfg.budget_features + 1 + (cfg.n_layers + 1) * cfg.budget_onehot
         self.norm_kv = nn.LayerNorm(cfg.kv_dim, elementwise_affine=False)
         self.norm_h = nn.LayerNorm(cfg.hidden_dim, elementwise_affine=False)
         self.fc1 = nn.Linear(n_in, cfg.width)
@@ -55,9 +57,14 @@ class DecisionModule(nn.Module):
         self.register_buffer("freqs", math.pi * torch.arange(1, cfg.budget_features + 1, dtype=torch.float32))
 
     def budget_encoding(self, frac: torch.Tensor) -> torch.Tensor:
-        """[B] fractions in (0, 1] -> [B, 2F+1]."""
-        x = frac[:, None].float() * self.freqs
-        return torch.cat([frac[:, None].float(), torch.sin(x), torch.cos(x)], dim=-1)
+        """[B] fractions k/L in (0, 1] -> [B, 2F+1 (+ L+1 one-hot of k)]."""
+        frac = frac.float()
+        x = frac[:, None] * self.freqs
+        parts = [frac[:, None], torch.sin(x), torch.cos(x)]
+        if self.cfg.budget_onehot:
+            k = (frac * self.cfg.n_layers).round().long().clamp(0, self.cfg.n_layers)
+            parts.append(nn.functional.one_hot(k, self.cfg.n_layers + 1).float())
+        return torch.cat(parts, dim=-1)
 
     def forward(self, kv0_mean: torch.Tensor, h0: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
         """kv0_mean [B, T, kv_dim], h0 [B, T, hidden], frac [B] -> scores [B, T, L-2]."""

@@ -42,6 +42,7 @@ class TrainConfig:
     tau: temperature of the straight-through sigmoid around the top-k threshold.
     ce_weight: weight of the LM cross-entropy added to the KL loss.
     width: hidden width of the Decision Module.
+    budget_onehot: give the Decision Module a one-hot encoding of k besides the Fourier features.
     val_every: validate (and checkpoint) every N steps.
     val_windows: SOTU validation windows of seq_len tokens.
     val_layers: layer counts validated at (comma list; empty = 0.5, 0.7, 0.9 of L).
@@ -61,6 +62,7 @@ class TrainConfig:
     tau: float = 1.0
     ce_weight: float = 0.0
     width: int = 256
+    budget_onehot: bool = True
     val_every: int = 25
     val_windows: int = 8
     val_layers: str = ""
@@ -192,7 +194,8 @@ class RouterTrainer:
             p.requires_grad_(False)
         torch.manual_seed(cfg.seed)
         rcfg = RouterConfig(n_layers=bb.n_layers, kv_dim=2 * bb.shapes.n_kv_heads * bb.shapes.head_dim,
-                            hidden_dim=bb.shapes.hidden, width=cfg.width)
+                            hidden_dim=bb.shapes.hidden, width=cfg.width,
+                            budget_onehot=cfg.budget_onehot)
         self.module = DecisionModule(rcfg).to(bb.device)
         self.order = order
         self.prior = prior_scores(order, bb.n_layers).to(bb.device)
