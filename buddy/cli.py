@@ -66,7 +66,7 @@ def _load(args):
 
 def cmd_generate(args) -> int:
     budget = _budget(args)
-    gen = {f.name: getattr(args, f.name) for f in fields(GenerateConfig)}
+    gen = {f.name: getattr(args, f.name) for f in fields(GenerateConfig) if hasattr(args, f.name)}
     GenerateConfig(**gen)  # validate before loading anything
     m = _load(args)
     k = budget.k(m.n_layers)
@@ -186,6 +186,30 @@ def cmd_train_router(args) -> int:
     return 0
 
 
+def _csv(kind):
+    def parse(text):
+        try:
+            return tuple(kind(x) for x in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid list {text!r}") from None
+    return parse
+
+
+def cmd_bench_latency(args) -> int:
+    from .eval.latency import format_table, run_latency, to_json_line
+
+    for b in args.budgets:
+        Budget(fraction=b)  # validate before loading anything
+    if args.new_tokens < 2:
+        raise UsageError(f"invalid --new-tokens {args.new_tokens}: must be >= 2")
+    res = run_latency(args.model, args.dtype, args.device, args.batch, args.prompt_len, args.new_tokens,
+                      args.budgets, args.repeats, args.kv_policy, args.planners,
+                      progress=lambda m: print(m, file=sys.stderr))
+    print(format_table(res))
+    print(to_json_line(res))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="buddy", description="Budget-driven dynamic depth routing for LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -222,6 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", help="output directory (default runs/router-<model>-<kv policy>)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
     tr.set_defaults(func=cmd_train_router)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    bl = bsub.add_parser("latency", help="decode latency: transformers vs the Buddy engine at several budgets")
+    _add_load_args(bl, planner=False)
+    bl.add_argument("--kv-policy", default=LoadConfig.kv_policy, choices=KV_POLICIES)
+    bl.add_argument("--batch", type=_csv(int), default=(1,), help="batch sizes, e.g. 1,4,8 (default 1)")
+    bl.add_argument("--prompt-len", type=_csv(int), default=(128,), help="prompt lengths (default 128)")
+    bl.add_argument("--new-tokens", type=int, default=64, help="generated tokens per run (default 64)")
+    bl.add_argument("--budgets", type=_csv(float), default=(1.0, 0.875, 0.75, 0.625, 0.5))
+    bl.add_argument("--planners", type=_csv(str), default=("static-greedy", "router"))
+    bl.add_argument("--repeats", type=int, default=3, help="timed runs per cell; medians are reported")
+    bl.set_defaults(func=cmd_bench_latency)
 
     e = sub.add_parser("eval", help="evaluate quality at a budget")
     esub = e.add_subparsers(dest="eval_command", required=True)

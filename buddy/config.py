@@ -66,6 +66,7 @@ class GenerateConfig:
     top_p: nucleus sampling threshold when temperature > 0.
     seed: random seed for sampling.
     chat: wrap the prompt in the model's chat template.
+    ignore_eos: keep generating past end-of-sequence tokens (benchmarks need a fixed length).
     """
 
     max_new_tokens: int = 64
@@ -73,6 +74,7 @@ class GenerateConfig:
     top_p: float = 1.0
     seed: int = 0
     chat: bool = False
+    ignore_eos: bool = False
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:

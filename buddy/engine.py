@@ -165,7 +165,7 @@ class Engine:
         valid = torch.tensor([[False] * (P - len(r)) + [True] * len(r) for r in rows], device=dev)
         valid = None if valid.all() else valid
         gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-        stops = self.stop_ids()
+        stops = set() if cfg.ignore_eos else self.stop_ids()
         detok = [_Detokenizer(self.bb.tokenizer) for _ in rows]
         done = [False] * B
         for _ in range(cfg.max_new_tokens):

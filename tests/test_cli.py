@@ -64,3 +64,16 @@ def test_eval_ppl_json(tiny_ckpt, tmp_path):
     assert out["planner"] == "full" and out["layers_per_token"] == 6 and out["tokens"] == 6 * 63 and out["ppl"] > 1
     r = run("eval", "ppl", "--model", str(tiny_ckpt), "--planner", "full", "--text-file", str(tmp_path / "nope"))
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_bench_latency_smoke(tiny_ckpt):
+    r = run("bench", "latency", "--model", str(tiny_ckpt), "--planners", "static-greedy", "--budgets", "1",
+            "--new-tokens", "3", "--repeats", "1", "--prompt-len", "8", "--batch", "1,2")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    impls = {(x["impl"], x["batch"]) for x in res["rows"]}
+    assert impls == {("transformers", 1), ("buddy", 1), ("transformers", 2), ("buddy", 2)}
+    assert res["matvec_gb_s"] > 0 and all(x["ms_per_token"] > 0 for x in res["rows"])
+    assert "skipping planner static-greedy" in r.stderr  # no calibration for the tiny model
+    r = run("bench", "latency", "--model", str(tiny_ckpt), "--budgets", "0")
+    assert r.returncode == 2 and "(0, 1]" in r.stderr

@@ -1,0 +1,159 @@
+"""Decode latency: `transformers` generate against the Buddy engine (full depth, static and router planners)
+at several budgets, with the analytic bound beside each measurement.
+
+    buddy bench latency --model smollm2 --batch 1 --prompt-len 128 --new-tokens 64 --budgets 1,0.75,0.5
+
+Prints a table for people and ends with one JSON line. Times are medians over --repeats runs after a
+warm-up; the first generated token's time is the time to first token (prefill included), the rest give
+ms per output token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+
+import torch
+
+from ..budget import Budget, CostShapes, decode_cost, ideal_speedup
+
+
+def matvec_bandwidth(dtype: torch.dtype, device, mbytes: int = 256, repeats: int = 20) -> float:
+    """GB/s a large matrix-vector product streams its weights at (the batch-1 decode floor)."""
+    elem = torch.finfo(dtype).bits // 8
+    n = int(math.sqrt(mbytes * 2**20 / elem))
+    w = torch.randn(n, n, device=device).to(dtype)
+    x = torch.randn(n, 1, device=device).to(dtype)
+    times = []
+    for i in range(repeats + 3):
+        _sync(device)
+        t0 = time.perf_counter()
+        w @ x
+        _sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return n * n * elem / statistics.median(times) / 1e9
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_hf(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, float]:
+    """(time to first token ms, ms per later token) of transformers' greedy generate."""
+    def run(n):
+        _sync(ids.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=model.config.eos_token_id)
+        _sync(ids.device)
+        return (time.perf_counter() - t0) * 1e3
+
+    run(2)  # warm-up
+    ttft = statistics.median(run(1) for _ in range(repeats))
+    total = statistics.median(run(new_tokens) for _ in range(repeats))
+    return ttft, (total - ttft) / (new_tokens - 1)
+
+
+def time_engine(engine, prompts: list[list[int]], k: int, new_tokens: int, repeats: int) -> tuple[float, float]:
+    """(time to first token ms, median ms per later token) of the Buddy engine at k layers."""
+    budgets = [Budget(layers=k)] * len(prompts)
+    list(engine.generate_batch(prompts, budgets, max_new_tokens=2, ignore_eos=True))  # warm-up
+    ttfts, steps = [], []
+    for _ in range(repeats):
+        ms = [s[0].ms for s in engine.generate_batch(prompts, budgets, max_new_tokens=new_tokens, ignore_eos=True)]
+        ttfts.append(ms[0])
+        steps.append(statistics.median(ms[1:]))
+    return statistics.median(ttfts), statistics.median(steps)
+
+
+def run_latency(model: str = "smollm2", dtype: str = "auto", device: str = "auto", batches=(1,), prompt_lens=(128,),
+                new_tokens: int = 64, budgets=(1.0, 0.875, 0.75, 0.625, 0.5), repeats: int = 3,
+                kv_policy: str = "fill", planners=("static-greedy", "router"), progress=print) -> dict:
+    from ..api import make_planner
+    from ..backbone import load_backbone
+    from ..engine import Engine
+    from ..planner import FullPlanner
+
+    bb = load_backbone(model, device, dtype)
+    L = bb.n_layers
+    engines = {"full": Engine(bb, FullPlanner(L), kv_policy)}
+    for name in planners:
+        try:
+            engines[name] = Engine(bb, make_planner(name, bb, kv_policy), kv_policy)
+        except ValueError as e:
+            progress(f"skipping planner {name}: {e}")
+    router_params = 0
+    if "router" in engines:
+        router_params = sum(p.numel() for p in engines["router"].planner.module.parameters())
+    shapes = CostShapes.from_config(bb.model.config, router_params)
+    elem = torch.finfo(bb.dtype).bits // 8
+    bw = matvec_bandwidth(bb.dtype, bb.device)
+    dense_bytes = decode_cost(CostShapes.from_config(bb.model.config), L, dtype_bytes=elem)["weight_bytes"]
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for B in batches:
+        for P in prompt_lens:
+            prompts = torch.randint(bb.shapes.vocab // 4, bb.shapes.vocab // 2, (B, P), generator=gen)  # ordinary tokens
+            hf_ttft, hf_ms = time_hf(bb.model, prompts.to(bb.device), new_tokens, repeats)
+            rows.append({"impl": "transformers", "planner": "full", "batch": B, "prompt_len": P, "k": L,
+                         "ttft_ms": hf_ttft, "ms_per_token": hf_ms})
+            progress(f"B={B} P={P} transformers generate: {hf_ms:.2f} ms/token")
+            dense = None
+            for b in budgets:
+                k = Budget(fraction=b).k(L)
+                for name, eng in engines.items():
+                    if (name == "full") != (k == L):
+                        continue
+                    ttft, ms = time_engine(eng, prompts.tolist(), k, new_tokens, repeats)
+                    if k == L:
+                        dense = ms
+                    bound = ideal_speedup(shapes if name.startswith("router") else CostShapes.from_config(
+                        bb.model.config), k, kv_policy, context=P + new_tokens // 2, dtype_bytes=elem)
+                    row = {"impl": "buddy", "planner": name, "batch": B, "prompt_len": P, "budget": b, "k": k,
+                           "ttft_ms": ttft, "ms_per_token": ms, "ideal_speedup": bound}
+                    if dense:
+                        row["speedup"] = dense / ms
+                        row["of_bound"] = row["speedup"] / bound
+                    rows.append(row)
+                    progress(f"B={B} P={P} {name:14s} k={k:2d}: {ms:.2f} ms/token")
+    for r in rows:
+        if r["planner"] == "router":
+            static = next((s for s in rows if s["planner"] == "static-greedy" and s["k"] == r["k"]
+                           and s["batch"] == r["batch"] and s["prompt_len"] == r["prompt_len"]), None)
+            dense = next(s for s in rows if s["planner"] == "full" and s["impl"] == "buddy"
+                         and s["batch"] == r["batch"] and s["prompt_len"] == r["prompt_len"])
+            if static:
+                r["router_overhead_ms"] = r["ms_per_token"] - static["ms_per_token"]
+                r["router_overhead_pct_of_dense"] = 100 * r["router_overhead_ms"] / dense["ms_per_token"]
+    return {"model": bb.name, "dtype": str(bb.dtype).replace("torch.", ""), "device": str(bb.device),
+            "kv_policy": kv_policy, "new_tokens": new_tokens, "repeats": repeats,
+            "matvec_gb_s": bw, "dense_weight_bytes": dense_bytes,
+            "floor_ms_per_token": dense_bytes / bw / 1e6, "rows": rows,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def format_table(res: dict) -> str:
+    head = (f"model {res['model']}  dtype {res['dtype']}  device {res['device']}  kv {res['kv_policy']}  "
+            f"threads {res['threads']}  torch {res['torch']}\n"
+            f"matrix-vector bandwidth {res['matvec_gb_s']:.1f} GB/s -> batch-1 floor "
+            f"{res['floor_ms_per_token']:.2f} ms/token for {res['dense_weight_bytes'] / 1e6:.0f} MB of weights\n")
+    lines = ["| impl | planner | batch | prompt | k | TTFT ms | ms/token | tokens/s | speedup | ideal | of bound |"
+             " router overhead |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        tps = r["batch"] * 1000 / r["ms_per_token"]
+        ov = (f"{r['router_overhead_ms']:+.2f} ms ({r['router_overhead_pct_of_dense']:+.1f}%)"
+              if "router_overhead_ms" in r else "")
+        lines.append(f"| {r['impl']} | {r['planner']} | {r['batch']} | {r['prompt_len']} | {r['k']} | "
+                     f"{r['ttft_ms']:.1f} | {r['ms_per_token']:.2f} | {tps:.1f} | "
+                     f"{r.get('speedup', float('nan')):.2f} | {r.get('ideal_speedup', float('nan')):.2f} | "
+                     f"{100 * r.get('of_bound', float('nan')):.0f}% | {ov} |")
+    return head + "\n".join(lines)
+
+
+def to_json_line(res: dict) -> str:
+    return json.dumps(res, default=float)
