@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from .backbone import Backbone, load_backbone
@@ -54,6 +55,9 @@ def make_planner(name: str | None, bb: Backbone, kv_policy: str = "fill", router
             raise PlannerError(f"no trained router for model {bb.name!r}: train one with "
                                f"`buddy train router --model {bb.name}` and pass --router DIR")
         module, meta = load_router(rdir, checksum=bb.checksum, n_layers=bb.n_layers)
+        if meta.kv_policy != kv_policy:
+            warnings.warn(f"router {rdir} was trained for kv policy {meta.kv_policy!r}, not {kv_policy!r}: "
+                          "expect lower quality (docs/results.md)", stacklevel=2)
         opts = dict(ROUTER_PLANNERS[name])
         if reroute_every is not None and name != "router-frozen":
             opts["reroute_every"] = reroute_every

@@ -35,7 +35,7 @@ class LoadConfig:
         `static-bi`, `static-greedy`; None picks the default.
     kv_policy: what a skipped (layer, token) leaves in the KV cache: `fill`, `mask` or `zero`.
     device: `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available).
-    dtype: `auto` (float32 on CPU, bfloat16 on CUDA), `float32`, `bfloat16`, `float16`.
+    dtype: `auto` (bfloat16: measured faster than float32 for decode on CPU, see docs/performance.md; usual on GPU), `float32`, `bfloat16`, `float16`.
     router: a router directory (router.safetensors + router.json); default: the one shipped for the model.
     reroute_every: router planners re-plan every N decode tokens (1 = every token, 0 = frozen after prefill).
     """

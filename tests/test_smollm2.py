@@ -47,3 +47,26 @@ def test_cli_budget_half_traces_15_layers(tmp_path):
     lines = [json.loads(x) for x in trace.read_text().splitlines()]
     assert lines and all(len(x["layers"]) == 15 and 0 in x["layers"] and 29 in x["layers"] for x in lines)
     assert "layers/token=15.00" in r.stdout
+
+
+def test_shipped_router_is_the_default_and_reroutes_per_token(smol):
+    import buddy
+    from buddy.api import make_planner
+
+    planner = make_planner(None, smol.bb)
+    assert planner.name == "router"
+    eng = buddy.Engine(smol.bb, planner, "fill")
+    steps = list(eng.generate("The history of the United States", budget=0.7, max_new_tokens=16, ignore_eos=True))
+    assert all(len(s.layers) == 21 and 0 in s.layers and 29 in s.layers for s in steps)
+    assert len({s.layers for s in steps}) > 1  # the path changes between tokens
+
+
+def test_router_for_another_model_is_refused(tmp_path):
+    import shutil
+
+    from buddy.router import RouterFileError, load_router
+
+    src = __import__("buddy.api", fromlist=["ROUTERS"]).ROUTERS / "smollm2-fill"
+    shutil.copytree(src, tmp_path / "r")
+    with pytest.raises(RouterFileError, match="other weights"):
+        load_router(tmp_path / "r", checksum="0" * 64, n_layers=30)

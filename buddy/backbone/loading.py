@@ -66,8 +66,10 @@ MODELS: dict[str, PackagedGGUF] = {
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16: measured faster than float32 for batch-1 decode on this project's AMX CPU
+    (docs/performance.md) and the usual choice on GPUs; pass float32 to compare with a float32 reference."""
     if dtype == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
+        return torch.bfloat16
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 

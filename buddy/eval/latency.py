@@ -59,9 +59,11 @@ def time_hf(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> tuple[fl
     return ttft, (total - ttft) / (new_tokens - 1)
 
 
-def time_engine(engine, prompts: list[list[int]], k: int, new_tokens: int, repeats: int) -> tuple[float, float]:
-    """(time to first token ms, median ms per later token) of the Buddy engine at k layers."""
-    budgets = [Budget(layers=k)] * len(prompts)
+def time_engine(engine, prompts: list[list[int]], k, new_tokens: int, repeats: int) -> tuple[float, float]:
+    """(time to first token ms, median ms per later token) of the Buddy engine at k layers (or a list of
+    per-row layer counts)."""
+    ks = k if isinstance(k, (list, tuple)) else [k] * len(prompts)
+    budgets = [Budget(layers=x) for x in ks]
     list(engine.generate_batch(prompts, budgets, max_new_tokens=2, ignore_eos=True))  # warm-up
     ttfts, steps = [], []
     for _ in range(repeats):
@@ -121,6 +123,13 @@ def run_latency(model: str = "smollm2", dtype: str = "auto", device: str = "auto
                         row["of_bound"] = row["speedup"] / bound
                     rows.append(row)
                     progress(f"B={B} P={P} {name:14s} k={k:2d}: {ms:.2f} ms/token")
+            mixed_planner = next((n for n in ("router", "static-greedy") if n in engines), None)
+            if B > 1 and mixed_planner and dense:  # every row its own budget, cycling through the list
+                ks = [Budget(fraction=budgets[r % len(budgets)]).k(L) for r in range(B)]
+                ttft, ms = time_engine(engines[mixed_planner], prompts.tolist(), ks, new_tokens, repeats)
+                rows.append({"impl": "buddy", "planner": f"{mixed_planner} (mixed)", "batch": B, "prompt_len": P,
+                             "k": sum(ks) / B, "ks": ks, "ttft_ms": ttft, "ms_per_token": ms, "speedup": dense / ms})
+                progress(f"B={B} P={P} mixed budgets {ks}: {ms:.2f} ms/step")
     for r in rows:
         if r["planner"] == "router":
             static = next((s for s in rows if s["planner"] == "static-greedy" and s["k"] == r["k"]

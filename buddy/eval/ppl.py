@@ -20,6 +20,7 @@ class PplResult:
     layers_per_token: float
 
 
+@torch.inference_mode()
 def window_logits(engine, ids: torch.Tensor, k: int, prefill: int = 0):
     """Teacher-forced logits of ids [B, T]: the first `prefill` tokens as a prompt, the rest as decode
     (one parallel forward each; equal to step-by-step decode). prefill=0: the whole window as a prompt."""

@@ -325,7 +325,7 @@ class RouterTrainer:
             self.step += 1
             dt = time.perf_counter() - t0
             self.train_seconds += dt
-            self.history.append({"step": self.step, "loss": float(loss), "kl": float(kl)})
+            self.history.append({"step": self.step, "loss": float(loss.detach()), "kl": float(kl.detach())})
             bar.set_postfix(kl=f"{float(kl):.4f}", tok_s=f"{tokens / dt:.0f}",
                             best=f"{math.exp(self.best['mean_nll']):.2f}@{self.best['step']}", refresh=False)
             bar.update(1)
