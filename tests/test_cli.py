@@ -77,3 +77,16 @@ def test_bench_latency_smoke(tiny_ckpt):
     assert "skipping planner static-greedy" in r.stderr  # no calibration for the tiny model
     r = run("bench", "latency", "--model", str(tiny_ckpt), "--budgets", "0")
     assert r.returncode == 2 and "(0, 1]" in r.stderr
+
+
+def test_train_and_eval_settings_are_validated(tiny_ckpt, tmp_path):
+    r = run("train", "router", "--model", str(tiny_ckpt), "--prior", "nonsense", "--out", str(tmp_path / "r"))
+    assert r.returncode == 2 and "invalid prior 'nonsense'" in r.stderr and "Traceback" not in r.stderr
+    r = run("train", "router", "--model", str(tiny_ckpt), "--budgets", "0.9:0.2", "--out", str(tmp_path / "r"))
+    assert r.returncode == 2 and "0.9:0.2" in r.stderr
+    f = tmp_path / "t.txt"
+    f.write_text("w1 w2")
+    r = run("eval", "ppl", "--model", str(tiny_ckpt), "--planner", "full", "--text-file", str(f), "--window", "0")
+    assert r.returncode == 2 and "--window 0" in r.stderr
+    r = run("generate", "--model", str(tiny_ckpt), "--planner", "router", "--router", str(tmp_path / "none"), "w1")
+    assert r.returncode == 2 and "not a router directory" in r.stderr

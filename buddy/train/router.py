@@ -80,6 +80,8 @@ class TrainConfig:
             raise ConfigError(f"invalid budgets {self.budgets!r}: use lo:hi, e.g. 0.5:1.0") from None
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"invalid budgets {self.budgets!r}: need 0 < lo <= hi <= 1")
+        if self.prior not in ("static-greedy", "static-bi"):
+            raise ConfigError(f"invalid prior {self.prior!r}: must be static-greedy or static-bi")
         if self.estimator not in ("swap", "st"):
             raise ConfigError(f"invalid estimator {self.estimator!r}: must be swap or st")
         for name in ("steps", "batch", "seq_len", "val_every", "val_windows", "width", "band"):
