@@ -93,9 +93,10 @@ def run_latency(model: str = "smollm2", dtype: str = "auto", device: str = "auto
     if "router" in engines:
         router_params = sum(p.numel() for p in engines["router"].planner.module.parameters())
     shapes = CostShapes.from_config(bb.model.config, router_params)
+    static_shapes = CostShapes.from_config(bb.model.config)
     elem = torch.finfo(bb.dtype).bits // 8
     bw = matvec_bandwidth(bb.dtype, bb.device)
-    dense_bytes = decode_cost(CostShapes.from_config(bb.model.config), L, dtype_bytes=elem)["weight_bytes"]
+    dense_bytes = decode_cost(static_shapes, L, dtype_bytes=elem)["weight_bytes"]
     rows = []
     gen = torch.Generator().manual_seed(0)
     for B in batches:
@@ -114,8 +115,8 @@ def run_latency(model: str = "smollm2", dtype: str = "auto", device: str = "auto
                     ttft, ms = time_engine(eng, prompts.tolist(), k, new_tokens, repeats)
                     if k == L:
                         dense = ms
-                    bound = ideal_speedup(shapes if name.startswith("router") else CostShapes.from_config(
-                        bb.model.config), k, kv_policy, context=P + new_tokens // 2, dtype_bytes=elem)
+                    bound = ideal_speedup(shapes if name.startswith("router") else static_shapes, k, kv_policy,
+                                          context=P + new_tokens // 2, dtype_bytes=elem)
                     row = {"impl": "buddy", "planner": name, "batch": B, "prompt_len": P, "budget": b, "k": k,
                            "ttft_ms": ttft, "ms_per_token": ms, "ideal_speedup": bound}
                     if dense:

@@ -100,18 +100,25 @@ class TrainConfig:
         return sorted({max(2, math.floor(f * n_layers + 0.5)) for f in (0.5, 0.7, 0.9)})
 
 
-def routed_train_forward(bb: Backbone, module: DecisionModule, prior: torch.Tensor, ids: torch.Tensor,
-                         k: torch.Tensor, policy: str, tau: float):
-    """Routed logits [B, T, V] of one parallel pass with per-token hard plans (decode semantics for
-    `policy`) and straight-through gates; returns (logits, hard plan [B, T, L])."""
+def _layer0(bb: Backbone, ids: torch.Tensor, policy: str):
+    """A non-storing cache with layer 0 run for ids [B, T] (no grad): (cache, layer-0 output, rope)."""
     B, T = ids.shape
-    L = bb.n_layers
     cache = KVCache(bb.shapes, B, T, policy, bb.dtype, bb.device, pool_kv0=True, store=False)
     cache.begin(T)
     with torch.no_grad():
         h = bb.embed(ids)
         rope = bb.rope(h, cache.positions)
         h = bb.layer(0, h, cache.mask(0), rope, cache)
+    return cache, h, rope
+
+
+def routed_train_forward(bb: Backbone, module: DecisionModule, prior: torch.Tensor, ids: torch.Tensor,
+                         k: torch.Tensor, policy: str, tau: float):
+    """Routed logits [B, T, V] of one parallel pass with per-token hard plans (decode semantics for
+    `policy`) and straight-through gates; returns (logits, hard plan [B, T, L])."""
+    B, T = ids.shape
+    L = bb.n_layers
+    cache, h, rope = _layer0(bb, ids, policy)
     scores = module(cache.kv0_mean, h, k.float() / L) + prior.to(h.device)  # [B, T, L-2]
     plan = topk_plan(scores.detach(), k)
     ranked = scores.detach().sort(dim=-1, descending=True).values
@@ -147,12 +154,7 @@ class _GivenPlan:
 
 def router_features(bb: Backbone, ids: torch.Tensor, policy: str):
     """(pooled layer-0 K/V prefix means, layer-0 output) for ids [B, T]: the router's inputs, no grad."""
-    B, T = ids.shape
-    cache = KVCache(bb.shapes, B, T, policy, bb.dtype, bb.device, pool_kv0=True, store=False)
-    cache.begin(T)
-    with torch.no_grad():
-        h = bb.embed(ids)
-        h = bb.layer(0, h, cache.mask(0), bb.rope(h, cache.positions), cache)
+    cache, h, _ = _layer0(bb, ids, policy)
     return cache.kv0_mean, h
 
 
