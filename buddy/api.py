@@ -16,7 +16,8 @@ from .config import LoadConfig
 from .engine import Engine
 from .planner import FullPlanner, Planner, StaticPlanner
 
-STATIC_PLANNERS = ("static-bi", "static-greedy")
+STATIC_PLANNERS = ("static-bi", "static-greedy", "random")
+RANDOM_SEED = 0  # the `random` static baseline: a seeded random layer order, the same on every run
 ROUTER_PLANNERS = {  # name -> RouterPlanner options (ablations of the trained router)
     "router": {},
     "router-frozen": {"reroute_every": 0},
@@ -64,6 +65,12 @@ def make_planner(name: str | None, bb: Backbone, kv_policy: str = "fill", router
         return RouterPlanner(module.to(bb.device), prior_scores(meta.prior_order, bb.n_layers), name=name, **opts)
     if name == "full":
         return FullPlanner(bb.n_layers)
+    if name == "random":
+        import torch
+
+        gen = torch.Generator().manual_seed(RANDOM_SEED)
+        order = (torch.randperm(bb.n_layers - 2, generator=gen) + 1).tolist()
+        return StaticPlanner(name, order, bb.n_layers)
     if name in STATIC_PLANNERS:
         cal = load_calibration(bb)
         return StaticPlanner(name, cal["orders"][name], bb.n_layers)

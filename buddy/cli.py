@@ -3,6 +3,9 @@
     buddy generate --model smollm2 --budget 0.5 "The capital of France is"
     buddy calibrate --model smollm2
     buddy eval ppl --model smollm2 --planner static-greedy --layers 21 --text-file FILE --json
+    buddy eval zeroshot --model smollm2 --planner router --budget 0.75 --tasks arc_easy,piqa --limit 100
+    buddy sweep --model smollm2 --methods dense,static-greedy,router --layers 15:27:4 --tasks arc_easy --out r.jsonl
+    buddy plot pareto r.jsonl --out pareto.png
 
 Bad input (budgets, models, files) gives a one-line error and exit code 2, never a traceback.
 """
@@ -80,7 +83,7 @@ def cmd_generate(args) -> int:
             layer_sum += len(step.layers)
             if trace:
                 trace.write(json.dumps({"token": step.token, "text": step.text, "layers": list(step.layers),
-                                        "ms": round(step.ms, 3)}) + "\n")
+                                        "n_layers": m.n_layers, "ms": round(step.ms, 3)}) + "\n")
     finally:
         if trace:
             trace.close()
@@ -146,6 +149,95 @@ def cmd_eval_ppl(args) -> int:
     else:
         print(f"ppl={r.ppl:.3f} over {r.tokens} tokens, {r.layers_per_token:.2f} layers/token "
               f"(planner {m.planner.name}, kv {m.kv_policy}, k={k}/{m.n_layers})")
+    return 0
+
+
+def cmd_eval_zeroshot(args) -> int:
+    from .eval.sweep import check_task, run_task
+
+    budget = _budget(args)
+    tasks = list(args.tasks or ())
+    if args.mc_file:
+        tasks.append(f"mc:{args.mc_file}")
+    if not tasks:
+        raise UsageError("give --tasks and/or --mc-file")
+    for t in tasks:
+        check_task(t)
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"invalid --limit {args.limit}: must be >= 1")
+    m = _load(args)
+    k = budget.k(m.n_layers)
+    m.resolve_k(layers=k)
+    rows = []
+    for t in tasks:
+        r = {"task": t, "model": m.bb.name, "planner": m.planner.name, "kv_policy": m.kv_policy, "k": k,
+             **run_task(m, t, k, args.limit, progress=not args.json)}
+        rows.append(r)
+        if args.json:
+            print(json.dumps(r), flush=True)
+    accs = [r for r in rows if "acc_norm" in r]  # the multiple-choice tasks
+    if len(accs) > 1:
+        avg = {"task": "mc-average", "acc": sum(r["acc"] for r in accs) / len(accs),
+               "acc_norm": sum(r["acc_norm"] for r in accs) / len(accs), "tasks": len(accs)}
+        rows.append(avg)
+        if args.json:
+            print(json.dumps(avg))
+    if not args.json:
+        print(f"model={m.bb.name} planner={m.planner.name} kv={m.kv_policy} k={k}/{m.n_layers}")
+        print(f"{'task':<16} {'docs':>5} {'acc':>7} {'acc_norm':>8} {'ppl':>8} {'layers/tok':>10} {'wall s':>7}")
+        for r in rows:
+            def f(key, spec):
+                return format(r[key], spec) if key in r else "-"
+            print(f"{r['task'][:16]:<16} {f('docs', 'd'):>5} {f('acc', '.3f'):>7} {f('acc_norm', '.3f'):>8} "
+                  f"{f('ppl', '.2f'):>8} {f('layers_per_token', '.2f'):>10} {f('wall_s', '.1f'):>7}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .backbone import load_backbone
+    from .eval.sweep import parse_layers_spec, sweep
+
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"invalid --limit {args.limit}: must be >= 1")
+    bb = load_backbone(args.model, args.device, args.dtype)
+    ks = parse_layers_spec(args.layers, bb.n_layers)
+    new = sweep(bb, list(args.methods), ks, list(args.tasks), args.out, kv_policy=args.kv_policy, limit=args.limit,
+                router=args.router)
+    print(f"wrote {len(new)} new cells to {args.out}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .eval.plots import plot_pareto, plot_trace
+
+    out = plot_pareto(args.file, args.out) if args.plot_command == "pareto" else plot_trace(args.file, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from .api import make_planner
+    from .backbone import load_backbone
+    from .engine import Engine
+    from .serve.app import Server, create_app
+
+    if args.max_batch < 1 or args.max_tokens_limit < 1:
+        raise UsageError("--max-batch and --max-tokens-limit must be >= 1")
+    policies = list(args.kv_policies)
+    for p in policies:
+        if p not in KV_POLICIES:
+            raise UsageError(f"invalid kv policy {p!r}: must be one of {', '.join(KV_POLICIES)}")
+    bb = load_backbone(args.model, args.device, args.dtype)
+    engines = {p: Engine(bb, make_planner(args.planner, bb, p, args.router), p) for p in policies}
+    predictor = None
+    server = Server(engines, bb.name, api_key=args.api_key, max_batch=args.max_batch,
+                    max_tokens_limit=args.max_tokens_limit, predictor=predictor)
+    planner = engines[policies[0]].planner.name
+    print(f"buddy: serving {bb.name} (planner {planner}, kv policies {','.join(policies)}) on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -276,6 +368,51 @@ def build_parser() -> argparse.ArgumentParser:
                     help="route each window's first N tokens as a prompt, the rest as decode (default 0: all prompt)")
     pp.add_argument("--json", action="store_true", help="print one JSON line")
     pp.set_defaults(func=cmd_eval_ppl)
+    from .eval.sweep import ALL_TASKS
+
+    zs = esub.add_parser("zeroshot", help="benchmark tasks: multiple-choice log-likelihood, LAMBADA, GSM8K")
+    _add_load_args(zs)
+    _add_budget_args(zs)
+    zs.add_argument("--tasks", type=_csv(str), help=f"comma-separated, from: {', '.join(ALL_TASKS)}")
+    zs.add_argument("--mc-file", help='your own JSONL, one {"question", "choices", "gold"} per line')
+    zs.add_argument("--limit", type=int, help="first N documents per task (default all)")
+    zs.add_argument("--json", action="store_true", help="print one JSON line per task")
+    zs.set_defaults(func=cmd_eval_zeroshot)
+
+    sw = sub.add_parser("sweep", help="a resumable grid of methods x layer counts x tasks into JSONL")
+    _add_load_args(sw, planner=False)
+    sw.add_argument("--kv-policy", default=LoadConfig.kv_policy, choices=KV_POLICIES)
+    sw.add_argument("--router", default=None, help=_doc_of(LoadConfig, "router"))
+    sw.add_argument("--methods", type=_csv(str), default=("dense", "static-greedy", "router"),
+                    help="dense and planner names (default dense,static-greedy,router)")
+    sw.add_argument("--layers", default="15:27:4", help="layer counts: start:stop:step or a list (default 15:27:4)")
+    sw.add_argument("--tasks", type=_csv(str), required=True, help=f"from: {', '.join(ALL_TASKS)}, mc:FILE")
+    sw.add_argument("--limit", type=int, help="first N documents per task (default all)")
+    sw.add_argument("--out", required=True, help="results JSONL (appended; finished cells are skipped)")
+    sw.set_defaults(func=cmd_sweep)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a per-request budget")
+    _add_load_args(sv, planner=False)
+    sv.add_argument("--planner", default=LoadConfig.planner, help=_doc_of(LoadConfig, "planner"))
+    sv.add_argument("--router", default=None, help=_doc_of(LoadConfig, "router"))
+    sv.add_argument("--kv-policies", type=_csv(str), default=KV_POLICIES,
+                    help="KV policies requests may ask for; the first is the default (default fill,mask,zero)")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/ routes")
+    sv.add_argument("--max-batch", type=int, default=16, help="concurrent requests decoding together (default 16)")
+    sv.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    sv.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    sv.set_defaults(func=cmd_serve)
+
+    pl = sub.add_parser("plot", help="plots from sweep results and generation traces")
+    plsub = pl.add_subparsers(dest="plot_command", required=True)
+    for name, what in (("pareto", "quality vs executed-layer fraction from `buddy sweep` JSONL"),
+                       ("trace", "token-by-layer heat map of a `buddy generate --trace` file")):
+        q = plsub.add_parser(name, help=what)
+        q.add_argument("file")
+        q.add_argument("--out", required=True, help="image file (.png, .pdf, .svg)")
+        q.set_defaults(func=cmd_plot)
     return p
 
 
@@ -287,11 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     from .prior import CalibrationError
     from .data import DataError
     from .router import RouterFileError
+    from .eval.tasks import TaskError
 
     try:
         return args.func(args)
     except (UsageError, BudgetError, ConfigError, PlannerError, ModelNotFoundError, UnsupportedModelError,
-            ContextOverflowError, CalibrationError, RouterFileError, DataError) as e:
+            ContextOverflowError, CalibrationError, RouterFileError, DataError, TaskError) as e:
         print(f"buddy: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

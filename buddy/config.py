@@ -32,7 +32,8 @@ class LoadConfig:
 
     model: a registry name (`smollm2`, `qwen-coder-0.5b`) or a local Hugging Face checkpoint directory.
     planner: `router` (trained Decision Module; default when one exists for the model), `full`,
-        `static-bi`, `static-greedy`; None picks the default.
+        `static-bi`, `static-greedy`, `random` (a seeded random static order), the router ablations
+        `router-frozen`, `router-noprior`, `prior`; None picks the default.
     kv_policy: what a skipped (layer, token) leaves in the KV cache: `fill`, `mask` or `zero`.
     device: `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available).
     dtype: `auto` (bfloat16: measured faster than float32 for decode on CPU, see docs/performance.md; usual on GPU), `float32`, `bfloat16`, `float16`.

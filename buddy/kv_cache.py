@@ -30,6 +30,7 @@ class KVCache:
         if policy not in KV_POLICIES:
             raise ValueError(f"invalid kv policy {policy!r}: must be one of {', '.join(KV_POLICIES)}")
         L, H, D = shapes.n_layers, shapes.n_kv_heads, shapes.head_dim
+        self.shapes = shapes
         self.policy = policy
         self.n_layers = L
         self.batch = batch
@@ -121,6 +122,45 @@ class KVCache:
         sel = slice(None) if rows is None else rows
         self.k[layer_idx, sel, :, s:e] = 0
         self.v[layer_idx, sel, :, s:e] = 0
+
+    def take_rows(self, index: torch.Tensor) -> None:
+        """Keep (or repeat) batch rows: row r of the cache becomes old row index[r]. Used to share one prompt's
+        prefill across several continuations (multiple-choice scoring)."""
+        for name in ("k", "v", "filled"):
+            setattr(self, name, getattr(self, name)[:, index])
+        self.seen, self.kv0_sum, self.kv0_count = self.seen[index], self.kv0_sum[index], self.kv0_count[index]
+        if self.planner_state:
+            self.planner_state = {n: t[index] if torch.is_tensor(t) and t.dim() else t
+                                  for n, t in self.planner_state.items()}
+        self.batch = int(index.numel())
+
+    @classmethod
+    def from_rows(cls, parts: list[tuple["KVCache", int]], reserve: int) -> "KVCache":
+        """A new cache holding row `r` of each (cache, r), with room for `reserve` more positions (continuous
+        batching: requests join and leave between decode steps).
+
+        Each row's real positions are packed to the right (its K/V carry their rotary positions already, so a
+        slot's index only orders it): the result is as long as the longest row, and shorter rows see the
+        empty slots before them as padding."""
+        first = parts[0][0]
+        n = [int(c.filled[0, r, :c.length].sum()) for c, r in parts]  # layer 0 always runs: its fill = real tokens
+        T = max(n)
+        new = cls(first.shapes, len(parts), T + reserve, first.policy, first.k.dtype, first.k.device,
+                  pool_kv0=first.pool_kv0)
+        for i, ((c, r), m) in enumerate(zip(parts, n)):
+            src = c.filled[0, r, :c.length].nonzero().flatten()
+            dst = torch.arange(T - m, T, device=src.device)
+            new.k[:, i, :, dst] = c.k[:, r, :, src]
+            new.v[:, i, :, dst] = c.v[:, r, :, src]
+            new.filled[:, i, dst] = c.filled[:, r, src]
+            new.seen[i], new.kv0_sum[i], new.kv0_count[i] = c.seen[r], c.kv0_sum[r], c.kv0_count[r]
+        new.length = T
+        new.has_holes = True
+        states = [c.planner_state for c, _ in parts]
+        if all(isinstance(st, dict) and "last" in st for st in states):
+            new.planner_state = {"prefill_end": 0,
+                                 "last": torch.stack([st["last"][r] for st, (_, r) in zip(states, parts)])}
+        return new
 
     # --- attention masks --------------------------------------------------------------------------
     def mask(self, layer_idx: int) -> torch.Tensor | None:

@@ -1,0 +1,106 @@
+"""Generation tasks, where decode-time routing matters: greedy decoding, then exact match.
+
+    buddy eval gen --model smollm2 --planner router --budget 0.75 --tasks lambada,gsm8k --limit 50
+
+LAMBADA: the passage's last word, generated greedily (first word of the output, punctuation stripped).
+GSM8K: 5-shot chain of thought; the final number ("So the answer is N", else the last number) must equal
+the reference answer.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+
+from tqdm import tqdm
+
+from ..budget import Budget
+
+from .tasks import GenDoc
+
+MAX_NEW = {"lambada": 8, "gsm8k": 192}
+_NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+@dataclass
+class GenResult:
+    task: str
+    acc: float
+    docs: int
+    layers_per_token: float
+    wall_s: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def lambada_word(text: str) -> str:
+    words = text.strip().split()
+    return re.sub(r"^\W+|\W+$", "", words[0]) if words else ""
+
+
+def gsm8k_number(text: str) -> str | None:
+    m = re.search(r"answer is\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", text)
+    nums = [m.group(1)] if m else _NUM.findall(text)
+    if not nums:
+        return None
+    n = nums[-1].replace(",", "").rstrip(".")
+    return n[:-2] if n.endswith(".0") else n
+
+
+def is_correct(task: str, output: str, answer: str) -> bool:
+    if task == "lambada":
+        return lambada_word(output) == answer.strip()
+    return gsm8k_number(output) == answer.replace(",", "").strip()
+
+
+def _lambada_done(text: str) -> bool:
+    """One word has been generated, then something that is not part of it."""
+    s = text.lstrip()
+    return bool(re.search(r"\w\W", s)) or (bool(s) and not s[0].isalnum() and len(s) > 1)
+
+
+def _cut(text: str, stop: list[str]) -> str:
+    for x in stop:
+        text = text.split(x)[0]
+    return text
+
+
+def generate_until(engine, prompts: list[str], k: int, max_new_tokens: int, stops: list[list[str]],
+                   batch_size: int = 8, finished=None, progress: bool = False, desc: str = "generate"):
+    """Greedy texts for prompts, batched; a row stops at a stop string (cut off) or when finished(text).
+    Returns (texts, executed layer-token count, generated token count)."""
+    texts_out: list[str] = []
+    layer_sum = n_tok = 0
+    for s in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+        batch = list(range(s, min(s + batch_size, len(prompts))))
+        texts, live = ["" for _ in batch], [True] * len(batch)
+        gen = engine.generate_batch([engine.encode(prompts[i]) for i in batch], [Budget(layers=k)] * len(batch),
+                                    max_new_tokens=max_new_tokens)
+        for step in gen:
+            for r, st in enumerate(step):
+                if st is None or not live[r]:
+                    continue
+                texts[r] += st.text
+                layer_sum += len(st.layers)
+                n_tok += 1
+                live[r] = not (any(x in texts[r] for x in stops[batch[r]]) or (finished and finished(texts[r])))
+            if not any(live):
+                gen.close()
+                break
+        texts_out.extend(_cut(t, stops[i]) for i, t in zip(batch, texts))
+    return texts_out, layer_sum, n_tok
+
+
+def evaluate_gen(engine, task: str, docs: list[GenDoc], budget=None, layers=None, batch_size: int = 8,
+                 max_new_tokens: int | None = None, progress: bool = False) -> tuple[GenResult, list[str]]:
+    """Greedy generation for each document (batched, each row stopping on its own); (result, outputs)."""
+    k = engine.resolve_k(budget, layers)
+    t0 = time.perf_counter()
+    finished = _lambada_done if task == "lambada" else None
+    outputs, layer_sum, n_tok = generate_until(engine, [d.prompt for d in docs], k, max_new_tokens or MAX_NEW[task],
+                                               [d.stop for d in docs], batch_size, finished, progress, task)
+    correct = sum(is_correct(task, out, d.answer) for d, out in zip(docs, outputs))
+    n = max(len(docs), 1)
+    return GenResult(task, correct / n, len(docs), layer_sum / max(n_tok, 1), time.perf_counter() - t0), outputs

@@ -1,0 +1,133 @@
+"""Run one evaluation cell, or a resumable grid of them (methods x layer counts x tasks) into JSONL.
+
+    buddy sweep --model smollm2 --methods dense,static-greedy,router --layers 15:27:4 \
+        --tasks arc_easy,hellaswag,ppl-sotu --limit 100 --out results.jsonl
+
+Each line of the output is one finished cell: model, method, kv_policy, k (layers), the task's metrics,
+the measured mean executed layers per token, and wall time. Cells already in the file are skipped, so an
+interrupted sweep continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .tasks import GEN_TASKS, MC_TASKS, TaskError
+
+PPL_TASKS = {"ppl-sotu": "test", "ppl-sotu-val": "validation"}  # task name -> SOTU split
+PPL_WINDOWS, PPL_WINDOW, PPL_PREFILL = 16, 512, 128  # as in docs/results.md's perplexity table
+ALL_TASKS = (*MC_TASKS, *GEN_TASKS, *PPL_TASKS)
+
+
+def parse_layers_spec(text: str, n_layers: int) -> list[int]:
+    """'15:30:3' (start:stop:step, stop included when hit) or '15,21,27' -> sorted layer counts."""
+    try:
+        if ":" in text:
+            parts = [int(p) for p in text.split(":")]
+            if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] < 1):
+                raise ValueError
+            start, stop, step = (*parts, 1)[:3]
+            ks = list(range(start, stop + 1, step))
+        else:
+            ks = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise TaskError(f"invalid --layers {text!r}: use start:stop:step (e.g. 15:30:3) or a list (15,21,27)") from None
+    bad = [k for k in ks if not 2 <= k <= n_layers]
+    if not ks or bad:
+        raise TaskError(f"invalid --layers {text!r}: every count must be in [2, {n_layers}]")
+    return sorted(set(ks))
+
+
+def check_task(task: str) -> None:
+    if task not in ALL_TASKS and not task.startswith("mc:"):
+        raise TaskError(f"unknown task {task!r}: use {', '.join(ALL_TASKS)}, or mc:FILE.jsonl for your own data")
+
+
+def run_task(engine, task: str, k: int, limit: int | None = None, progress: bool = False) -> dict:
+    """Evaluate one task at k layers: a dict of metrics, docs, layers_per_token and wall_s."""
+    check_task(task)
+    if task in PPL_TASKS:
+        from ..data import sotu_texts, token_windows
+        from .ppl import evaluate_windows
+
+        t0 = time.perf_counter()
+        n = min(limit, PPL_WINDOWS) if limit else PPL_WINDOWS
+        windows = token_windows(engine.tokenizer, sotu_texts(PPL_TASKS[task]), PPL_WINDOW, n)
+        r = evaluate_windows(engine, windows, layers=k, prefill=PPL_PREFILL, progress=progress)
+        return {"ppl": r.ppl, "docs": windows.shape[0], "tokens": r.tokens, "layers_per_token": r.layers_per_token,
+                "wall_s": time.perf_counter() - t0}
+    if task in GEN_TASKS:
+        from .generation import evaluate_gen
+        from .tasks import load_gen
+
+        r, _ = evaluate_gen(engine, task, load_gen(task, limit), layers=k, progress=progress)
+        out = r.as_dict()
+    else:
+        from .tasks import load_mc, load_mc_file
+        from .zeroshot import evaluate_mc
+
+        docs = load_mc_file(task[3:], limit) if task.startswith("mc:") else load_mc(task, limit)
+        out = evaluate_mc(engine, task, docs, layers=k, progress=progress).as_dict()
+    out.pop("task")
+    return out
+
+
+def read_results(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise TaskError(f"{path}:{n} is not a JSON line (a results file from `buddy sweep`?)") from None
+    return rows
+
+
+def cell_key(row: dict) -> tuple:
+    return (row["model"], row["method"], row["kv_policy"], row["k"], row["task"], row.get("limit"))
+
+
+def sweep(bb, methods: list[str], ks: list[int], tasks: list[str], out: str | Path, kv_policy: str = "fill",
+          limit: int | None = None, router: str | None = None, progress: bool = True) -> list[dict]:
+    """Run every missing (method, k, task) cell and append it to `out`; returns the new rows.
+
+    `dense` runs once per task at k = L; other methods skip k = L (it is the dense model for every method)."""
+    from ..api import PLANNERS, make_planner
+    from ..engine import Engine
+
+    for m in methods:
+        if m != "dense" and m not in PLANNERS:
+            raise TaskError(f"unknown method {m!r}: use dense or one of {', '.join(PLANNERS)}")
+    for t in tasks:
+        check_task(t)
+    L = bb.n_layers
+    cells = [(m, k, t) for m in methods for k in ([L] if m == "dense" else [k for k in ks if k < L]) for t in tasks]
+    done = {cell_key(r) for r in read_results(out)}
+    todo = [c for c in cells if (bb.name, c[0], kv_policy, c[1], c[2], limit) not in done]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    engines: dict[str, Engine] = {}
+    new = []
+    bar = tqdm(todo, desc="sweep", unit="cell", disable=not progress)
+    for method, k, task in bar:
+        bar.set_postfix_str(f"{method} k={k} {task}")
+        if method not in engines:
+            planner = make_planner("full" if method == "dense" else method, bb, kv_policy, router)
+            engines[method] = Engine(bb, planner, kv_policy)
+        metrics = run_task(engines[method], task, k, limit)
+        row = {"model": bb.name, "method": method, "kv_policy": kv_policy, "k": k, "n_layers": L,
+               "layer_fraction": k / L, "task": task, "limit": limit, **metrics,
+               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        with open(out, "a", encoding="utf-8") as f:  # one whole line per cell, flushed before the next
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        new.append(row)
+    return new

@@ -1,0 +1,108 @@
+"""lm-evaluation-harness model `buddy`: any lm-eval task at a compute budget.
+
+    python -m buddy.harness --model buddy --model_args model=smollm2,planner=router,budget=0.75 \
+        --tasks arc_easy --limit 100
+
+`python -m buddy.harness` is lm-eval's own command line with the `buddy` model registered (lm-eval finds
+models only among those imported). From Python, `import buddy.harness` registers it for
+`lm_eval.simple_evaluate(model="buddy", model_args=...)`.
+
+model_args: model, planner, kv_policy, router, reroute_every, device, dtype (as `buddy.load`), and one of
+budget (a fraction in (0, 1]) or layers (an exact count); contexts_per_batch (default 8).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import lm_eval.models  # noqa: F401  (lm-eval's own models stay available beside `buddy`)
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from .budget import Budget, parse_fraction
+from .eval.generation import generate_until
+from .eval.zeroshot import score_requests, tokenize_pair
+
+
+@register_model("buddy")
+class BuddyLM(LM):
+    def __init__(self, model: str = "smollm2", planner: str | None = None, kv_policy: str = "fill",
+                 budget=None, layers: int | None = None, router: str | None = None, reroute_every: int = 1,
+                 device: str = "auto", dtype: str = "auto", contexts_per_batch: int = 8, batch_size=None,
+                 max_batch_size=None, **_ignored):
+        super().__init__()
+        import torch
+
+        from .api import load
+
+        if str(device).startswith("cuda") and not torch.cuda.is_available():  # lm-eval's default is cuda:0
+            warnings.warn(f"device {device!r} is not available here; running on CPU", stacklevel=2)
+            device = "cpu"
+        self.engine = load(model, planner=planner, kv_policy=kv_policy, device=device, dtype=dtype, router=router,
+                           reroute_every=int(reroute_every))
+        if budget is not None and layers is not None:
+            raise ValueError("give budget= or layers=, not both")
+        b = Budget(layers=int(layers)) if layers is not None else parse_fraction(str(budget if budget is not None else 1))
+        self.k = self.engine.resolve_k(b)
+        self.contexts_per_batch = int(contexts_per_batch)
+        self.batch_size = int(batch_size) if str(batch_size or "").isdigit() else 8
+        self.executed_layers, self.tokens = 0.0, 0
+
+    @property
+    def layers_per_token(self) -> float:
+        """Measured mean executed layers per token over everything this model has scored or generated."""
+        return self.executed_layers / max(self.tokens, 1)
+
+    def _score(self, pairs, disable_tqdm):
+        ll, greedy, layers, tokens = score_requests(self.engine, pairs, self.k, self.contexts_per_batch,
+                                                    progress=not disable_tqdm, desc="buddy")
+        self.executed_layers += layers
+        self.tokens += tokens
+        return ll, greedy
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        tok = self.engine.tokenizer
+        pairs = [tokenize_pair(tok, *r.args[:2]) for r in requests]
+        ll, greedy = self._score(pairs, disable_tqdm)
+        return list(zip(ll, greedy))
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        tok = self.engine.tokenizer
+        max_len = min(self.engine.bb.shapes.max_context, 2048)
+        pairs, owner = [], []
+        for n, r in enumerate(requests):
+            ids = tok(r.args[0])["input_ids"]
+            for w in get_rolling_token_windows(ids, tok.eos_token_id, max_len, 1):
+                ctx, cont = make_disjoint_window(w)
+                pairs.append((list(ctx), list(cont)))
+                owner.append(n)
+        ll, _ = self._score(pairs, disable_tqdm)
+        out = [0.0] * len(requests)
+        for n, v in zip(owner, ll):
+            out[n] += v
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        out = []
+        for r in requests:  # lm-eval groups requests by settings rarely; keep per-request settings exact
+            context, kwargs = r.args[0], dict(r.args[1] or {})
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kwargs.get("max_gen_toks", 256))
+            texts, layers, tokens = generate_until(self.engine, [context], self.k, max_new, [until], 1)
+            self.executed_layers += layers
+            self.tokens += tokens
+            out.append(texts[0])
+        return out
+
+
+def main() -> None:
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""OpenAI-compatible HTTP API over the continuous-batching scheduler (FastAPI).
+
+    buddy serve --model smollm2 --port 8000
+
+Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (the model's chat
+template); streaming (server-sent events) and not. Buddy's own request fields, which the `openai` client sends
+with `extra_body=`: `budget` (a fraction in (0, 1], a layer count >= 2, or "auto") and `kv_policy`.
+`usage` adds `layers_per_token` (measured) and `budget`. Errors use OpenAI's format with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+import uuid
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..budget import Budget, BudgetError
+from ..config import KV_POLICIES
+from .scheduler import Request, Scheduler
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+def parse_budget(value, n_layers: int, predictor=None) -> tuple[Budget | None, str]:
+    """A request's budget -> (Budget, label); None means "auto" (the budget predictor chooses per prompt)."""
+    if value is None:
+        return Budget(fraction=1.0), "1"
+    if value == "auto":
+        if predictor is None:
+            raise APIError(400, "budget 'auto' needs a trained budget predictor for this model", "budget")
+        return None, "auto"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
+        raise APIError(400, f"invalid budget {value!r}: give a fraction in (0, 1], a layer count in [2, {n_layers}], "
+                            "or \"auto\"", "budget")
+    try:
+        if isinstance(value, int) and value >= 2:
+            b = Budget(layers=value)
+        else:
+            b = Budget(fraction=float(value))
+        b.k(n_layers)
+    except BudgetError:
+        raise APIError(400, f"invalid budget {value!r}: give a fraction in (0, 1], a layer count in [2, {n_layers}], "
+                            "or \"auto\"", "budget") from None
+    return b, b.label
+
+
+class Server:
+    """Validation, tokenization and response shaping; the Scheduler does the compute."""
+
+    def __init__(self, engines: dict, model_name: str, api_key: str | None = None, max_batch: int = 16,
+                 max_tokens_limit: int = 1024, predictor=None):
+        self.engines = engines
+        self.default_policy = next(iter(engines))  # the first policy served is the default
+        self.engine = engines[self.default_policy]
+        self.model_name = model_name
+        self.api_key = api_key
+        self.max_tokens_limit = max_tokens_limit
+        self.predictor = predictor
+        self.scheduler = Scheduler(engines, max_batch=max_batch)
+        self.created = int(time.time())
+
+    # --- request parsing ----------------------------------------------------------------------------
+    def parse(self, body: dict, chat: bool) -> tuple[list[int], dict]:
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}", "model",
+                           code="model_not_found")
+        tok = self.engine.tokenizer
+        if chat:
+            msgs = body.get("messages")
+            ok = isinstance(msgs, list) and msgs and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs)
+            if not ok:
+                raise APIError(400, "messages must be a non-empty list of {\"role\": str, \"content\": str}", "messages")
+            if not tok.chat_template:
+                raise APIError(400, f"model {self.model_name!r} has no chat template; use /v1/completions", "messages")
+            ids = tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in msgs],
+                                          add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            if not isinstance(prompt, str) or not prompt:
+                raise APIError(400, "prompt must be a non-empty string", "prompt")
+            ids = self.engine.encode(prompt)
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16 if not chat else 256))
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.max_tokens_limit:
+            raise APIError(400, f"invalid max_tokens {max_tokens!r}: must be an integer in [1, {self.max_tokens_limit}]",
+                           "max_tokens")
+        ctx = self.engine.bb.shapes.max_context
+        if len(ids) + max_tokens > ctx:
+            raise APIError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                                f"context of {ctx} tokens", "prompt", code="context_length_exceeded")
+        policy = body.get("kv_policy") or self.default_policy
+        if policy not in self.engines:
+            raise APIError(400, f"invalid kv_policy {policy!r}: this server serves {', '.join(self.engines)} "
+                                f"(of {', '.join(KV_POLICIES)})", "kv_policy")
+        budget, label = parse_budget(body.get("budget"), self.engine.n_layers, self.predictor)
+        if budget is None:
+            budget, label = self.predictor.choose(self.engines[policy], ids)
+        k = budget.k(self.engine.n_layers)
+        try:
+            self.engines[policy].planner.check(k, self.engine.n_layers)
+        except BudgetError as e:
+            raise APIError(400, str(e), "budget") from None
+        temperature = body.get("temperature")
+        temperature = 1.0 if temperature is None else temperature  # OpenAI's default; 0 is greedy
+        top_p = 1.0 if body.get("top_p") is None else body["top_p"]
+        seed = 0 if body.get("seed") is None else body["seed"]
+        for name, v, lo, hi in (("temperature", temperature, 0, 2), ("top_p", top_p, 1e-9, 1)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+                raise APIError(400, f"invalid {name} {v!r}: must be a number in [{lo:g}, {hi:g}]", name)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise APIError(400, f"invalid seed {seed!r}: must be an integer", "seed")
+        if body.get("n", 1) != 1:
+            raise APIError(400, "only n=1 is supported", "n")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+            raise APIError(400, "stop must be a string or a list of at most 4 non-empty strings", "stop")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise APIError(400, "stream must be true or false", "stream")
+        opts = body.get("stream_options") or {}
+        return ids, {"k": k, "kv_policy": policy, "max_tokens": max_tokens, "temperature": float(temperature),
+                     "top_p": float(top_p), "seed": seed, "stop": stop, "stream": stream, "budget": label,
+                     "include_usage": bool(isinstance(opts, dict) and opts.get("include_usage"))}
+
+    # --- running a request --------------------------------------------------------------------------
+    def submit(self, ids: list[int], o: dict) -> tuple[Request, asyncio.Queue]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_event(kind, payload):
+            loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+
+        req = Request(prompt=ids, k=o["k"], kv_policy=o["kv_policy"], max_tokens=o["max_tokens"], on_event=on_event,
+                      temperature=o["temperature"], top_p=o["top_p"], seed=o["seed"])
+        self.scheduler.submit(req)
+        return req, events
+
+    async def pieces(self, req: Request, events: asyncio.Queue, stop: list[str]):
+        """Yield text pieces; ends with the finish reason. Applies stop strings (held back until decided)."""
+        text, sent = "", 0
+        while True:
+            kind, payload = await events.get()
+            if kind == "token":
+                text += payload[0]
+                cut = min((text.find(s) for s in stop if s in text), default=-1)
+                if cut >= 0:
+                    req.cancel()
+                    if cut > sent:
+                        yield text[sent:cut]
+                    yield ("finish", "stop")
+                    return
+                hold = max((len(s) - 1 for s in stop), default=0)  # a stop string may still be forming
+                safe = len(text) - hold
+                if safe > sent:
+                    yield text[sent:safe]
+                    sent = safe
+            else:
+                if payload.startswith("error"):
+                    raise APIError(500, f"generation failed ({payload})", kind="server_error")
+                if len(text) > sent:
+                    yield text[sent:]
+                yield ("finish", "length" if payload == "length" else "stop")
+                return
+
+    def usage(self, req: Request, ids: list[int], o: dict) -> dict:
+        n = len(req.tokens)
+        return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n,
+                "layers_per_token": round(req.layer_sum / max(n, 1), 3), "budget": o["budget"], "k": o["k"],
+                "n_layers": self.engine.n_layers}
+
+
+def create_app(server: Server) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        server.scheduler.start()
+        yield
+        server.scheduler.shutdown()
+
+    app = FastAPI(title="Buddy", docs_url=None, redoc_url=None, lifespan=lifespan)
+
+    @app.middleware("http")
+    async def _auth(request: HTTPRequest, call_next):
+        if server.api_key and request.url.path.startswith("/v1/"):
+            got = request.headers.get("authorization", "")
+            if got != f"Bearer {server.api_key}":
+                return APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                                code="invalid_api_key").response()
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return e.response()
+
+    @app.exception_handler(404)
+    async def _not_found(request, _):
+        return APIError(404, f"no route {request.url.path}", code="not_found").response()
+
+    @app.exception_handler(405)
+    async def _bad_method(request, _):
+        return APIError(405, f"method {request.method} not allowed on {request.url.path}").response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": server.model_name, "active": server.scheduler.active,
+                "queued": server.scheduler.queued, "steps": server.scheduler.steps}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
+                                            "owned_by": "buddy", "n_layers": server.engine.n_layers}]}
+
+    async def body_of(request: HTTPRequest) -> dict:
+        try:
+            return json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON ({e})") from None
+
+    async def complete(request: HTTPRequest, chat: bool):
+        ids, o = server.parse(await body_of(request), chat)
+        req, events = server.submit(ids, o)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        if not o["stream"]:
+            text, finish = [], "stop"
+            try:
+                async for p in server.pieces(req, events, o["stop"]):
+                    if isinstance(p, tuple):
+                        finish = p[1]
+                    else:
+                        text.append(p)
+            finally:
+                req.cancel()
+            out = "".join(text)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": out}, "finish_reason": finish}
+                      if chat else {"index": 0, "text": out, "logprobs": None, "finish_reason": finish})
+            return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                    "model": server.model_name, "choices": [choice], "usage": server.usage(req, ids, o)}
+
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(piece=None, finish=None, first=False):
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else ({"content": piece} if piece else {})
+                c = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                c = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+            return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": server.model_name,
+                                          "choices": [c]}) + "\n\n"
+
+        async def sse():
+            try:
+                if chat:
+                    yield chunk(first=True)
+                async for p in server.pieces(req, events, o["stop"]):
+                    yield chunk(finish=p[1]) if isinstance(p, tuple) else chunk(p)
+                if o["include_usage"]:
+                    yield "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": server.model_name,
+                                                 "choices": [], "usage": server.usage(req, ids, o)}) + "\n\n"
+                yield "data: [DONE]\n\n"
+            except APIError as e:
+                yield "data: " + json.dumps({"error": {"message": e.message, "type": e.kind}}) + "\n\n"
+            finally:  # also when the client disconnects: the row is freed at the next step
+                req.cancel()
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        return await complete(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        return await complete(request, chat=True)
+
+    return app

@@ -1,0 +1,239 @@
+"""Evaluation suite: scoring parity with transformers, routed decode semantics, task files, answer extraction,
+the resumable sweep, plots and the lm-eval model."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from buddy.engine import Engine
+from buddy.eval.generation import gsm8k_number, is_correct, lambada_word
+from buddy.eval.sweep import parse_layers_spec
+from buddy.eval.tasks import TaskError, load_mc, load_mc_file
+from buddy.eval.zeroshot import score_requests
+from buddy.planner import FullPlanner, Planner
+
+from conftest import tiny_backbone
+
+PAIRS = [  # (context ids, continuation ids): shared contexts, different lengths, one-token continuations
+    ([5, 6, 7, 8], [9, 10, 11]), ([5, 6, 7, 8], [12]), ([5, 6, 7, 8], [13, 14, 15, 16, 17]),
+    ([20, 21], [22, 23]), ([30, 31, 32, 33, 34, 35, 36], [37, 38]), ([20, 21], [40]),
+]
+
+
+def hf_loglik(model, ctx, cont):
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits.float(), -1)[0]
+    return sum(lp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+@pytest.mark.parametrize("per_batch", [1, 2, 8])
+def test_full_budget_scores_equal_transformers(model_type, per_batch):
+    bb = tiny_backbone(model_type)
+    engine = Engine(bb, FullPlanner(bb.n_layers))
+    ll, greedy, layers, tokens = score_requests(engine, PAIRS, bb.n_layers, contexts_per_batch=per_batch)
+    for (ctx, cont), v in zip(PAIRS, ll):
+        assert v == pytest.approx(hf_loglik(bb.model, ctx, cont), abs=1e-4)
+    assert layers == tokens * bb.n_layers
+
+
+class TokenRandomPlanner(Planner):
+    """Per-token random plans that depend only on the token's absolute position and layer-0 output,
+    so a prompt forward and a decode forward of the same token get the same plan (tests only)."""
+
+    name = "token-random"
+
+    def plan(self, h0, cache, k):
+        L = 6
+        scores = torch.sin(h0[..., :L - 2] * 37.0 + cache.positions[..., None].float())
+        from buddy.planner import as_row_budgets, topk_plan
+
+        return topk_plan(scores, as_row_budgets(k, h0.shape[0], h0.device))
+
+
+@pytest.mark.parametrize("policy", ["fill", "mask", "zero"])
+def test_routed_scores_equal_prompt_then_decode(policy):
+    """Shared-prefill scoring equals scoring each pair alone: context as a prompt, continuation as decode."""
+    bb = tiny_backbone("llama")
+    engine = Engine(bb, TokenRandomPlanner(), policy)
+    ll, _, _, _ = score_requests(engine, PAIRS, 4, contexts_per_batch=8)
+    for (ctx, cont), v in zip(PAIRS, ll):
+        cache = engine.new_cache(1, len(ctx) + len(cont))
+        h1, _ = engine.forward(torch.tensor([ctx]), cache, 4)
+        hs = [h1[:, -1:]]
+        for t in cont[:-1]:  # one decode step at a time
+            h, _ = engine.forward(torch.tensor([[t]]), cache, 4)
+            hs.append(h)
+        lp = torch.log_softmax(bb.head(torch.cat(hs, 1)), -1)[0]
+        ref = sum(lp[j, t].item() for j, t in enumerate(cont))
+        assert v == pytest.approx(ref, abs=1e-4)
+
+
+def test_mc_file_parsing(tmp_path):
+    good = tmp_path / "mc.jsonl"
+    good.write_text('{"question": "Q1?", "choices": ["a", "b"], "gold": 1}\n\n'
+                    '{"question": "Q2?", "choices": ["x", "y", "z"], "gold": 0}\n')
+    docs = load_mc_file(good)
+    assert [d.gold for d in docs] == [1, 0]
+    assert docs[0].requests == [("Question: Q1?\nAnswer:", " a"), ("Question: Q1?\nAnswer:", " b")]
+    assert len(load_mc_file(good, limit=1)) == 1
+    for bad in ('{"question": "Q", "choices": ["a", "b"], "gold": 2}', '{"question": "Q", "choices": "ab", "gold": 0}',
+                'not json', '{"question": "Q", "choices": ["a", "b"], "gold": true}'):
+        f = tmp_path / "bad.jsonl"
+        f.write_text(bad + "\n")
+        with pytest.raises(TaskError, match="bad.jsonl:1"):
+            load_mc_file(f)
+    with pytest.raises(TaskError, match="not found"):
+        load_mc_file(tmp_path / "missing.jsonl")
+
+
+def test_answer_extraction():
+    assert lambada_word(" signs. And") == "signs"
+    assert lambada_word("\n") == ""
+    assert gsm8k_number(" She makes 9 * 2 = 18 dollars. So the answer is 18.") == "18"
+    assert gsm8k_number("It costs $1,250.") == "1250"
+    assert gsm8k_number("no number") is None
+    assert is_correct("gsm8k", "So the answer is 3,000.", "3000")
+    assert not is_correct("lambada", " sign", "signs")
+
+
+def test_layers_spec():
+    assert parse_layers_spec("15:30:3", 30) == [15, 18, 21, 24, 27, 30]
+    assert parse_layers_spec("27,15,21", 30) == [15, 21, 27]
+    for bad in ("15:33:3", "a:b", "1", "15:30:0"):
+        with pytest.raises(TaskError):
+            parse_layers_spec(bad, 30)
+
+
+# --- on the embedded model and the installed benchmark files ------------------------------------------
+@pytest.fixture(scope="module")
+def smol32():
+    import buddy
+
+    return buddy.load("smollm2", planner="full", dtype="float32", device="cpu")
+
+
+@pytest.mark.integration
+def test_benchmark_documents_load():
+    wg = load_mc("winogrande", 3)
+    assert len(wg) == 3 and all(len(d.requests) == 2 for d in wg)
+    assert wg[0].requests[0][0] != wg[0].requests[1][0]  # winogrande: one context per choice
+    arc = load_mc("arc_easy", 5)
+    assert len(arc) == 5 and all(0 <= d.gold < len(d.requests) for d in arc)
+    mmlu = load_mc("mmlu", 4)
+    assert len(mmlu) == 4 and all(len(d.requests) == 4 for d in mmlu)
+    with pytest.raises(TaskError, match="unknown task"):
+        load_mc("nope")
+
+
+@pytest.mark.integration
+def test_smollm2_task_scores_equal_transformers(smol32):
+    from buddy.eval.zeroshot import tokenize_pair
+
+    docs = load_mc("arc_easy", 2) + load_mc("winogrande", 2)
+    pairs = [tokenize_pair(smol32.tokenizer, c, x) for d in docs for c, x in d.requests]
+    ll, _, _, _ = score_requests(smol32, pairs, 30, contexts_per_batch=3)
+    for (ctx, cont), v in zip(pairs, ll):
+        assert v == pytest.approx(hf_loglik(smol32.bb.model, ctx, cont), abs=2e-3)
+
+
+@pytest.mark.integration
+def test_lambada_output_is_the_greedy_generation(smol32):
+    from buddy.eval.generation import evaluate_gen
+    from buddy.eval.tasks import load_gen
+
+    docs = load_gen("lambada", 2)
+    res, outs = evaluate_gen(smol32, "lambada", docs, layers=30, batch_size=2)
+    for d, out in zip(docs, outs):
+        alone = "".join(s.text for s in smol32.generate(d.prompt, max_new_tokens=8))
+        assert alone.startswith(out)
+    assert res.docs == 2 and res.layers_per_token == 30
+
+
+@pytest.mark.integration
+def test_sweep_is_resumable_and_plots(tmp_path):
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps({"question": q, "choices": ["blue", "four", "honey"], "gold": g}) + "\n"
+                          for q, g in [("What color is the sky?", 0), ("How many legs has a dog?", 1)]))
+    out = tmp_path / "r.jsonl"
+    cmd = ["sweep", "--methods", "dense,random,static-greedy", "--layers", "15,23", "--tasks", f"mc:{mc}",
+           "--out", str(out)]
+    r = subprocess.run([sys.executable, "-m", "buddy", *cmd], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 5  # dense once + 2 methods x 2 layer counts
+    for row in rows:
+        assert row["layers_per_token"] == row["k"] and row["wall_s"] > 0 and 0 <= row["acc"] <= 1
+    r = subprocess.run([sys.executable, "-m", "buddy", *cmd], capture_output=True, text=True, timeout=600)
+    assert "wrote 0 new cells" in r.stdout and len(out.read_text().splitlines()) == 5
+    png = tmp_path / "p.png"
+    r = subprocess.run([sys.executable, "-m", "buddy", "plot", "pareto", str(out), "--out", str(png)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from buddy.eval.plots import pareto_series
+
+    series = pareto_series(rows)
+    assert set(series[f"mc:{mc} (acc)"]) == {"dense", "random", "static-greedy"}
+    assert [x for x, _ in series[f"mc:{mc} (acc)"]["random"]] == [15 / 30, 23 / 30]
+
+
+@pytest.mark.integration
+def test_trace_plot_from_generate(tmp_path):
+    trace, png = tmp_path / "t.jsonl", tmp_path / "t.png"
+    r = subprocess.run([sys.executable, "-m", "buddy", "generate", "--budget", "0.5", "--max-new-tokens", "6",
+                        "--trace", str(trace), "Hello"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "buddy", "plot", "trace", str(trace), "--out", str(png)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"token": 1}\n')
+    r = subprocess.run([sys.executable, "-m", "buddy", "plot", "trace", str(bad), "--out", str(png)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "not a trace line" in r.stderr
+
+
+@pytest.mark.integration
+def test_eval_cli_errors():
+    for args, needle in ((["--tasks", "nope"], "unknown task"), (["--mc-file", "/nonexistent.jsonl"], "not found"),
+                         (["--tasks", "arc_easy", "--limit", "0"], "--limit"), ([], "--tasks")):
+        r = subprocess.run([sys.executable, "-m", "buddy", "eval", "zeroshot", *args], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.integration
+def test_lm_eval_model_matches_buddy_eval(tmp_path):
+    """lm-eval's own evaluator, the `buddy` model, a local task file: same accuracy as `buddy eval zeroshot`."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in [
+        {"question": "What color is the sky on a clear day?", "choices": ["blue", "green", "purple"], "gold": 0},
+        {"question": "How many legs does a dog have?", "choices": ["three", "four", "ten"], "gold": 1},
+        {"question": "What do bees make?", "choices": ["steel", "glass", "honey"], "gold": 2},
+        {"question": "Which is a fruit?", "choices": ["apple", "chair", "road"], "gold": 0},
+    ]))
+    (tmp_path / "task.yaml").write_text(
+        "task: buddy_local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    validation: {data}\nvalidation_split: validation\noutput_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: gold\n'
+        "metric_list:\n  - metric: acc\n")
+    code = (
+        "import json, sys, lm_eval, buddy.harness\n"
+        "from lm_eval.tasks import TaskManager\n"
+        f"r = lm_eval.simple_evaluate(model='buddy', model_args='model=smollm2,planner=random,layers=20,device=cpu', "
+        f"tasks=['buddy_local_mc'], task_manager=TaskManager(include_path={str(tmp_path)!r}))\n"
+        "print('ACC', json.dumps(r['results']['buddy_local_mc']['acc,none']))\n")
+    env = {**__import__("os").environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    acc = float(r.stdout.split("ACC")[-1])
+    r = subprocess.run([sys.executable, "-m", "buddy", "eval", "zeroshot", "--planner", "random", "--layers", "20",
+                        "--mc-file", str(data), "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[0])["acc"] == pytest.approx(acc)

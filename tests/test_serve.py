@@ -1,0 +1,154 @@
+"""The OpenAI-compatible server on the embedded model, driven by the official `openai` client.
+
+One server (float32, an API key) is started on a free loopback port for the module."""
+
+import concurrent.futures as cf
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx2 as httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+KEY = "test-key"
+PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The best way to learn is",
+           "In 1969, astronauts", "My favourite food is", "Water boils at", "The stock market"]
+BUDGETS = [0.5, 0.75, 1.0, 20]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "buddy", "serve", "--dtype", "float32", "--device", "cpu",
+                             "--port", str(port), "--api-key", KEY, "--max-batch", "32", "--max-tokens-limit", "512"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            pytest.fail("server exited: " + proc.stdout.read())
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+
+
+def complete(client, prompt, budget, n=12, stream=False):
+    kw = dict(model="smollm2", prompt=prompt, max_tokens=n, temperature=0, extra_body={"budget": budget})
+    if not stream:
+        return client.completions.create(**kw).choices[0].text
+    return "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices)
+
+
+def buddy_generate(prompt, budget, n, chat=False):
+    flag = ["--layers", str(budget)] if isinstance(budget, int) and budget > 1 else ["--budget", str(budget)]
+    r = subprocess.run([sys.executable, "-m", "buddy", "generate", "--dtype", "float32", "--device", "cpu", *flag,
+                        "--max-new-tokens", str(n), "--quiet-summary", *(["--chat"] if chat else []), prompt],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout[:-1]  # the trailing newline after the streamed text
+
+
+def test_completion_and_chat_equal_buddy_generate(client):
+    r = client.completions.create(model="smollm2", prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                  extra_body={"budget": 0.5})
+    assert r.choices[0].text == buddy_generate(PROMPTS[0], 0.5, 12)
+    u = r.usage.model_dump()
+    assert u["completion_tokens"] == 12 and u["layers_per_token"] == 15 and u["budget"] == "0.5"
+    msgs = [{"role": "user", "content": "Name a color."}]
+    c = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=10, temperature=0,
+                                       extra_body={"budget": 0.75})
+    assert c.choices[0].message.content == buddy_generate("Name a color.", 0.75, 10, chat=True)
+    assert c.usage.model_dump()["layers_per_token"] == 23
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+        model="smollm2", messages=msgs, max_tokens=10, temperature=0, stream=True, extra_body={"budget": 0.75}))
+    assert streamed == c.choices[0].message.content
+    assert complete(client, PROMPTS[1], 20, stream=True) == complete(client, PROMPTS[1], 20)
+
+
+def test_models_health_and_stop(server, client):
+    assert [m.id for m in client.models.list()] == ["smollm2"]
+    assert httpx.get(server + "/health").json()["status"] == "ok"
+    full = complete(client, PROMPTS[0], 1.0, n=16)
+    stop = full.strip().split()[2]
+    r = client.completions.create(model="smollm2", prompt=PROMPTS[0], max_tokens=16, temperature=0, stop=[stop])
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == full[:full.index(stop)]
+
+
+def test_load_32_concurrent_streams_equal_single_requests(server, client):
+    jobs = [(p, b) for p in PROMPTS for b in BUDGETS]
+    single = {j: complete(client, *j) for j in jobs}
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(32) as pool:
+        outs = list(pool.map(lambda j: complete(client, *j, stream=True), jobs))
+    assert time.perf_counter() - t0 < 300
+    for j, out in zip(jobs, outs):
+        assert out == single[j], j
+    h = httpx.get(server + "/health").json()
+    assert h["active"] == 0 and h["queued"] == 0
+
+
+def test_disconnect_frees_the_row(server):
+    body = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 500, "stream": True, "temperature": 0}
+    with httpx.stream("POST", server + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as r:
+        lines = r.iter_lines()
+        got = [x for _, x in zip(range(4), (x for x in lines if x.startswith("data: ")))]
+        assert len(got) == 4 and "[DONE]" not in got[-1]
+        assert httpx.get(server + "/health").json()["active"] == 1
+    for _ in range(50):  # the row leaves at the next decode step
+        if httpx.get(server + "/health").json()["active"] == 0:
+            break
+        time.sleep(0.1)
+    assert httpx.get(server + "/health").json()["active"] == 0
+
+
+@pytest.mark.parametrize("payload,status,param", [
+    ({"prompt": "hi", "budget": 1.5}, 400, "budget"), ({"prompt": "hi", "budget": 0}, 400, "budget"),
+    ({"prompt": "hi", "budget": 31}, 400, "budget"), ({"prompt": "hi", "budget": "half"}, 400, "budget"),
+    ({"prompt": "hi", "budget": True}, 400, "budget"), ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 513}, 400, "max_tokens"), ({"prompt": "hi", "model": "gpt-9"}, 404, "model"),
+    ({"prompt": "hi", "kv_policy": "keep"}, 400, "kv_policy"), ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": "hi " * 9000}, 400, "prompt"), ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+])
+def test_bad_requests_get_openai_errors(server, payload, status, param):
+    r = httpx.post(server + "/v1/completions", json=payload, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_malformed_json_auth_and_still_serving(server, client):
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(server + "/v1/completions", content=b"{not json", headers=auth)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(server + "/v1/chat/completions", json={"messages": "hello"}, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(server + "/v1/completions", json={"prompt": "hi"}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert complete(client, "Hello", 0.5, n=4)  # the server kept serving
