@@ -26,6 +26,18 @@ ROUTER_PLANNERS = {  # name -> RouterPlanner options (ablations of the trained r
 }
 PLANNERS = ("full", *STATIC_PLANNERS, *ROUTER_PLANNERS)
 ROUTERS = Path(__file__).parent / "data" / "routers"
+PREDICTORS = Path(__file__).parent / "data" / "predictors"
+
+
+def make_predictor(bb: Backbone, path: str | None = None):
+    """The budget predictor for budget="auto": from `path`, else the one shipped for the model, else None."""
+    from .predictor import load_predictor
+
+    d = Path(path) if path else PREDICTORS / bb.name
+    if not path and not (d / "predictor.json").is_file():
+        return None
+    module, _ = load_predictor(d, checksum=bb.checksum)
+    return module.to(bb.device)
 
 
 def router_dir(bb: Backbone, kv_policy: str) -> Path | None:
@@ -79,8 +91,10 @@ def make_planner(name: str | None, bb: Backbone, kv_policy: str = "fill", router
 
 def load(model: str = LoadConfig.model, planner: str | None = LoadConfig.planner,
          kv_policy: str = LoadConfig.kv_policy, device: str = LoadConfig.device, dtype: str = LoadConfig.dtype,
-         router: str | None = LoadConfig.router, reroute_every: int = LoadConfig.reroute_every) -> Engine:
+         router: str | None = LoadConfig.router, reroute_every: int = LoadConfig.reroute_every,
+         predictor: str | None = LoadConfig.predictor) -> Engine:
     cfg = LoadConfig(model=model, planner=planner, kv_policy=kv_policy, device=device, dtype=dtype, router=router,
-                     reroute_every=reroute_every)
+                     reroute_every=reroute_every, predictor=predictor)
     bb = load_backbone(cfg.model, cfg.device, cfg.dtype)
-    return Engine(bb, make_planner(cfg.planner, bb, cfg.kv_policy, cfg.router, cfg.reroute_every), cfg.kv_policy)
+    return Engine(bb, make_planner(cfg.planner, bb, cfg.kv_policy, cfg.router, cfg.reroute_every), cfg.kv_policy,
+                  make_predictor(bb, cfg.predictor))

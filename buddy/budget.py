@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 ALWAYS_ON_MIN = 2  # layer 0 and layer L-1
+AUTO = "auto"  # budget="auto": the budget predictor chooses a level per prompt (buddy/predictor.py)
 
 
 class BudgetError(ValueError):

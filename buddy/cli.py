@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import fields
 
-from .budget import Budget, BudgetError, parse_fraction, parse_layers
+from .budget import AUTO, Budget, BudgetError, parse_fraction, parse_layers
 from .config import DTYPES, KV_POLICIES, ConfigError, GenerateConfig, LoadConfig
 
 
@@ -44,17 +44,21 @@ def _add_load_args(p: argparse.ArgumentParser, planner: bool = True) -> None:
         p.add_argument("--kv-policy", default=d.kv_policy, choices=KV_POLICIES, help=_doc_of(LoadConfig, "kv_policy"))
         p.add_argument("--router", default=d.router, help=_doc_of(LoadConfig, "router"))
         p.add_argument("--reroute-every", type=int, default=d.reroute_every, help=_doc_of(LoadConfig, "reroute_every"))
+        p.add_argument("--predictor", default=d.predictor, help=_doc_of(LoadConfig, "predictor"))
     p.add_argument("--device", default=d.device, help=_doc_of(LoadConfig, "device"))
     p.add_argument("--dtype", default=d.dtype, choices=DTYPES, help=_doc_of(LoadConfig, "dtype"))
 
 
 def _add_budget_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--budget", help="fraction of layers each token executes, in (0, 1] (default 1)")
+    g.add_argument("--budget", help="fraction of layers each token executes, in (0, 1] (default 1), or `auto` "
+                                    "(the budget predictor chooses per prompt)")
     g.add_argument("--layers", help="exact number of layers each token executes (2..L)")
 
 
-def _budget(args) -> Budget:
+def _budget(args) -> Budget | str:
+    if args.budget == AUTO:
+        return AUTO
     if args.layers is not None:
         return parse_layers(args.layers)
     return parse_fraction(args.budget) if args.budget is not None else Budget(fraction=1.0)
@@ -64,7 +68,7 @@ def _load(args):
     from .api import load
 
     return load(args.model, planner=args.planner, kv_policy=args.kv_policy, device=args.device, dtype=args.dtype,
-                router=args.router, reroute_every=args.reroute_every)
+                router=args.router, reroute_every=args.reroute_every, predictor=args.predictor)
 
 
 def cmd_generate(args) -> int:
@@ -72,7 +76,7 @@ def cmd_generate(args) -> int:
     gen = {f.name: getattr(args, f.name) for f in fields(GenerateConfig) if hasattr(args, f.name)}
     GenerateConfig(**gen)  # validate before loading anything
     m = _load(args)
-    k = budget.k(m.n_layers)
+    k = m.resolve_k(budget)
     trace = open(args.trace, "w", encoding="utf-8") if args.trace else None
     n, layer_sum, t0 = 0, 0, time.perf_counter()
     try:
@@ -81,15 +85,18 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
             n += 1
             layer_sum += len(step.layers)
+            k = len(step.layers) if budget == AUTO else k
             if trace:
                 trace.write(json.dumps({"token": step.token, "text": step.text, "layers": list(step.layers),
-                                        "n_layers": m.n_layers, "ms": round(step.ms, 3)}) + "\n")
+                                        "k": len(step.layers), "n_layers": m.n_layers,
+                                        "budget": "auto" if budget == AUTO else budget.label, "ms": round(step.ms, 3)}) + "\n")
     finally:
         if trace:
             trace.close()
     dt = time.perf_counter() - t0
     print()
-    print(f"[buddy] model={m.bb.name} planner={m.planner.name} kv={m.kv_policy} budget={budget.label} "
+    label = "auto" if budget == AUTO else budget.label
+    print(f"[buddy] model={m.bb.name} planner={m.planner.name} kv={m.kv_policy} budget={label} "
           f"k={k}/{m.n_layers} tokens={n} layers/token={layer_sum / max(n, 1):.2f} tokens/s={n / dt:.1f}",
           file=sys.stderr if args.quiet_summary else sys.stdout)
     return 0
@@ -133,22 +140,26 @@ def cmd_eval_ppl(args) -> int:
         raise UsageError(f"invalid window settings (--window {args.window}, --max-windows {args.max_windows}, "
                          f"--batch-size {args.batch_size}): need window >= 2 and the others >= 1")
     m = _load(args)
-    k = budget.k(m.n_layers)
+    k = m.resolve_k(budget)
     try:
         windows = token_windows(m.tokenizer, [text], args.window, args.max_windows)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if not 0 <= args.prefill < args.window:
         raise UsageError(f"invalid --prefill {args.prefill}: must be in [0, {args.window})")
-    r = evaluate_windows(m, windows, layers=k, batch_size=args.batch_size, progress=not args.json,
-                         prefill=args.prefill)
+    r = evaluate_windows(m, windows, **({"budget": AUTO} if k == AUTO else {"layers": k}),
+                         batch_size=args.batch_size, progress=not args.json, prefill=args.prefill)
     out = {"ppl": round(r.ppl, 4), "tokens": r.tokens, "layers_per_token": round(r.layers_per_token, 3),
            "planner": m.planner.name, "kv_policy": m.kv_policy, "k": k, "model": m.bb.name}
+    if r.chosen_k:
+        out["chosen_k"] = r.chosen_k
     if args.json:
         print(json.dumps(out))
     else:
         print(f"ppl={r.ppl:.3f} over {r.tokens} tokens, {r.layers_per_token:.2f} layers/token "
               f"(planner {m.planner.name}, kv {m.kv_policy}, k={k}/{m.n_layers})")
+        if r.chosen_k:
+            print(f"budget auto chose k per window: {r.chosen_k}")
     return 0
 
 
@@ -166,8 +177,7 @@ def cmd_eval_zeroshot(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"invalid --limit {args.limit}: must be >= 1")
     m = _load(args)
-    k = budget.k(m.n_layers)
-    m.resolve_k(layers=k)
+    k = m.resolve_k(budget)
     rows = []
     for t in tasks:
         r = {"task": t, "model": m.bb.name, "planner": m.planner.name, "kv_policy": m.kv_policy, "k": k,
@@ -202,7 +212,7 @@ def cmd_sweep(args) -> int:
     bb = load_backbone(args.model, args.device, args.dtype)
     ks = parse_layers_spec(args.layers, bb.n_layers)
     new = sweep(bb, list(args.methods), ks, list(args.tasks), args.out, kv_policy=args.kv_policy, limit=args.limit,
-                router=args.router)
+                router=args.router, predictor=args.predictor)
     print(f"wrote {len(new)} new cells to {args.out}")
     return 0
 
@@ -218,7 +228,7 @@ def cmd_plot(args) -> int:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from .api import make_planner
+    from .api import make_planner, make_predictor
     from .backbone import load_backbone
     from .engine import Engine
     from .serve.app import Server, create_app
@@ -230,10 +240,10 @@ def cmd_serve(args) -> int:
         if p not in KV_POLICIES:
             raise UsageError(f"invalid kv policy {p!r}: must be one of {', '.join(KV_POLICIES)}")
     bb = load_backbone(args.model, args.device, args.dtype)
-    engines = {p: Engine(bb, make_planner(args.planner, bb, p, args.router), p) for p in policies}
-    predictor = None
+    predictor = make_predictor(bb, args.predictor)
+    engines = {p: Engine(bb, make_planner(args.planner, bb, p, args.router), p, predictor) for p in policies}
     server = Server(engines, bb.name, api_key=args.api_key, max_batch=args.max_batch,
-                    max_tokens_limit=args.max_tokens_limit, predictor=predictor)
+                    max_tokens_limit=args.max_tokens_limit)
     planner = engines[policies[0]].planner.name
     print(f"buddy: serving {bb.name} (planner {planner}, kv policies {','.join(policies)}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
@@ -278,6 +288,46 @@ def cmd_train_router(args) -> int:
     best = trainer.run()
     print(f"wrote {out}/router.safetensors and router.json (best step {best['step']}, "
           f"{trainer.train_seconds / 60:.1f} min)")
+    return 0
+
+
+def cmd_train_predictor(args) -> int:
+    from pathlib import Path
+
+    from .api import load
+    from .train.predictor import PredictorTrainConfig, PredictorTrainer
+
+    cfg = PredictorTrainConfig(**{f.name: getattr(args, f.name) for f in fields(PredictorTrainConfig)})
+    out = Path(args.out or f"runs/predictor-{Path(args.model).name}")
+    if (out / "state.pt").is_file() and not args.resume:
+        raise UsageError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
+    m = load(args.model, planner=args.planner, kv_policy=args.kv_policy, device=args.device, dtype=args.dtype,
+             router=args.router)
+    command = "buddy train predictor " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+    trainer = PredictorTrainer(m, cfg, out, command=command)
+    if args.resume and trainer.load_state():
+        print(f"resuming {out} at step {trainer.step}", file=sys.stderr)
+    trainer.tables()
+    v = trainer.run()
+    share = ", ".join(f"{lv:g}: {s:.0%}" for lv, s in zip(cfg.level_list, v["level_share"]))
+    print(f"wrote {out}/predictor.safetensors and predictor.json; validation: mean level {v['mean_level']:.3f} "
+          f"({share})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .backbone import load_backbone
+    from .export import export
+
+    budget = _budget(args)
+    if budget == AUTO:
+        raise UsageError("an export has one fixed depth: give --budget B or --layers K, not auto")
+    bb = load_backbone(args.model, args.device, args.dtype)
+    k = budget.k(bb.n_layers)
+    command = "buddy export " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    out, keep = export(bb, k, args.planner, args.out, command=command)
+    print(f"wrote {out}: {k} of {bb.n_layers} layers {keep} (planner {args.planner}); load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
 
 
@@ -342,6 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
     tr.set_defaults(func=cmd_train_router)
 
+    tp = tsub.add_parser("predictor", help="train the Budget Predictor (GRPO) for budget=auto")
+    from .train.predictor import PredictorTrainConfig
+
+    _add_load_args(tp)
+    tp.set_defaults(dtype="bfloat16")
+    _add_dataclass_args(tp, PredictorTrainConfig)
+    tp.add_argument("--out", help="output directory (default runs/predictor-<model>)")
+    tp.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
+    tp.set_defaults(func=cmd_train_predictor)
+
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_command", required=True)
     bl = bsub.add_parser("latency", help="decode latency: transformers vs the Buddy engine at several budgets")
@@ -385,7 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--router", default=None, help=_doc_of(LoadConfig, "router"))
     sw.add_argument("--methods", type=_csv(str), default=("dense", "static-greedy", "router"),
                     help="dense and planner names (default dense,static-greedy,router)")
-    sw.add_argument("--layers", default="15:27:4", help="layer counts: start:stop:step or a list (default 15:27:4)")
+    sw.add_argument("--layers", default="15:27:4",
+                    help="layer counts: start:stop:step or a list, plus `auto` for the budget predictor (default 15:27:4)")
+    sw.add_argument("--predictor", default=None, help=_doc_of(LoadConfig, "predictor"))
     sw.add_argument("--tasks", type=_csv(str), required=True, help=f"from: {', '.join(ALL_TASKS)}, mc:FILE")
     sw.add_argument("--limit", type=int, help="first N documents per task (default all)")
     sw.add_argument("--out", required=True, help="results JSONL (appended; finished cells are skipped)")
@@ -395,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_args(sv, planner=False)
     sv.add_argument("--planner", default=LoadConfig.planner, help=_doc_of(LoadConfig, "planner"))
     sv.add_argument("--router", default=None, help=_doc_of(LoadConfig, "router"))
+    sv.add_argument("--predictor", default=None, help=_doc_of(LoadConfig, "predictor"))
     sv.add_argument("--kv-policies", type=_csv(str), default=KV_POLICIES,
                     help="KV policies requests may ask for; the first is the default (default fill,mask,zero)")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
@@ -404,6 +467,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
     sv.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     sv.set_defaults(func=cmd_serve)
+
+    from .export import EXPORT_PLANNERS
+
+    ex = sub.add_parser("export", help="a plain Hugging Face checkpoint with a fixed k-layer static plan")
+    _add_load_args(ex, planner=False)
+    _add_budget_args(ex)
+    ex.add_argument("--planner", default="static-greedy", choices=EXPORT_PLANNERS,
+                    help="which static layer order (router-prior: the shipped router's prior; default static-greedy)")
+    ex.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    ex.set_defaults(func=cmd_export)
 
     pl = sub.add_parser("plot", help="plots from sweep results and generation traces")
     plsub = pl.add_subparsers(dest="plot_command", required=True)
@@ -425,11 +498,14 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .router import RouterFileError
     from .eval.tasks import TaskError
+    from .export import ExportError
+    from .predictor import PredictorFileError
 
     try:
         return args.func(args)
     except (UsageError, BudgetError, ConfigError, PlannerError, ModelNotFoundError, UnsupportedModelError,
-            ContextOverflowError, CalibrationError, RouterFileError, DataError, TaskError) as e:
+            ContextOverflowError, CalibrationError, RouterFileError, DataError, TaskError,
+            ExportError, PredictorFileError) as e:
         print(f"buddy: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -39,6 +39,7 @@ class LoadConfig:
     dtype: `auto` (bfloat16: measured faster than float32 for decode on CPU, see docs/performance.md; usual on GPU), `float32`, `bfloat16`, `float16`.
     router: a router directory (router.safetensors + router.json); default: the one shipped for the model.
     reroute_every: router planners re-plan every N decode tokens (1 = every token, 0 = frozen after prefill).
+    predictor: a budget predictor directory for budget="auto"; default: the one shipped for the model.
     """
 
     model: str = "smollm2"
@@ -48,6 +49,7 @@ class LoadConfig:
     dtype: str = "auto"
     router: str | None = None
     reroute_every: int = 1
+    predictor: str | None = None
 
     def __post_init__(self):
         if isinstance(self.reroute_every, bool) or not isinstance(self.reroute_every, int) or self.reroute_every < 0:

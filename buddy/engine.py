@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .backbone import Backbone
-from .budget import Budget, as_budget
+from .budget import AUTO, Budget, BudgetError, as_budget
 from .config import GenerateConfig
 from .kv_cache import ContextOverflowError, KVCache
 from .planner import Planner
@@ -34,10 +34,11 @@ class Step:
 
 
 class Engine:
-    def __init__(self, backbone: Backbone, planner: Planner, kv_policy: str = "fill"):
+    def __init__(self, backbone: Backbone, planner: Planner, kv_policy: str = "fill", predictor=None):
         self.bb = backbone
         self.planner = planner
         self.kv_policy = kv_policy
+        self.predictor = predictor  # BudgetPredictor for budget="auto", or None
 
     @property
     def n_layers(self) -> int:
@@ -115,7 +116,15 @@ class Engine:
         h, plan = self._forward(input_ids, cache, k, valid)
         return self.bb.head(h), plan
 
-    def resolve_k(self, budget=None, layers: int | None = None) -> int:
+    def resolve_k(self, budget=None, layers: int | None = None) -> int | str:
+        """The exact layer count of a budget, or AUTO (chosen per prompt by the budget predictor)."""
+        if isinstance(budget, str) and budget == AUTO:
+            if layers is not None:
+                raise BudgetError("give either budget= or layers=, not both")
+            if self.predictor is None:
+                raise BudgetError(f"budget 'auto' needs a budget predictor for model {self.bb.name!r}: train one with "
+                                  f"`buddy train predictor --model {self.bb.name}` and pass --predictor DIR")
+            return AUTO
         b = budget if isinstance(budget, Budget) else as_budget(budget, layers)
         k = b.k(self.n_layers)
         self.planner.check(k, self.n_layers)
@@ -132,6 +141,13 @@ class Engine:
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         return tok(prompt)["input_ids"]
 
+    def choose_k(self, prompts: list[list[int]]) -> list[int]:
+        """budget="auto": the predictor's layer count for each prompt (token ids)."""
+        from .predictor import choose_budgets
+
+        self.resolve_k(AUTO)
+        return [self.resolve_k(b) for b in choose_budgets(self.predictor, self.bb, prompts, self.kv_policy)]
+
     def stop_ids(self) -> set[int]:
         ids = set()
         for src in (self.bb.tokenizer.eos_token_id, self.bb.model.generation_config.eos_token_id,
@@ -142,15 +158,18 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, prompt: str | list[int], budget=None, layers: int | None = None, **settings) -> Iterator[Step]:
-        """Yield one Step per generated token; stops at max_new_tokens or an end-of-sequence token."""
-        for steps in self.generate_batch([prompt], [as_budget(budget, layers)], **settings):
+        """Yield one Step per generated token; stops at max_new_tokens or an end-of-sequence token.
+        budget="auto" lets the budget predictor choose from the prompt (len(step.layers) is the choice)."""
+        b = budget if isinstance(budget, str) and budget == AUTO else as_budget(budget, layers)
+        for steps in self.generate_batch([prompt], [b], **settings):
             yield steps[0]
 
     @torch.inference_mode()
     def generate_batch(self, prompts: list, budgets: list, **settings) -> Iterator[list[Step | None]]:
         """Decode several prompts together, each row with its own budget and per-token path.
 
-        Prompts are left-padded; every step yields one Step per row (None once a row has finished)."""
+        Prompts are left-padded; every step yields one Step per row (None once a row has finished).
+        A budget may be "auto" (the budget predictor chooses from that row's prompt)."""
         cfg = GenerateConfig(**settings)
         if len(prompts) != len(budgets) or not prompts:
             raise ValueError("give one budget per prompt")
@@ -158,6 +177,9 @@ class Engine:
         if any(not r for r in rows):
             raise ValueError("empty prompt")
         ks = [self.resolve_k(b) for b in budgets]
+        if AUTO in ks:
+            chosen = iter(self.choose_k([r for r, k in zip(rows, ks) if k == AUTO]))
+            ks = [next(chosen) if k == AUTO else k for k in ks]
         B, P = len(rows), max(len(r) for r in rows)
         cache = self.new_cache(B, P + cfg.max_new_tokens)
         dev = self.bb.device

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 from tqdm import tqdm
 
-from ..budget import Budget
+from ..budget import AUTO, Budget
 
 from .tasks import GenDoc
 
@@ -76,7 +76,8 @@ def generate_until(engine, prompts: list[str], k: int, max_new_tokens: int, stop
     for s in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         batch = list(range(s, min(s + batch_size, len(prompts))))
         texts, live = ["" for _ in batch], [True] * len(batch)
-        gen = engine.generate_batch([engine.encode(prompts[i]) for i in batch], [Budget(layers=k)] * len(batch),
+        gen = engine.generate_batch([engine.encode(prompts[i]) for i in batch],
+                                    [AUTO if k == AUTO else Budget(layers=k)] * len(batch),
                                     max_new_tokens=max_new_tokens)
         for step in gen:
             for r, st in enumerate(step):

@@ -40,11 +40,12 @@ def pareto_series(rows: list[dict]) -> dict[str, dict[str, list[tuple[float, flo
     for r in rows:
         name, value = metric_of(r)
         x = r["layers_per_token"] / r["n_layers"]
-        panels[f"{r['task']} ({name})"][r["method"]].append((x, value))
+        method = f"{r['method']} (auto, λ={r.get('tradeoff')})" if r["k"] == "auto" else r["method"]
+        panels[f"{r['task']} ({name})"][method].append((x, value))
         if r["task"] in acc_tasks:
-            avg[(r["method"], r["k"])][r["task"]] = (x, value)
+            avg[(method, r["k"], r.get("predictor"))][r["task"]] = (x, value)
     if len(acc_tasks) > 1:
-        for (method, _), per_task in avg.items():
+        for (method, _, _), per_task in avg.items():
             if set(per_task) == set(acc_tasks):
                 xs, vs = zip(*per_task.values())
                 panels[f"average of {len(acc_tasks)} multiple-choice tasks (acc)"][method].append((sum(xs) / len(xs), sum(vs) / len(vs)))
@@ -61,12 +62,14 @@ def plot_pareto(results: str | Path, out: str | Path) -> Path:
     cols = min(3, len(names))
     nrows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), squeeze=False)
-    methods = sorted({r["method"] for r in rows})
+    methods = sorted({m for series in panels.values() for m in series})
     colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
     for ax, name in zip(axes.flat, names):
         for method, pts in sorted(panels[name].items()):
             xs, ys = zip(*pts)
-            style = dict(marker="*", markersize=12, linestyle="none") if method == "dense" else dict(marker="o")
+            style = dict(marker="o")
+            if method == "dense" or "(auto" in method:
+                style = dict(marker="*" if method == "dense" else "D", markersize=11, linestyle="none")
             ax.plot(xs, ys, label=method, color=colors[method], **style)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("executed layers per token / L")

@@ -6,10 +6,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
+
+from ..budget import AUTO
+
+
+AUTO_PROMPT = 128  # budget="auto" with prefill=0: the predictor sees this many leading tokens of a window
 
 
 @dataclass
@@ -18,15 +23,18 @@ class PplResult:
     nll: float
     tokens: int
     layers_per_token: float
+    chosen_k: dict[int, int] = field(default_factory=dict)  # budget="auto": windows per chosen layer count
 
 
 @torch.inference_mode()
 def window_logits(engine, ids: torch.Tensor, k: int, prefill: int = 0):
     """Teacher-forced logits of ids [B, T]: the first `prefill` tokens as a prompt, the rest as decode
-    (one parallel forward each; equal to step-by-step decode). prefill=0: the whole window as a prompt."""
-    if not 0 < prefill < ids.shape[1]:
-        return engine.logits(ids, layers=k)
+    (one parallel forward each; equal to step-by-step decode). prefill=0: the whole window as a prompt.
+    k: one layer count, or one per row."""
     cache = engine.new_cache(ids.shape[0], ids.shape[1])
+    if not 0 < prefill < ids.shape[1]:
+        h, plan = engine.forward(ids, cache, k)
+        return engine.bb.head(h), plan
     h1, p1 = engine.forward(ids[:, :prefill], cache, k)
     h2, p2 = engine.forward(ids[:, prefill:], cache, k)
     return engine.bb.head(torch.cat([h1, h2], dim=1)), torch.cat([p1, p2], dim=1)
@@ -38,10 +46,13 @@ def evaluate_windows(engine, windows: torch.Tensor, budget=None, layers=None, ba
     `prefill`: tokens of each window routed as the prompt; later ones follow decode-time rerouting."""
     total, count, layer_sum = 0.0, 0, 0.0
     k = engine.resolve_k(budget, layers)
+    ks = None
+    if k == AUTO:  # one choice per window, from its prompt part
+        ks = engine.choose_k(windows[:, :prefill or AUTO_PROMPT].tolist())
     it = range(0, windows.shape[0], batch_size)
     for s in tqdm(it, desc="ppl", unit="batch", disable=not progress, leave=False):
         ids = windows[s:s + batch_size].to(engine.bb.device)
-        logits, plan = window_logits(engine, ids, k, prefill)
+        logits, plan = window_logits(engine, ids, ks[s:s + batch_size] if ks else k, prefill)
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
         )
@@ -49,4 +60,5 @@ def evaluate_windows(engine, windows: torch.Tensor, budget=None, layers=None, ba
         count += ids[:, 1:].numel()
         layer_sum += float(plan[:, 1:].sum())
     nll = total / count
-    return PplResult(ppl=math.exp(nll), nll=nll, tokens=count, layers_per_token=layer_sum / count)
+    chosen = {x: ks.count(x) for x in sorted(set(ks))} if ks else {}
+    return PplResult(ppl=math.exp(nll), nll=nll, tokens=count, layers_per_token=layer_sum / count, chosen_k=chosen)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..budget import AUTO
 from .tasks import GEN_TASKS, MC_TASKS, TaskError
 
 PPL_TASKS = {"ppl-sotu": "test", "ppl-sotu-val": "validation"}  # task name -> SOTU split
@@ -24,8 +25,14 @@ PPL_WINDOWS, PPL_WINDOW, PPL_PREFILL = 16, 512, 128  # as in docs/results.md's p
 ALL_TASKS = (*MC_TASKS, *GEN_TASKS, *PPL_TASKS)
 
 
-def parse_layers_spec(text: str, n_layers: int) -> list[int]:
-    """'15:30:3' (start:stop:step, stop included when hit) or '15,21,27' -> sorted layer counts."""
+def parse_layers_spec(text: str, n_layers: int) -> list:
+    """'15:30:3' (start:stop:step, stop included when hit) or '15,21,27' -> sorted layer counts; an `auto`
+    item (e.g. '15:27:4,auto') adds budget="auto" (the budget predictor chooses per document)."""
+    items = [p for p in text.split(",") if p.strip()]
+    auto = [AUTO] if AUTO in items else []
+    text = ",".join(p for p in items if p != AUTO)
+    if auto and not text:
+        return auto
     try:
         if ":" in text:
             parts = [int(p) for p in text.split(":")]
@@ -40,7 +47,7 @@ def parse_layers_spec(text: str, n_layers: int) -> list[int]:
     bad = [k for k in ks if not 2 <= k <= n_layers]
     if not ks or bad:
         raise TaskError(f"invalid --layers {text!r}: every count must be in [2, {n_layers}]")
-    return sorted(set(ks))
+    return sorted(set(ks)) + auto
 
 
 def check_task(task: str) -> None:
@@ -48,9 +55,10 @@ def check_task(task: str) -> None:
         raise TaskError(f"unknown task {task!r}: use {', '.join(ALL_TASKS)}, or mc:FILE.jsonl for your own data")
 
 
-def run_task(engine, task: str, k: int, limit: int | None = None, progress: bool = False) -> dict:
-    """Evaluate one task at k layers: a dict of metrics, docs, layers_per_token and wall_s."""
+def run_task(engine, task: str, k, limit: int | None = None, progress: bool = False) -> dict:
+    """Evaluate one task at k layers (or "auto"): a dict of metrics, docs, layers_per_token and wall_s."""
     check_task(task)
+    kw = {"budget": AUTO} if k == AUTO else {"layers": k}
     if task in PPL_TASKS:
         from ..data import sotu_texts, token_windows
         from .ppl import evaluate_windows
@@ -58,21 +66,24 @@ def run_task(engine, task: str, k: int, limit: int | None = None, progress: bool
         t0 = time.perf_counter()
         n = min(limit, PPL_WINDOWS) if limit else PPL_WINDOWS
         windows = token_windows(engine.tokenizer, sotu_texts(PPL_TASKS[task]), PPL_WINDOW, n)
-        r = evaluate_windows(engine, windows, layers=k, prefill=PPL_PREFILL, progress=progress)
-        return {"ppl": r.ppl, "docs": windows.shape[0], "tokens": r.tokens, "layers_per_token": r.layers_per_token,
-                "wall_s": time.perf_counter() - t0}
+        r = evaluate_windows(engine, windows, prefill=PPL_PREFILL, progress=progress, **kw)
+        out = {"ppl": r.ppl, "docs": windows.shape[0], "tokens": r.tokens, "layers_per_token": r.layers_per_token,
+               "wall_s": time.perf_counter() - t0}
+        if r.chosen_k:
+            out["chosen_k"] = r.chosen_k
+        return out
     if task in GEN_TASKS:
         from .generation import evaluate_gen
         from .tasks import load_gen
 
-        r, _ = evaluate_gen(engine, task, load_gen(task, limit), layers=k, progress=progress)
+        r, _ = evaluate_gen(engine, task, load_gen(task, limit), progress=progress, **kw)
         out = r.as_dict()
     else:
         from .tasks import load_mc, load_mc_file
         from .zeroshot import evaluate_mc
 
         docs = load_mc_file(task[3:], limit) if task.startswith("mc:") else load_mc(task, limit)
-        out = evaluate_mc(engine, task, docs, layers=k, progress=progress).as_dict()
+        out = evaluate_mc(engine, task, docs, progress=progress, **kw).as_dict()
     out.pop("task")
     return out
 
@@ -92,15 +103,16 @@ def read_results(path: str | Path) -> list[dict]:
 
 
 def cell_key(row: dict) -> tuple:
-    return (row["model"], row["method"], row["kv_policy"], row["k"], row["task"], row.get("limit"))
+    return (row["model"], row["method"], row["kv_policy"], row["k"], row["task"], row.get("limit"), row.get("predictor"))
 
 
 def sweep(bb, methods: list[str], ks: list[int], tasks: list[str], out: str | Path, kv_policy: str = "fill",
-          limit: int | None = None, router: str | None = None, progress: bool = True) -> list[dict]:
+          limit: int | None = None, router: str | None = None, predictor: str | None = None,
+          progress: bool = True) -> list[dict]:
     """Run every missing (method, k, task) cell and append it to `out`; returns the new rows.
 
     `dense` runs once per task at k = L; other methods skip k = L (it is the dense model for every method)."""
-    from ..api import PLANNERS, make_planner
+    from ..api import PLANNERS, make_planner, make_predictor
     from ..engine import Engine
 
     for m in methods:
@@ -109,9 +121,18 @@ def sweep(bb, methods: list[str], ks: list[int], tasks: list[str], out: str | Pa
     for t in tasks:
         check_task(t)
     L = bb.n_layers
-    cells = [(m, k, t) for m in methods for k in ([L] if m == "dense" else [k for k in ks if k < L]) for t in tasks]
+    cells = [(m, k, t) for m in methods for k in ([L] if m == "dense" else [k for k in ks if k == AUTO or k < L])
+             for t in tasks]
+    pred_name = pred_tradeoff = None
+    if AUTO in ks:
+        from ..api import PREDICTORS
+        from ..predictor import load_predictor
+
+        pdir = Path(predictor) if predictor else PREDICTORS / bb.name
+        pred_name, pred_tradeoff = str(pdir), load_predictor(pdir, checksum=bb.checksum)[1].tradeoff
     done = {cell_key(r) for r in read_results(out)}
-    todo = [c for c in cells if (bb.name, c[0], kv_policy, c[1], c[2], limit) not in done]
+    todo = [c for c in cells
+            if (bb.name, c[0], kv_policy, c[1], c[2], limit, pred_name if c[1] == AUTO else None) not in done]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     engines: dict[str, Engine] = {}
     new = []
@@ -120,10 +141,11 @@ def sweep(bb, methods: list[str], ks: list[int], tasks: list[str], out: str | Pa
         bar.set_postfix_str(f"{method} k={k} {task}")
         if method not in engines:
             planner = make_planner("full" if method == "dense" else method, bb, kv_policy, router)
-            engines[method] = Engine(bb, planner, kv_policy)
+            engines[method] = Engine(bb, planner, kv_policy, make_predictor(bb, predictor) if AUTO in ks else None)
         metrics = run_task(engines[method], task, k, limit)
         row = {"model": bb.name, "method": method, "kv_policy": kv_policy, "k": k, "n_layers": L,
-               "layer_fraction": k / L, "task": task, "limit": limit, **metrics,
+               "layer_fraction": metrics["layers_per_token"] / L if k == AUTO else k / L, "task": task, "limit": limit,
+               **({"predictor": pred_name, "tradeoff": pred_tradeoff} if k == AUTO else {}), **metrics,
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         with open(out, "a", encoding="utf-8") as f:  # one whole line per cell, flushed before the next
             f.write(json.dumps(row) + "\n")

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+from ..budget import AUTO
 from .tasks import MCDoc
 
 
@@ -47,7 +48,7 @@ def score_requests(engine, pairs: list[tuple[list[int], list[int]]], k, contexts
                    progress: bool = False, desc: str = "score") -> tuple[list[float], list[bool], float, int]:
     """Summed log-likelihood of each continuation given its context (token ids).
 
-    Identical contexts share one prefill. Returns (logliks, whether each continuation is the greedy one,
+    Identical contexts share one prefill; k is a layer count or "auto" (chosen per context). Returns (logliks, whether each continuation is the greedy one,
     executed layer-token count, token count)."""
     dev = engine.bb.device
     order: dict[tuple[int, ...], int] = {}
@@ -58,6 +59,7 @@ def score_requests(engine, pairs: list[tuple[list[int], list[int]]], k, contexts
     for r, (ctx, _) in enumerate(pairs):
         by_ctx[order[tuple(ctx)]].append(r)
     out, greedy = [0.0] * len(pairs), [False] * len(pairs)
+    ctx_k = engine.choose_k([list(c) for c in contexts]) if k == AUTO else [k] * len(contexts)  # per context
     layers, tokens = 0.0, 0
     starts = range(0, len(contexts), contexts_per_batch)
     for s in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
@@ -69,7 +71,7 @@ def score_requests(engine, pairs: list[tuple[list[int], list[int]]], k, contexts
         cache = engine.new_cache(len(group), P + max(Tc - 1, 0))
         x = torch.tensor([[0] * (P - len(contexts[c])) + list(contexts[c]) for c in group], device=dev)
         valid = torch.tensor([[False] * (P - len(contexts[c])) + [True] * len(contexts[c]) for c in group], device=dev)
-        h, plan = engine.forward(x, cache, k, None if valid.all() else valid)
+        h, plan = engine.forward(x, cache, [ctx_k[c] for c in group], None if valid.all() else valid)
         layers += float(plan[valid].sum())
         tokens += int(valid.sum())
         row_ctx = torch.tensor([order[tuple(pairs[r][0])] - s for r in rows], device=dev)
@@ -77,7 +79,7 @@ def score_requests(engine, pairs: list[tuple[list[int], list[int]]], k, contexts
         if Tc > 1:  # the continuations' own tokens (but the last) run as decode, one row per choice
             cache.take_rows(row_ctx)
             y = torch.tensor([c[:-1] + [0] * (Tc - len(c)) for c in conts], device=dev)
-            h2, plan2 = engine.forward(y, cache, k)
+            h2, plan2 = engine.forward(y, cache, [ctx_k[c + s] for c in row_ctx.tolist()])
             real = torch.arange(Tc - 1, device=dev)[None] < torch.tensor([len(c) - 1 for c in conts], device=dev)[:, None]
             layers += float(plan2[real].sum())
             tokens += int(real.sum())

@@ -36,12 +36,12 @@ class APIError(Exception):
                                        "code": self.code}}, status_code=self.status)
 
 
-def parse_budget(value, n_layers: int, predictor=None) -> tuple[Budget | None, str]:
+def parse_budget(value, n_layers: int, auto_ok: bool = False) -> tuple[Budget | None, str]:
     """A request's budget -> (Budget, label); None means "auto" (the budget predictor chooses per prompt)."""
     if value is None:
         return Budget(fraction=1.0), "1"
     if value == "auto":
-        if predictor is None:
+        if not auto_ok:
             raise APIError(400, "budget 'auto' needs a trained budget predictor for this model", "budget")
         return None, "auto"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
@@ -63,14 +63,13 @@ class Server:
     """Validation, tokenization and response shaping; the Scheduler does the compute."""
 
     def __init__(self, engines: dict, model_name: str, api_key: str | None = None, max_batch: int = 16,
-                 max_tokens_limit: int = 1024, predictor=None):
+                 max_tokens_limit: int = 1024):
         self.engines = engines
         self.default_policy = next(iter(engines))  # the first policy served is the default
         self.engine = engines[self.default_policy]
         self.model_name = model_name
         self.api_key = api_key
         self.max_tokens_limit = max_tokens_limit
-        self.predictor = predictor
         self.scheduler = Scheduler(engines, max_batch=max_batch)
         self.created = int(time.time())
 
@@ -113,12 +112,11 @@ class Server:
         if policy not in self.engines:
             raise APIError(400, f"invalid kv_policy {policy!r}: this server serves {', '.join(self.engines)} "
                                 f"(of {', '.join(KV_POLICIES)})", "kv_policy")
-        budget, label = parse_budget(body.get("budget"), self.engine.n_layers, self.predictor)
-        if budget is None:
-            budget, label = self.predictor.choose(self.engines[policy], ids)
-        k = budget.k(self.engine.n_layers)
+        engine = self.engines[policy]
+        budget, label = parse_budget(body.get("budget"), self.engine.n_layers, engine.predictor is not None)
+        k = engine.choose_k([ids])[0] if budget is None else budget.k(self.engine.n_layers)
         try:
-            self.engines[policy].planner.check(k, self.engine.n_layers)
+            engine.planner.check(k, self.engine.n_layers)
         except BudgetError as e:
             raise APIError(400, str(e), "budget") from None
         temperature = body.get("temperature")

@@ -1,0 +1,135 @@
+"""The Budget Predictor: `budget="auto"` picks a budget level per request from its prompt.
+
+Input: the router's own context features of the prompt (the pooled layer-0 K/V after the last prompt token,
+the mean and the last of the prompt's layer-0 states), LayerNorm'd. Output: a categorical distribution over
+budget levels (default 0.5, 0.625, 0.75, 0.875, 1.0). Serving takes the most likely level; training (GRPO,
+buddy/train/predictor.py) samples. Costs one layer-0 pass over the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .budget import AUTO, Budget  # noqa: F401 - AUTO is re-exported for callers of this module
+
+DEFAULT_LEVELS = (0.5, 0.625, 0.75, 0.875, 1.0)
+
+
+class PredictorFileError(ValueError):
+    """A predictor file is missing, corrupt, or made for another model."""
+
+
+@dataclass
+class PredictorConfig:
+    """kv_dim: pooled layer-0 K/V size; hidden_dim: model hidden size; levels: budget fractions; width: MLP width."""
+
+    kv_dim: int
+    hidden_dim: int
+    levels: tuple[float, ...] = DEFAULT_LEVELS
+    width: int = 128
+
+    def __post_init__(self):
+        self.levels = tuple(float(x) for x in self.levels)
+        if not self.levels or any(not 0 < x <= 1 for x in self.levels) or list(self.levels) != sorted(set(self.levels)):
+            raise ValueError(f"invalid budget levels {self.levels}: increasing fractions in (0, 1]")
+
+
+class BudgetPredictor(nn.Module):
+    def __init__(self, cfg: PredictorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.norm_kv = nn.LayerNorm(cfg.kv_dim, elementwise_affine=False)
+        self.norm_h = nn.LayerNorm(cfg.hidden_dim, elementwise_affine=False)
+        self.fc1 = nn.Linear(cfg.kv_dim + 2 * cfg.hidden_dim, cfg.width)
+        self.fc2 = nn.Linear(cfg.width, len(cfg.levels))
+        nn.init.zeros_(self.fc2.weight)  # starts uniform over levels: the GRPO reference policy
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """feats [B, kv_dim + 2 * hidden] (raw, from `prompt_features`) -> level logits [B, n_levels]."""
+        kv, h = feats.float().split([self.cfg.kv_dim, 2 * self.cfg.hidden_dim], dim=-1)
+        hm, hl = h.chunk(2, dim=-1)
+        x = torch.cat([self.norm_kv(kv), self.norm_h(hm), self.norm_h(hl)], dim=-1)
+        return self.fc2(nn.functional.gelu(self.fc1(x)))
+
+    @torch.no_grad()
+    def choose(self, feats: torch.Tensor) -> list[float]:
+        """The most likely level for each row of features."""
+        return [self.cfg.levels[i] for i in self(feats).argmax(dim=-1).tolist()]
+
+
+@torch.no_grad()
+def prompt_features(bb, ids: torch.Tensor, policy: str = "fill") -> torch.Tensor:
+    """[B, T] prompts (same length) -> [B, kv_dim + 2 * hidden]: pooled layer-0 K/V after the last token,
+    mean and last layer-0 state."""
+    from .train.router import router_features
+
+    kv0_mean, h = router_features(bb, ids.to(bb.device), policy)
+    return torch.cat([kv0_mean[:, -1].float(), h.float().mean(dim=1), h[:, -1].float()], dim=-1).cpu()
+
+
+def choose_budgets(predictor: BudgetPredictor, bb, prompts: list[list[int]], policy: str = "fill") -> list[Budget]:
+    """One Budget per prompt (token ids), each prompt featurized alone (no padding)."""
+    feats = torch.cat([prompt_features(bb, torch.tensor([p]), policy) for p in prompts])
+    return [Budget(fraction=x) for x in predictor.choose(feats)]
+
+
+# --- predictor files: safetensors weights + JSON metadata -------------------------------------------
+@dataclass
+class PredictorMeta:
+    model: str
+    checksum: str
+    config: dict
+    tradeoff: float
+    planner: str = "router"
+    kv_policy: str = "fill"
+    quality: str = "kl"
+    group: int = 0
+    steps: int = 0
+    data: str = ""
+    command: str = ""
+    git_commit: str = ""
+    train_seconds: float = 0.0
+    validation: dict = field(default_factory=dict)
+
+
+def save_predictor(module: BudgetPredictor, meta: PredictorMeta, out_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items()}
+    tmp_w, tmp_j = out_dir / "predictor.safetensors.tmp", out_dir / "predictor.json.tmp"
+    save_file(state, tmp_w)
+    tmp_j.write_text(json.dumps(asdict(meta), indent=1) + "\n")
+    os.replace(tmp_w, out_dir / "predictor.safetensors")
+    os.replace(tmp_j, out_dir / "predictor.json")
+
+
+def load_predictor(path: Path, checksum: str | None = None) -> tuple[BudgetPredictor, PredictorMeta]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    wf, jf = path / "predictor.safetensors", path / "predictor.json"
+    if not wf.is_file() or not jf.is_file():
+        raise PredictorFileError(f"{path} is not a predictor directory (needs predictor.safetensors and predictor.json)")
+    try:
+        meta = PredictorMeta(**json.loads(jf.read_text()))
+        module = BudgetPredictor(PredictorConfig(**meta.config))
+    except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
+        raise PredictorFileError(f"{jf} is corrupt ({e})") from None
+    if checksum is not None and meta.checksum != checksum:
+        raise PredictorFileError(f"{path}: predictor was trained for model {meta.model!r} with other weights "
+                                 f"(checksum {meta.checksum[:12]} != {checksum[:12]})")
+    try:
+        module.load_state_dict(load_file(wf))
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise PredictorFileError(f"{wf} is corrupt ({e})") from None
+    return module.eval(), meta

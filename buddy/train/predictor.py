@@ -1,0 +1,260 @@
+"""GRPO training of the Budget Predictor on a frozen backbone and router.
+
+    buddy train predictor --model smollm2 --tradeoff 2 --group 4 --steps 300 --out runs/predictor
+
+Data: SOTU windows (train years for training, validation years for validation), each a prompt of
+`prompt_len` tokens and a continuation of `cont_len`. For every window and budget level the routed model's
+quality is measured once: the negative mean per-token KL from the dense model over the continuation (or
+the continuation's log-likelihood, `--quality nll`), with the prompt routed as a prompt and the
+continuation as decode. These tables are cached, so GRPO itself is cheap and several trade-offs reuse them.
+
+GRPO: for each prompt sample a group of G levels from the policy; reward = quality - tradeoff * layer
+fraction; advantages normalised within the group; clipped policy-gradient objective over `inner` updates,
+plus beta * KL to the reference (the initial, uniform) policy. Checkpoints are atomic; `--resume` continues.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import ConfigError, cache_dir
+from ..predictor import BudgetPredictor, PredictorConfig, PredictorMeta, prompt_features, save_predictor
+
+
+@dataclass
+class PredictorTrainConfig:
+    """Budget Predictor training settings.
+
+    levels: budget fractions the predictor chooses among (comma list).
+    tradeoff: lambda in reward = quality - lambda * executed-layer fraction.
+    group: levels sampled per prompt (the GRPO group).
+    steps: GRPO steps.
+    batch: prompts per step.
+    lr: Adam learning rate.
+    clip: PPO-style ratio clip epsilon.
+    beta: weight of the KL term to the reference (initial, uniform) policy.
+    inner: policy updates per sampled batch.
+    prompts: training windows (SOTU train years).
+    val_prompts: validation windows (SOTU validation years).
+    prompt_len: prompt tokens the predictor sees.
+    cont_len: continuation tokens whose quality is measured.
+    quality: `kl` (negative mean KL to the dense model) or `nll` (continuation log-likelihood).
+    width: hidden width of the predictor.
+    seed: seed for initialisation, prompt order and sampling.
+    """
+
+    levels: str = "0.5,0.625,0.75,0.875,1.0"
+    tradeoff: float = 2.0
+    group: int = 4
+    steps: int = 300
+    batch: int = 64
+    lr: float = 1e-3
+    clip: float = 0.2
+    beta: float = 0.02
+    inner: int = 2
+    prompts: int = 384
+    val_prompts: int = 96
+    prompt_len: int = 128
+    cont_len: int = 32
+    quality: str = "kl"
+    width: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        try:
+            self.level_list = tuple(float(x) for x in str(self.levels).split(","))
+            PredictorConfig(1, 1, self.level_list)
+        except ValueError:
+            raise ConfigError(f"invalid --levels {self.levels!r}: increasing fractions in (0, 1], e.g. 0.5,0.75,1") from None
+        for name in ("group", "steps", "batch", "inner", "prompts", "val_prompts", "prompt_len", "cont_len", "width"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"invalid {name} {v!r}: must be an integer >= 1")
+        if self.group < 2:
+            raise ConfigError(f"invalid group {self.group}: GRPO needs at least 2 samples per prompt")
+        if self.quality not in ("kl", "nll"):
+            raise ConfigError(f"invalid quality {self.quality!r}: use kl or nll")
+        if not (self.tradeoff >= 0 and self.clip > 0 and self.beta >= 0 and self.lr > 0):
+            raise ConfigError("tradeoff and beta must be >= 0; clip and lr > 0")
+
+
+# --- quality tables --------------------------------------------------------------------------------
+@torch.inference_mode()
+def quality_table(engine, windows: torch.Tensor, levels, prompt_len: int, quality: str = "kl", batch: int = 16,
+                  progress: bool = True, desc: str = "quality") -> torch.Tensor:
+    """[N, n_levels] quality of each window at each level (prompt routed as prefill, continuation as decode)."""
+    from ..eval.ppl import window_logits
+
+    L = engine.n_layers
+    ks = [max(2, min(L, math.floor(x * L + 0.5))) for x in levels]
+    out = torch.zeros(windows.shape[0], len(levels))
+    for s in tqdm(range(0, windows.shape[0], batch), desc=desc, unit="batch", disable=not progress, leave=False):
+        ids = windows[s:s + batch].to(engine.bb.device)
+        tgt = ids[:, prompt_len:]
+        dense = None
+        for j, k in enumerate(ks):
+            logits, _ = window_logits(engine, ids, k, prompt_len)
+            lp = torch.log_softmax(logits[:, prompt_len - 1:-1].float(), dim=-1)
+            if quality == "nll":
+                out[s:s + batch, j] = lp.gather(-1, tgt[..., None])[..., 0].mean(dim=1).cpu()
+                continue
+            if dense is None:
+                d, _ = window_logits(engine, ids, L, prompt_len) if k != L else (logits, None)
+                dense = torch.log_softmax(d[:, prompt_len - 1:-1].float(), dim=-1)
+            kl = (dense.exp() * (dense - lp)).sum(-1).mean(dim=1)
+            out[s:s + batch, j] = -kl.cpu()
+    return out
+
+
+def _table_path(bb, planner: str, policy: str, cfg: PredictorTrainConfig, split: str, n: int) -> Path:
+    key = json.dumps([bb.checksum, planner, policy, cfg.level_list, cfg.prompt_len, cfg.cont_len, cfg.quality,
+                      split, n])
+    return cache_dir() / "predictor" / f"{bb.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+
+
+def cached_table(engine, bb, cfg: PredictorTrainConfig, split: str, n: int, progress: bool = True):
+    """(features [N, F], quality [N, n_levels]) for n SOTU windows of a split; computed once, then cached."""
+    from safetensors.torch import load_file, save_file
+
+    from ..data import sotu_texts, token_windows
+
+    path = _table_path(bb, engine.planner.name, engine.kv_policy, cfg, split, n)
+    if path.is_file():
+        t = load_file(path)
+        return t["features"], t["quality"]
+    windows = token_windows(bb.tokenizer, sotu_texts(split), cfg.prompt_len + cfg.cont_len, n)
+    feats = torch.cat([prompt_features(bb, windows[s:s + 32, :cfg.prompt_len], engine.kv_policy)
+                       for s in range(0, windows.shape[0], 32)])
+    q = quality_table(engine, windows, cfg.level_list, cfg.prompt_len, cfg.quality, progress=progress,
+                      desc=f"quality ({split})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"features": feats.contiguous(), "quality": q.contiguous()}, tmp)
+    os.replace(tmp, path)
+    return feats, q
+
+
+# --- GRPO ----------------------------------------------------------------------------------------
+def rewards(quality: torch.Tensor, levels: torch.Tensor, tradeoff: float) -> torch.Tensor:
+    """[N, n_levels] reward of each level: quality - tradeoff * executed-layer fraction."""
+    return quality - tradeoff * levels[None]
+
+
+def grpo_step(policy: BudgetPredictor, opt, feats: torch.Tensor, reward: torch.Tensor, cfg: PredictorTrainConfig,
+              gen: torch.Generator) -> dict:
+    """One GRPO step on a batch: feats [B, F], reward [B, n_levels] (known for every level)."""
+    n = reward.shape[1]
+    with torch.no_grad():
+        logp_old_all = torch.log_softmax(policy(feats), dim=-1)
+        actions = torch.multinomial(logp_old_all.exp(), cfg.group, replacement=True, generator=gen)  # [B, G]
+        logp_old = logp_old_all.gather(1, actions)
+        r = reward.gather(1, actions)
+        adv = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + 1e-6)
+    ref_logp = -math.log(n)  # the reference policy is the initial uniform one
+    for _ in range(cfg.inner):
+        logp = torch.log_softmax(policy(feats), dim=-1).gather(1, actions)
+        ratio = (logp - logp_old).exp()
+        pg = -torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * adv).mean()
+        kl = (torch.exp(ref_logp - logp) - (ref_logp - logp) - 1).mean()  # k3 estimator, >= 0
+        loss = pg + cfg.beta * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return {"loss": float(loss.detach()), "reward": float(r.mean()), "kl_ref": float(kl.detach())}
+
+
+def policy_report(policy: BudgetPredictor, feats, quality, levels: torch.Tensor, tradeoff: float) -> dict:
+    """The served (argmax) policy on a table: mean level, mean quality and reward; fixed levels alongside."""
+    with torch.no_grad():
+        pick = policy(feats).argmax(dim=-1)
+    q = quality.gather(1, pick[:, None])[:, 0]
+    lv = levels[pick]
+    return {"mean_level": float(lv.mean()), "quality": float(q.mean()),
+            "reward": float((q - tradeoff * lv).mean()),
+            "level_share": [float((pick == i).float().mean()) for i in range(len(levels))],
+            "fixed_quality": [float(x) for x in quality.mean(dim=0)]}
+
+
+class PredictorTrainer:
+    def __init__(self, engine, cfg: PredictorTrainConfig, out: Path, command: str = ""):
+        self.engine, self.bb, self.cfg, self.out, self.command = engine, engine.bb, cfg, Path(out), command
+        torch.manual_seed(cfg.seed)
+        self.policy = BudgetPredictor(PredictorConfig(self.bb.shapes.n_kv_heads * self.bb.shapes.head_dim * 2,
+                                                      self.bb.model.config.hidden_size, cfg.level_list, cfg.width))
+        self.opt = torch.optim.Adam(self.policy.parameters(), lr=cfg.lr)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.levels = torch.tensor(cfg.level_list)
+        self.step, self.history, self.seconds = 0, [], 0.0
+
+    def tables(self, progress: bool = True):
+        self.train = cached_table(self.engine, self.bb, self.cfg, "train", self.cfg.prompts, progress)
+        self.val = cached_table(self.engine, self.bb, self.cfg, "validation", self.cfg.val_prompts, progress)
+
+    def save_state(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.out / "state.pt.tmp"
+        torch.save({"policy": self.policy.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+                    "gen": self.gen.get_state(), "history": self.history, "seconds": self.seconds,
+                    "config": asdict(self.cfg)}, tmp)
+        os.replace(tmp, self.out / "state.pt")
+
+    def load_state(self) -> bool:
+        f = self.out / "state.pt"
+        if not f.is_file():
+            return False
+        st = torch.load(f, weights_only=True)
+        saved = {k: v for k, v in st["config"].items() if k != "steps"}
+        mine = {k: v for k, v in asdict(self.cfg).items() if k != "steps"}
+        if saved != mine:
+            raise ConfigError(f"{f} was written with other settings; use another --out or the same settings")
+        self.policy.load_state_dict(st["policy"])
+        self.opt.load_state_dict(st["opt"])
+        self.gen.set_state(st["gen"])
+        self.step, self.history, self.seconds = st["step"], st["history"], st["seconds"]
+        return True
+
+    def run(self, progress: bool = True) -> dict:
+        feats, quality = self.train
+        reward = rewards(quality, self.levels, self.cfg.tradeoff)
+        bar = tqdm(range(self.step, self.cfg.steps), desc="grpo", unit="step", disable=not progress,
+                   initial=self.step, total=self.cfg.steps)
+        t0 = time.perf_counter()
+        for _ in bar:
+            idx = torch.randint(0, feats.shape[0], (self.cfg.batch,), generator=self.gen)
+            m = grpo_step(self.policy, self.opt, feats[idx], reward[idx], self.cfg, self.gen)
+            self.step += 1
+            if self.step % 25 == 0 or self.step == self.cfg.steps:
+                v = policy_report(self.policy, *self.val, self.levels, self.cfg.tradeoff)
+                self.history.append({"step": self.step, **m, "val_reward": v["reward"], "val_level": v["mean_level"]})
+                bar.set_postfix(reward=f"{m['reward']:.3f}", val_level=f"{v['mean_level']:.3f}")
+                self.seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                self.save_state()
+        return self.finish()
+
+    def finish(self) -> dict:
+        import subprocess
+
+        val = policy_report(self.policy, *self.val, self.levels, self.cfg.tradeoff)
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            commit = ""
+        meta = PredictorMeta(
+            model=self.bb.name, checksum=self.bb.checksum, config=asdict(self.policy.cfg), tradeoff=self.cfg.tradeoff,
+            planner=self.engine.planner.name, kv_policy=self.engine.kv_policy, quality=self.cfg.quality,
+            group=self.cfg.group, steps=self.step,
+            data=(f"SOTU train years (<= 2000): {self.cfg.prompts} windows of {self.cfg.prompt_len} prompt + "
+                  f"{self.cfg.cont_len} continuation tokens; validation: {self.cfg.val_prompts} windows of 2001-2010"),
+            command=self.command, git_commit=commit, train_seconds=round(self.seconds, 1), validation=val)
+        save_predictor(self.policy, meta, self.out)
+        return val
