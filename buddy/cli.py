@@ -264,30 +264,46 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls) -> None:
 
 
 def cmd_train_router(args) -> int:
+    """One process, or several under torchrun (DDP: each process takes its share of every global batch)."""
     from pathlib import Path
+
+    import torch.distributed as dist
 
     from .backbone import load_backbone
     from .data import sotu_texts, token_windows
     from .prior import load_calibration
-    from .train.router import RouterTrainer, TrainConfig
+    from .train.router import RouterTrainer, TrainConfig, init_distributed
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     out = Path(args.out or f"runs/router-{Path(args.model).name}-{cfg.kv_policy}")
     if (out / "state.pt").is_file() and not args.resume:
         raise UsageError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
-    bb = load_backbone(args.model, args.device, args.dtype)
-    order = load_calibration(bb)["orders"][cfg.prior]
-    train = token_windows(bb.tokenizer, sotu_texts("train"), cfg.seq_len)
-    val = token_windows(bb.tokenizer, sotu_texts("validation"), cfg.seq_len, cfg.val_windows)
-    data = (f"SOTU train years <= 2000: {train.shape[0]} windows x {cfg.seq_len} tokens; validation: "
-            f"SOTU 2001-2010, {val.shape[0]} windows x {cfg.seq_len} tokens")
-    command = "buddy train router " + " ".join(shlex.quote(a) for a in sys.argv[3:])
-    trainer = RouterTrainer(bb, cfg, order, train, val, out, command=command, data=data)
-    if args.resume and trainer.load_state():
-        print(f"resuming {out} at step {trainer.step}", file=sys.stderr)
-    best = trainer.run()
-    print(f"wrote {out}/router.safetensors and router.json (best step {best['step']}, "
-          f"{trainer.train_seconds / 60:.1f} min)")
+    distributed = init_distributed()
+    main = not distributed or dist.get_rank() == 0
+    try:
+        if distributed:  # the first process fetches the corpus once; the others wait, then read the cache
+            if main:
+                sotu_texts("train")
+            dist.barrier()
+        bb = load_backbone(args.model, args.device, args.dtype)
+        order = load_calibration(bb)["orders"][cfg.prior]
+        train = token_windows(bb.tokenizer, sotu_texts("train"), cfg.seq_len)
+        val = token_windows(bb.tokenizer, sotu_texts("validation"), cfg.seq_len, cfg.val_windows)
+        data = (f"SOTU train years <= 2000: {train.shape[0]} windows x {cfg.seq_len} tokens; validation: "
+                f"SOTU 2001-2010, {val.shape[0]} windows x {cfg.seq_len} tokens")
+        command = "buddy train router " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+        if distributed:
+            command = f"torchrun --nproc_per_node {dist.get_world_size()} -m {command}"
+        trainer = RouterTrainer(bb, cfg, order, train, val, out, command=command, data=data)
+        if args.resume and trainer.load_state() and main:
+            print(f"resuming {out} at step {trainer.step}", file=sys.stderr)
+        best = trainer.run()
+        if main:
+            print(f"wrote {out}/router.safetensors and router.json (best step {best['step']}, "
+                  f"{trainer.train_seconds / 60:.1f} min)")
+    finally:
+        if distributed:
+            dist.destroy_process_group()
     return 0
 
 

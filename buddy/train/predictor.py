@@ -39,7 +39,8 @@ class PredictorTrainConfig:
     group: levels sampled per prompt (the GRPO group).
     steps: GRPO steps.
     batch: prompts per step.
-    lr: Adam learning rate.
+    lr: AdamW learning rate.
+    weight_decay: AdamW weight decay (the predictor sees a few hundred prompts: keep it small and regularised).
     clip: PPO-style ratio clip epsilon.
     beta: weight of the KL term to the reference (initial, uniform) policy.
     inner: policy updates per sampled batch.
@@ -53,11 +54,12 @@ class PredictorTrainConfig:
     """
 
     levels: str = "0.5,0.625,0.75,0.875,1.0"
-    tradeoff: float = 2.0
+    tradeoff: float = 2.5
     group: int = 4
-    steps: int = 300
+    steps: int = 1000
     batch: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-3
+    weight_decay: float = 0.1
     clip: float = 0.2
     beta: float = 0.02
     inner: int = 2
@@ -66,7 +68,7 @@ class PredictorTrainConfig:
     prompt_len: int = 128
     cont_len: int = 32
     quality: str = "kl"
-    width: int = 128
+    width: int = 8
     seed: int = 0
 
     def __post_init__(self):
@@ -83,8 +85,8 @@ class PredictorTrainConfig:
             raise ConfigError(f"invalid group {self.group}: GRPO needs at least 2 samples per prompt")
         if self.quality not in ("kl", "nll"):
             raise ConfigError(f"invalid quality {self.quality!r}: use kl or nll")
-        if not (self.tradeoff >= 0 and self.clip > 0 and self.beta >= 0 and self.lr > 0):
-            raise ConfigError("tradeoff and beta must be >= 0; clip and lr > 0")
+        if not (self.tradeoff >= 0 and self.clip > 0 and self.beta >= 0 and self.lr > 0 and self.weight_decay >= 0):
+            raise ConfigError("tradeoff, beta and weight_decay must be >= 0; clip and lr > 0")
 
 
 # --- quality tables --------------------------------------------------------------------------------
@@ -190,7 +192,7 @@ class PredictorTrainer:
         torch.manual_seed(cfg.seed)
         self.policy = BudgetPredictor(PredictorConfig(self.bb.shapes.n_kv_heads * self.bb.shapes.head_dim * 2,
                                                       self.bb.model.config.hidden_size, cfg.level_list, cfg.width))
-        self.opt = torch.optim.Adam(self.policy.parameters(), lr=cfg.lr)
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.levels = torch.tensor(cfg.level_list)
         self.step, self.history, self.seconds = 0, [], 0.0

@@ -158,16 +158,20 @@ def router_features(bb: Backbone, ids: torch.Tensor, policy: str):
     return cache.kv0_mean, h
 
 
-def swap_plans(scores: torch.Tensor, k: torch.Tensor, band: int, gen: torch.Generator):
+def swap_plans(scores: torch.Tensor, k: torch.Tensor, band: int, gen: torch.Generator, rows: slice = slice(None),
+               batch: int | None = None):
     """Per token, swap one kept and one dropped intermediate layer near the top-k threshold.
 
+    Random draws are made for the whole global batch (`batch` rows) and `rows` of them used, so a
+    distributed shard draws exactly what one process would for those rows.
     Returns (plan, swapped plan, kept index a, dropped index c, valid [B, T]); a and c index the L-2
     intermediate layers."""
     B, T, M = scores.shape
     order = scores.argsort(dim=-1, descending=True)  # rank -> layer index
     m = (k - 2).view(B, 1)
-    ra = m - 1 - torch.randint(0, band, (B, T), generator=gen).to(scores.device)
-    rc = m + torch.randint(0, band, (B, T), generator=gen).to(scores.device)
+    G = batch or B
+    ra = m - 1 - torch.randint(0, band, (G, T), generator=gen)[rows].to(scores.device)
+    rc = m + torch.randint(0, band, (G, T), generator=gen)[rows].to(scores.device)
     valid = (ra >= 0) & (rc < M) & (m > 0) & (m < M)
     a = order.gather(-1, ra.clamp(0, M - 1)[..., None])[..., 0]
     c = order.gather(-1, rc.clamp(0, M - 1)[..., None])[..., 0]
@@ -178,6 +182,38 @@ def swap_plans(scores: torch.Tensor, k: torch.Tensor, band: int, gen: torch.Gene
     mid[bi, ti, c[bi, ti]] = True
     swapped = torch.cat([plan[..., :1], mid, plan[..., -1:]], dim=-1)
     return plan, swapped, a, c, valid
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size) of a torchrun launch, (0, 1) otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over the distributed processes (itself in one process); no gradient."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x
+
+
+def init_distributed() -> bool:
+    """Join the process group of a torchrun launch (gloo on CPU, NCCL on CUDA); False when not launched so."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return True
 
 
 def _git_commit() -> str:
@@ -201,6 +237,14 @@ class RouterTrainer:
                             hidden_dim=bb.shapes.hidden, width=cfg.width,
                             budget_onehot=cfg.budget_onehot)
         self.module = DecisionModule(rcfg).to(bb.device)
+        self.rank, self.world = _dist()
+        if cfg.batch % self.world:
+            raise ConfigError(f"batch {cfg.batch} must be divisible by the {self.world} distributed processes")
+        self.net = self.module  # what training calls: the module, or its DDP wrapper across processes
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(self.module)
         self.order = order
         self.prior = prior_scores(order, bb.n_layers).to(bb.device)
         self.opt = torch.optim.AdamW(self.module.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -216,6 +260,11 @@ class RouterTrainer:
                                git_commit=_git_commit())
 
     # --- deterministic data and budgets per step (so a resumed run repeats exactly) ----------------------
+    def shard(self) -> slice:
+        """This process's rows of the global batch."""
+        n = self.cfg.batch // self.world
+        return slice(self.rank * n, (self.rank + 1) * n)
+
     def batch_for(self, step: int):
         n = self.train_windows.shape[0]
         per_epoch = max(1, n // self.cfg.batch)
@@ -240,22 +289,23 @@ class RouterTrainer:
     def swap_loss(self, ids, k, dense):
         """Measured effect of one swap per token near the threshold -> logistic ranking loss on the scores."""
         kv0, h0 = router_features(self.bb, ids, self.cfg.kv_policy)
-        scores = self.module(kv0, h0, k.float() / self.bb.n_layers) + self.prior
+        scores = self.net(kv0, h0, k.float() / self.bb.n_layers) + self.prior
         gen = torch.Generator().manual_seed(self.cfg.seed * 31337 + self.step)
-        plan, swapped, a, c, valid = swap_plans(scores.detach(), k, self.cfg.band, gen)
+        plan, swapped, a, c, valid = swap_plans(scores.detach(), k, self.cfg.band, gen, self.shard(), self.cfg.batch)
         kl = self._kl(dense, plan, ids, k)
         gain = kl - self._kl(dense, swapped, ids, k)  # > 0: the dropped layer c would have been better
         margin = scores.gather(-1, c[..., None])[..., 0] - scores.gather(-1, a[..., None])[..., 0]
         w = gain.abs() * valid
-        loss = (w * torch.nn.functional.softplus(-torch.sign(gain) * margin)).sum() / w.sum().clamp_min(1e-9)
-        return loss, kl.mean()
+        # normalised by the global weight, times the process count: DDP's gradient mean is then the global loss's
+        loss = (w * torch.nn.functional.softplus(-torch.sign(gain) * margin)).sum() / _all_sum(w.sum()).clamp_min(1e-9)
+        return loss * self.world, kl.mean()
 
     def loss(self, ids, k):
         with torch.no_grad():
             dense = torch.log_softmax(self.bb.model(ids).logits.float(), dim=-1)
         if self.cfg.estimator == "swap":
             return self.swap_loss(ids, k, dense)
-        logits, _ = routed_train_forward(self.bb, self.module, self.prior, ids, k, self.cfg.kv_policy, self.cfg.tau)
+        logits, _ = routed_train_forward(self.bb, self.net, self.prior, ids, k, self.cfg.kv_policy, self.cfg.tau)
         logq = torch.log_softmax(logits, dim=-1)
         kl = (dense.exp() * (dense - logq)).sum(-1).mean()
         loss = kl
@@ -311,7 +361,9 @@ class RouterTrainer:
 
     def run(self, progress: bool = True) -> dict:
         cfg = self.cfg
-        if self.baseline is None:
+        main = self.rank == 0  # only the first process validates and writes files
+        progress = progress and main
+        if self.baseline is None and main:
             self.baseline = self.validate(use_router=False)
             self.best = {"step": 0, "mean_nll": self.baseline["mean_nll"], "nll": self.baseline["nll"],
                          "module": {k: v.clone() for k, v in self.module.state_dict().items()}}
@@ -321,20 +373,23 @@ class RouterTrainer:
         while self.step < cfg.steps:
             t0 = time.perf_counter()
             ids, k = self.batch_for(self.step)
+            ids, k = ids[self.shard()], k[self.shard()]
             loss, kl = self.loss(ids, k)
-            kl = float(kl.detach())
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            kl = float(_all_sum(kl.detach())) / self.world
+            loss_value = float(_all_sum(loss.detach())) / self.world
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
             self.opt.step()
             self.step += 1
             dt = time.perf_counter() - t0
             self.train_seconds += dt
-            self.history.append({"step": self.step, "loss": float(loss.detach()), "kl": kl})
-            bar.set_postfix(kl=f"{kl:.4f}", tok_s=f"{tokens / dt:.0f}",
-                            best=f"{math.exp(self.best['mean_nll']):.2f}@{self.best['step']}", refresh=False)
+            self.history.append({"step": self.step, "loss": loss_value, "kl": kl})
+            if main:
+                bar.set_postfix(kl=f"{kl:.4f}", tok_s=f"{tokens / dt:.0f}",
+                                best=f"{math.exp(self.best['mean_nll']):.2f}@{self.best['step']}", refresh=False)
             bar.update(1)
-            if self.step % cfg.val_every == 0 or self.step == cfg.steps:
+            if main and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
                 t1 = time.perf_counter()
                 v = self.validate()
                 self.train_seconds += time.perf_counter() - t1
@@ -348,6 +403,7 @@ class RouterTrainer:
                 self._write_best()
                 self.save_state()
         bar.close()
-        self._write_best()
-        self.save_state()
+        if main:
+            self._write_best()
+            self.save_state()
         return self.best
