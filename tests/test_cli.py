@@ -45,7 +45,8 @@ def test_generate_trace_jsonl(tiny_ckpt, tmp_path):
     lines = [json.loads(x) for x in trace.read_text().splitlines()]
     assert 1 <= len(lines) <= 5
     for x in lines:
-        assert set(x) == {"token", "text", "layers", "ms"} and x["layers"] == list(range(6)) and x["ms"] > 0
+        assert set(x) == {"token", "text", "layers", "k", "n_layers", "budget", "ms"}
+        assert x["layers"] == list(range(6)) and x["k"] == x["n_layers"] == 6 and x["budget"] == "1" and x["ms"] > 0
     assert f"tokens={len(lines)}" in r.stdout and "layers/token=6.00" in r.stdout
 
 
@@ -68,7 +69,7 @@ def test_eval_ppl_json(tiny_ckpt, tmp_path):
 
 def test_bench_latency_smoke(tiny_ckpt):
     r = run("bench", "latency", "--model", str(tiny_ckpt), "--planners", "static-greedy", "--budgets", "1",
-            "--new-tokens", "3", "--repeats", "1", "--prompt-len", "8", "--batch", "1,2")
+            "--new-tokens", "12", "--repeats", "1", "--prompt-len", "8", "--batch", "1,2")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     impls = {(x["impl"], x["batch"]) for x in res["rows"]}

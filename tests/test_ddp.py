@@ -16,7 +16,14 @@ from conftest import save_tiny_checkpoint
 
 
 @pytest.mark.parametrize("estimator", ["swap", "st"])
-def test_two_processes_match_one(tmp_path, estimator):
+def test_two_processes_match_one(tmp_path, estimator, monkeypatch):
+    from buddy.config import cache_dir
+
+    real_data = cache_dir() / "data"
+    monkeypatch.setenv("BUDDY_CACHE", str(tmp_path / "cache"))  # the calibration written below stays in the test
+    if real_data.is_dir():  # reuse the corpus already fetched, instead of fetching it again
+        (tmp_path / "cache").mkdir()
+        (tmp_path / "cache" / "data").symlink_to(real_data)
     ckpt = save_tiny_checkpoint(tmp_path / "tiny")
     bb = load_backbone(str(ckpt), "cpu", "float32")
     save_calibration({"model": bb.name, "checksum": bb.checksum, "n_layers": bb.n_layers,

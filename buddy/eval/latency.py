@@ -54,9 +54,9 @@ def time_hf(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> tuple[fl
         return (time.perf_counter() - t0) * 1e3
 
     run(2)  # warm-up
-    ttft = statistics.median(run(1) for _ in range(repeats))
-    total = statistics.median(run(new_tokens) for _ in range(repeats))
-    return ttft, (total - ttft) / (new_tokens - 1)
+    pairs = [(run(1), run(new_tokens)) for _ in range(repeats)]  # paired, so drift between runs cancels
+    ttft = statistics.median(a for a, _ in pairs)
+    return ttft, statistics.median((b - a) / (new_tokens - 1) for a, b in pairs)
 
 
 def time_engine(engine, prompts: list[list[int]], k, new_tokens: int, repeats: int) -> tuple[float, float]:
