@@ -157,19 +157,25 @@ class RouterMeta:
     best_step: int = 0
 
 
-def save_router(module: DecisionModule, meta: RouterMeta, out_dir: Path) -> None:
-    """Write router.safetensors and router.json atomically into out_dir."""
+def write_artifact(module: nn.Module, meta, out_dir: Path, stem: str, skip: tuple[str, ...] = ()) -> None:
+    """Write `<stem>.safetensors` (float32 weights) and `<stem>.json` (the metadata dataclass) atomically."""
     import os
 
     from safetensors.torch import save_file
 
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items() if k != "freqs"}
-    tmp_w, tmp_j = out_dir / "router.safetensors.tmp", out_dir / "router.json.tmp"
+    state = {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items() if k not in skip}
+    tmp_w, tmp_j = out_dir / f"{stem}.safetensors.tmp", out_dir / f"{stem}.json.tmp"
     save_file(state, tmp_w)
     tmp_j.write_text(json.dumps(asdict(meta), indent=1) + "\n")
-    os.replace(tmp_w, out_dir / "router.safetensors")
-    os.replace(tmp_j, out_dir / "router.json")
+    os.replace(tmp_w, out_dir / f"{stem}.safetensors")
+    os.replace(tmp_j, out_dir / f"{stem}.json")
+
+
+def save_router(module: DecisionModule, meta: RouterMeta, out_dir: Path) -> None:
+    """Write router.safetensors and router.json atomically into out_dir."""
+    write_artifact(module, meta, out_dir, "router", skip=("freqs",))
 
 
 def load_router(path: Path, checksum: str | None = None, n_layers: int | None = None):

@@ -63,11 +63,11 @@ def plot_pareto(results: str | Path, out: str | Path) -> Path:
     nrows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), squeeze=False)
     methods = sorted({m for series in panels.values() for m in series})
-    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
     for ax, name in zip(axes.flat, names):
         for method, pts in sorted(panels[name].items()):
             xs, ys = zip(*pts)
-            style = dict(marker="o")
+            style = dict(marker="o", linestyle="--" if method in ("prior", "router-frozen", "router-noprior") else "-")
             if method == "dense" or "(auto" in method:
                 style = dict(marker="*" if method == "dense" else "D", markersize=11, linestyle="none")
             ax.plot(xs, ys, label=method, color=colors[method], **style)
