@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .budget import AUTO, Budget  # noqa: F401 - AUTO is re-exported for callers of this module
+from .budget import Budget
 
 DEFAULT_LEVELS = (0.5, 0.625, 0.75, 0.875, 1.0)
 

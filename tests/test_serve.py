@@ -3,8 +3,6 @@
 One server (float32, an API key) is started on a free loopback port for the module."""
 
 import concurrent.futures as cf
-import json
-import os
 import socket
 import subprocess
 import sys
