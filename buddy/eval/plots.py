@@ -63,7 +63,10 @@ def plot_pareto(results: str | Path, out: str | Path) -> Path:
     nrows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), squeeze=False)
     methods = sorted({m for series in panels.values() for m in series})
-    colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
+    fixed = {"dense": "black", "router": "tab:red", "static-greedy": "tab:blue", "static-bi": "tab:cyan",
+             "random": "tab:gray", "prior": "tab:olive", "router-frozen": "tab:orange", "router-noprior": "tab:pink"}
+    others = [m for m in methods if m not in fixed]
+    colors = {**fixed, **{m: plt.cm.Dark2(i % 8) for i, m in enumerate(others)}}
     for ax, name in zip(axes.flat, names):
         for method, pts in sorted(panels[name].items()):
             xs, ys = zip(*pts)
