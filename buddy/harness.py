@@ -28,8 +28,8 @@ from .eval.zeroshot import score_requests, tokenize_pair
 class BuddyLM(LM):
     def __init__(self, model: str = "smollm2", planner: str | None = None, kv_policy: str = "fill",
                  budget=None, layers: int | None = None, router: str | None = None, reroute_every: int = 1,
-                 device: str = "auto", dtype: str = "auto", contexts_per_batch: int = 8, batch_size=None,
-                 max_batch_size=None, **_ignored):
+                 device: str = "auto", dtype: str = "auto", contexts_per_batch: int = 8, **_ignored):
+        """`_ignored`: lm-eval's own settings (batch_size, max_batch_size); batching is contexts_per_batch."""
         super().__init__()
         import torch
 
@@ -45,7 +45,6 @@ class BuddyLM(LM):
         b = Budget(layers=int(layers)) if layers is not None else parse_fraction(str(budget if budget is not None else 1))
         self.k = self.engine.resolve_k(b)
         self.contexts_per_batch = int(contexts_per_batch)
-        self.batch_size = int(batch_size) if str(batch_size or "").isdigit() else 8
         self.executed_layers, self.tokens = 0.0, 0
 
     @property

@@ -112,7 +112,7 @@ def sweep(bb, methods: list[str], ks: list[int], tasks: list[str], out: str | Pa
     """Run every missing (method, k, task) cell and append it to `out`; returns the new rows.
 
     `dense` runs once per task at k = L; other methods skip k = L (it is the dense model for every method)."""
-    from ..api import PLANNERS, make_planner, make_predictor
+    from ..api import PLANNERS, make_planner
     from ..engine import Engine
 
     for m in methods:
@@ -123,13 +123,14 @@ def sweep(bb, methods: list[str], ks: list[int], tasks: list[str], out: str | Pa
     L = bb.n_layers
     cells = [(m, k, t) for m in methods for k in ([L] if m == "dense" else [k for k in ks if k == AUTO or k < L])
              for t in tasks]
-    pred_name = pred_tradeoff = None
+    pred_name = pred_tradeoff = pred_module = None
     if AUTO in ks:
         from ..api import PREDICTORS
         from ..predictor import load_predictor
 
         pdir = Path(predictor) if predictor else PREDICTORS / bb.name
-        pred_name, pred_tradeoff = str(pdir), load_predictor(pdir, checksum=bb.checksum)[1].tradeoff
+        pred_module, meta = load_predictor(pdir, checksum=bb.checksum)
+        pred_module, pred_name, pred_tradeoff = pred_module.to(bb.device), str(pdir), meta.tradeoff
     done = {cell_key(r) for r in read_results(out)}
     todo = [c for c in cells
             if (bb.name, c[0], kv_policy, c[1], c[2], limit, pred_name if c[1] == AUTO else None) not in done]
@@ -141,7 +142,7 @@ def sweep(bb, methods: list[str], ks: list[int], tasks: list[str], out: str | Pa
         bar.set_postfix_str(f"{method} k={k} {task}")
         if method not in engines:
             planner = make_planner("full" if method == "dense" else method, bb, kv_policy, router)
-            engines[method] = Engine(bb, planner, kv_policy, make_predictor(bb, predictor) if AUTO in ks else None)
+            engines[method] = Engine(bb, planner, kv_policy, pred_module)
         metrics = run_task(engines[method], task, k, limit)
         row = {"model": bb.name, "method": method, "kv_policy": kv_policy, "k": k, "n_layers": L,
                "layer_fraction": metrics["layers_per_token"] / L if k == AUTO else k / L, "task": task, "limit": limit,

@@ -11,7 +11,6 @@ Requests are plain objects; `events` is a thread-safe callback, so the web layer
 
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -37,7 +36,6 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    id: int = field(default_factory=itertools.count().__next__)
     cancelled: bool = False
     tokens: list[int] = field(default_factory=list)
     layer_sum: int = 0
