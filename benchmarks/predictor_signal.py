@@ -1,0 +1,77 @@
+"""How predictable is a prompt's depth sensitivity from the prompt itself? (Budget Predictor diagnostics.)
+
+    .venv/bin/python benchmarks/predictor_signal.py [--model smollm2] [--limit N]
+
+Uses the cached quality tables of `buddy train predictor` (default settings: 128-token prompt, 32-token
+continuation; quality = negative mean KL to the dense model over the continuation, per budget level). For
+each split it prints Pearson correlations between a prompt-side signal and the continuation's quality at a
+level:
+- `mean log token id`, `distinct tokens`: cheap prompt statistics;
+- `probe KL`: the depth sensitivity measured directly on the prompt's own last 32 tokens (first 96 tokens
+  routed as a prompt, the last 32 as decode, KL of the routed model to the dense one, at the same k). This
+  costs a dense pass, so a served predictor cannot use it; it bounds what any prompt-only feature can know.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+import torch
+
+import buddy
+from buddy.data import sotu_texts, token_windows
+from buddy.eval.ppl import window_logits
+from buddy.train.predictor import PredictorTrainConfig, cached_table
+
+PROBE = 32
+
+
+@torch.inference_mode()
+def probe_quality(engine, prompts: torch.Tensor, k: int, batch: int = 16) -> torch.Tensor:
+    """Negative mean KL (dense || routed at k) over each prompt's last PROBE tokens."""
+    L, n = engine.n_layers, prompts.shape[1] - PROBE
+    out = []
+    for s in range(0, prompts.shape[0], batch):
+        ids = prompts[s:s + batch]
+        dl, _ = window_logits(engine, ids, L, n)
+        rl, _ = window_logits(engine, ids, k, n)
+        dp = torch.log_softmax(dl[:, n - 1:-1].float(), -1)
+        rp = torch.log_softmax(rl[:, n - 1:-1].float(), -1)
+        out.append(-(dp.exp() * (dp - rp)).sum(-1).mean(1))
+    return torch.cat(out)
+
+
+def corr(a, b) -> float:
+    return float(np.corrcoef(np.asarray(a, dtype=float), np.asarray(b, dtype=float))[0, 1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--limit", type=int, default=0, help="first N windows per split (default all)")
+    args = ap.parse_args()
+    engine = buddy.load(args.model, planner="router", dtype="bfloat16")
+    bb, cfg = engine.bb, PredictorTrainConfig()
+    L = engine.n_layers
+    levels = cfg.level_list[:-1]  # the full level has quality 0 by definition
+    ks = [max(2, min(L, math.floor(x * L + 0.5))) for x in levels]
+    print("| split | signal | " + " | ".join(f"quality at {x:g} (k={k})" for x, k in zip(levels, ks)) + " |")
+    print("|---|---|" + "---|" * len(levels))
+    for split, n in (("train", cfg.prompts), ("validation", cfg.val_prompts)):
+        _, q = cached_table(engine, bb, cfg, split, n)
+        w = token_windows(bb.tokenizer, sotu_texts(split), cfg.prompt_len + cfg.cont_len, n)[:, :cfg.prompt_len]
+        if args.limit:
+            q, w = q[:args.limit], w[:args.limit]
+        signals = {"mean log token id": torch.log1p(w.float()).mean(1),
+                   "distinct tokens": torch.tensor([len(set(r.tolist())) for r in w], dtype=torch.float)}
+        for name, v in signals.items():
+            print(f"| {split} | {name} | " + " | ".join(f"{corr(v, q[:, j]):+.2f}" for j in range(len(levels))) + " |")
+        probes = [probe_quality(engine, w, k) for k in ks]
+        print(f"| {split} | probe KL at the same k | "
+              + " | ".join(f"{corr(p, q[:, j]):+.2f}" for j, p in enumerate(probes)) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Shipped artifacts (calibrations, routers, predictors) agree with each other and name how they were made.
+
+These read only the packaged files, so they run without any model installed.
+"""
+
+import json
+
+import pytest
+
+from buddy.api import PREDICTORS, ROUTERS
+from buddy.predictor import load_predictor
+from buddy.prior import PACKAGED
+from buddy.router import load_router
+
+ROUTER_DIRS = sorted(p for p in ROUTERS.iterdir() if p.is_dir())
+PREDICTOR_DIRS = sorted(p for p in PREDICTORS.iterdir() if p.is_dir())
+
+
+def _calibration(model: str) -> dict:
+    path = PACKAGED / f"{model}.json"
+    assert path.is_file(), f"no packaged calibration for {model}"
+    return json.loads(path.read_text())
+
+
+def test_every_shipped_model_has_calibration_and_router():
+    models = {p.stem for p in PACKAGED.glob("*.json")}
+    assert "smollm2" in models
+    for m in models:
+        assert (ROUTERS / f"{m}-fill").is_dir(), f"calibration for {m} ships without a router"
+
+
+@pytest.mark.parametrize("d", ROUTER_DIRS, ids=lambda p: p.name)
+def test_shipped_router_matches_its_calibration(d):
+    module, meta = load_router(d)
+    cal = _calibration(meta.model)
+    assert d.name == f"{meta.model}-{meta.kv_policy}"
+    assert meta.checksum == cal["checksum"] and meta.n_layers == cal["n_layers"]
+    assert meta.prior_order == cal["orders"][meta.prior]
+    assert sorted(meta.prior_order) == list(range(1, meta.n_layers - 1))
+    assert module.cfg.n_layers == meta.n_layers
+    assert meta.command.startswith("buddy train router") and f"--model {meta.model}" in meta.command
+    assert meta.steps > 0 and meta.data and meta.train_seconds > 0
+    v = meta.validation
+    assert set(v["router_ppl"]) == set(v["prior_only_ppl"]) and v["router_ppl"]
+
+
+@pytest.mark.parametrize("d", PREDICTOR_DIRS, ids=lambda p: p.name)
+def test_shipped_predictor_matches_its_model(d):
+    cal = _calibration(d.name)
+    module, meta = load_predictor(d, checksum=cal["checksum"])
+    assert meta.model == d.name and meta.steps > 0 and meta.command.startswith("buddy train predictor")
+    assert module.cfg.levels == tuple(sorted(module.cfg.levels))
