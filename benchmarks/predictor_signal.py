@@ -22,25 +22,9 @@ import torch
 
 import buddy
 from buddy.data import sotu_texts, token_windows
-from buddy.eval.ppl import window_logits
-from buddy.train.predictor import PredictorTrainConfig, cached_table
+from buddy.train.predictor import PredictorTrainConfig, cached_table, quality_table
 
 PROBE = 32
-
-
-@torch.inference_mode()
-def probe_quality(engine, prompts: torch.Tensor, k: int, batch: int = 16) -> torch.Tensor:
-    """Negative mean KL (dense || routed at k) over each prompt's last PROBE tokens."""
-    L, n = engine.n_layers, prompts.shape[1] - PROBE
-    out = []
-    for s in range(0, prompts.shape[0], batch):
-        ids = prompts[s:s + batch]
-        dl, _ = window_logits(engine, ids, L, n)
-        rl, _ = window_logits(engine, ids, k, n)
-        dp = torch.log_softmax(dl[:, n - 1:-1].float(), -1)
-        rp = torch.log_softmax(rl[:, n - 1:-1].float(), -1)
-        out.append(-(dp.exp() * (dp - rp)).sum(-1).mean(1))
-    return torch.cat(out)
 
 
 def corr(a, b) -> float:
@@ -68,9 +52,10 @@ def main() -> None:
                    "distinct tokens": torch.tensor([len(set(r.tolist())) for r in w], dtype=torch.float)}
         for name, v in signals.items():
             print(f"| {split} | {name} | " + " | ".join(f"{corr(v, q[:, j]):+.2f}" for j in range(len(levels))) + " |")
-        probes = [probe_quality(engine, w, k) for k in ks]
+        # the same measurement as the tables, with the prompt's last PROBE tokens as the continuation
+        probe = quality_table(engine, w, levels, cfg.prompt_len - PROBE, progress=False)
         print(f"| {split} | probe KL at the same k | "
-              + " | ".join(f"{corr(p, q[:, j]):+.2f}" for j, p in enumerate(probes)) + " |")
+              + " | ".join(f"{corr(probe[:, j], q[:, j]):+.2f}" for j in range(len(levels))) + " |")
 
 
 if __name__ == "__main__":
