@@ -1,14 +1,17 @@
 """How much a per-prompt budget could gain, and how much a trained predictor gains, on the quality tables.
 
-    .venv/bin/python benchmarks/predictor_headroom.py --predictors runs/pred-l2.5,runs/pred-l3.5,runs/pred-l5,runs/pred-l7
+    .venv/bin/python benchmarks/predictor_headroom.py --predictors runs/pred-l2.5,runs/pred-l5
+    .venv/bin/python benchmarks/predictor_headroom.py --data sotu --prompts 384 --val-prompts 96 --predictors ...
 
-Reads the cached quality tables of `buddy train predictor` (default settings; computed on first use). For each
-trade-off lambda it prints, on the training and the validation table:
-- the oracle: each prompt takes its own best level (reward = quality - lambda * level). This is the mean
-  level and quality (negative mean KL, nats) it reaches;
+Reads the cached quality tables of `buddy train predictor` (computed on first use). `--data mix` (default) also
+reads the prompt mix's test split (`--test-prompts` items: the documents `buddy sweep --limit 100` evaluates and
+SOTU 2011-2021, never used in training or for choosing settings). For each trade-off lambda it prints, per table:
+- the oracle: each prompt takes its own best level (reward = quality - lambda * level): the mean level and
+  quality (negative mean KL to the dense model, nats) it reaches;
 - the chord: fixed budgets mixed to the same mean level, interpolated linearly between fixed levels.
-For each given predictor directory it prints the argmax policy's mean level and quality on the validation
-table, and its gain over the chord (positive = better than fixed budgets).
+For each given predictor directory it prints the argmax policy's mean level and quality on the validation (and
+test) table, and its gain over the chord (positive = better than fixed budgets at the same mean level), then
+the mean level it picks per domain.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch
 
 import buddy
 from buddy.predictor import load_predictor
-from buddy.train.predictor import PredictorTrainConfig, cached_table
+from buddy.prompt_mix import DOMAINS
+from buddy.train.predictor import PredictorTrainConfig, PredictorTrainer
 
 
 def chord(level: float, levels: np.ndarray, quality: torch.Tensor) -> float:
@@ -30,33 +34,55 @@ def chord(level: float, levels: np.ndarray, quality: torch.Tensor) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--data", default="mix", choices=["mix", "sotu"])
+    ap.add_argument("--prompts", type=int, default=PredictorTrainConfig.prompts)
+    ap.add_argument("--val-prompts", type=int, default=PredictorTrainConfig.val_prompts)
+    ap.add_argument("--test-prompts", type=int, default=672, help="mix only: test items (48 per domain)")
     ap.add_argument("--tradeoffs", default="2.5,3.5,5,7")
     ap.add_argument("--predictors", default="", help="comma list of predictor directories")
     args = ap.parse_args()
     engine = buddy.load(args.model, planner="router", dtype="bfloat16")
-    cfg = PredictorTrainConfig()
-    tables = {"train": cached_table(engine, engine.bb, cfg, "train", cfg.prompts),
-              "validation": cached_table(engine, engine.bb, cfg, "validation", cfg.val_prompts)}
+    cfg = PredictorTrainConfig(data=args.data, prompts=args.prompts, val_prompts=args.val_prompts)
+    t = PredictorTrainer(engine, cfg, "unused")
+    splits = {"train": args.prompts, "validation": args.val_prompts}
+    if args.data == "mix":
+        splits["test"] = args.test_prompts
+    tables = {name: t.table(name, n) for name, n in splits.items()}
     levels = torch.tensor(cfg.level_list)
     print("| lambda | table | oracle mean level | oracle quality | chord at that level | oracle - chord |")
     print("|---|---|---|---|---|---|")
     for lam in [float(x) for x in args.tradeoffs.split(",")]:
-        for name, (_, q) in tables.items():
+        for name, (_, q, _) in tables.items():
             pick = (q - lam * levels).argmax(dim=1)
             lv, oq = float(levels[pick].mean()), float(q.gather(1, pick[:, None]).mean())
             c = chord(lv, levels.numpy(), q)
             print(f"| {lam:g} | {name} | {lv:.3f} | {oq:.3f} | {c:.3f} | {oq - c:+.3f} |")
-    if args.predictors:
-        feats, q = tables["validation"]
-        print("\n| predictor | lambda | mean level (validation) | quality | chord | gain over chord |")
-        print("|---|---|---|---|---|---|")
-        for d in args.predictors.split(","):
-            p, meta = load_predictor(d, checksum=engine.bb.checksum)
+    if not args.predictors:
+        return
+    shown = [s for s in ("validation", "test") if s in tables]
+    print("\n| predictor | lambda | table | mean level | quality | chord | gain over chord |")
+    print("|---|---|---|---|---|---|---|")
+    picks = {}
+    for d in args.predictors.split(","):
+        p, meta = load_predictor(d, checksum=engine.bb.checksum)
+        for name in shown:
+            feats, q, dom = tables[name]
             with torch.no_grad():
                 pick = p(feats).argmax(dim=1)
+            picks[d, name] = (pick, dom)
             lv, pq = float(levels[pick].mean()), float(q.gather(1, pick[:, None]).mean())
             c = chord(lv, levels.numpy(), q)
-            print(f"| {d} | {meta.tradeoff:g} | {lv:.3f} | {pq:.3f} | {c:.3f} | {pq - c:+.4f} |")
+            print(f"| {d} | {meta.tradeoff:g} | {name} | {lv:.3f} | {pq:.3f} | {c:.3f} | {pq - c:+.4f} |")
+    if args.data != "mix":
+        return
+    last = shown[-1]
+    print(f"\nMean level picked per domain ({last} table):\n")
+    print("| predictor | " + " | ".join(DOMAINS) + " |")
+    print("|---|" + "---|" * len(DOMAINS))
+    for d in args.predictors.split(","):
+        pick, dom = picks[d, last]
+        lv = levels[pick]
+        print(f"| {d} | " + " | ".join(f"{float(lv[dom == i].mean()):.2f}" for i in range(len(DOMAINS))) + " |")
 
 
 if __name__ == "__main__":

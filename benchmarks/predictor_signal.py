@@ -2,10 +2,10 @@
 
     .venv/bin/python benchmarks/predictor_signal.py [--model smollm2] [--limit N]
 
-Uses the cached quality tables of `buddy train predictor` (default settings: 128-token prompt, 32-token
-continuation; quality = negative mean KL to the dense model over the continuation, per budget level). For
-each split it prints Pearson correlations between a prompt-side signal and the continuation's quality at a
-level:
+Uses the cached SOTU quality tables of `buddy train predictor --data sotu` (384 training and 96 validation
+windows: 128-token prompt, 32-token continuation; quality = negative mean KL to the dense model over the
+continuation, per budget level). For each split it prints Pearson correlations between a prompt-side signal
+and the continuation's quality at a level:
 - `mean log token id`, `distinct tokens`: cheap prompt statistics;
 - `probe KL`: the depth sensitivity measured directly on the prompt's own last 32 tokens (first 96 tokens
   routed as a prompt, the last 32 as decode, KL of the routed model to the dense one, at the same k). This
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="first N windows per split (default all)")
     args = ap.parse_args()
     engine = buddy.load(args.model, planner="router", dtype="bfloat16")
-    bb, cfg = engine.bb, PredictorTrainConfig()
+    bb, cfg = engine.bb, PredictorTrainConfig(data="sotu", prompts=384, val_prompts=96)
     L = engine.n_layers
     levels = cfg.level_list[:-1]  # the full level has quality 0 by definition
     ks = [max(2, min(L, math.floor(x * L + 0.5))) for x in levels]

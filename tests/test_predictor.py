@@ -1,5 +1,7 @@
 """Budget Predictor: shapes, GRPO on a toy problem, determinism, resume, files, and budget="auto"."""
 
+import zlib
+
 import pytest
 import torch
 
@@ -135,3 +137,53 @@ def test_auto_budget_in_generate_and_scoring(tiny_ckpt):
     auto, _, layers, tokens = score_requests(engine, pairs, AUTO)
     fixed, _, _, _ = score_requests(engine, pairs, 3)
     assert auto == pytest.approx(fixed) and layers == 3 * tokens
+
+
+def test_item_table_batches_by_shape_and_keeps_item_order():
+    from buddy.prompt_mix import MixItem
+    from buddy.train.predictor import item_table, quality_table
+
+    engine = tiny_engine()
+    g = torch.Generator().manual_seed(3)
+    shapes = [(6, 3), (4, 2), (6, 3), (5, 4), (4, 2), (6, 3)]
+    items = [MixItem("d", torch.randint(0, 97, (p,), generator=g).tolist(),
+                     torch.randint(0, 97, (c,), generator=g).tolist()) for p, c in shapes]
+    levels = (0.5, 0.75, 1.0)
+    feats, q = item_table(engine, items, levels, progress=False)
+    assert feats.shape == (6, feat_dim(engine.bb)) and q.shape == (6, 3)
+    for i, it in enumerate(items):  # each row equals the item measured alone
+        ids = torch.tensor([it.prompt + it.continuation])
+        alone = quality_table(engine, ids, levels, len(it.prompt), progress=False)
+        assert torch.allclose(q[i], alone[0], atol=1e-5)
+        assert torch.allclose(feats[i], prompt_features(engine.bb, ids[:, :len(it.prompt)])[0], atol=1e-5)
+    assert (q[:, -1] == 0).all() and (q[:, 0] < 0).all()  # full depth is the dense model
+
+
+class WordTokenizer:
+    eos_token_id = 0
+
+    def __call__(self, text):
+        return {"input_ids": [zlib.crc32(w.encode()) for w in text.split()]}
+
+
+def test_prompt_mix_splits_are_disjoint_and_test_is_what_the_sweep_evaluates():
+    from buddy.eval.tasks import load_mc
+    from buddy.eval.zeroshot import tokenize_pair
+    from buddy.prompt_mix import mix_items
+
+    tok, doms = WordTokenizer(), ("lambada", "squad", "gsm8k", "arc_easy")
+    splits = {s: mix_items(tok, s, 20, prompt_len=32, cont_len=8, domains=doms) for s in ("train", "validation", "test")}
+    for s, items in splits.items():
+        assert [it.domain for it in items] == [d for d in doms for _ in range(20)]
+        assert all(1 <= len(it.prompt) <= 4 * 32 and 1 <= len(it.continuation) <= 8 for it in items)
+    keys = {s: {(it.domain, tuple(it.prompt)) for it in items} for s, items in splits.items()}
+    assert not keys["train"] & keys["validation"] and not keys["train"] & keys["test"]
+    assert not keys["validation"] & keys["test"]
+    docs = load_mc("arc_easy", 100)  # the documents `buddy sweep --limit 100` scores
+    gold = {tuple(tokenize_pair(tok, *d.requests[d.gold])[0]) for d in docs}
+    test_arc = [it for it in splits["test"] if it.domain == "arc_easy"]
+    assert all(tuple(it.prompt) in gold for it in test_arc)
+    with pytest.raises(ValueError, match="unknown domain"):
+        mix_items(tok, "train", 2, domains=("nope",))
+    with pytest.raises(ValueError, match="unknown split"):
+        mix_items(tok, "dev", 2, domains=doms)

@@ -1,10 +1,12 @@
 """GRPO training of the Budget Predictor on a frozen backbone and router.
 
-    buddy train predictor --model smollm2 --tradeoff 2 --group 4 --steps 300 --out runs/predictor
+    buddy train predictor --model smollm2 --tradeoff 2.5 --out runs/predictor
 
-Data: SOTU windows (train years for training, validation years for validation), each a prompt of
-`prompt_len` tokens and a continuation of `cont_len`. For every window and budget level the routed model's
-quality is measured once: the negative mean per-token KL from the dense model over the continuation (or
+Data (`--data`): `mix` (default), the cross-domain prompt mix of `buddy.prompt_mix` (prose, fiction,
+Wikipedia, news, paper abstracts, math and the multiple-choice tasks; the training and validation documents
+only, never the ones `buddy sweep --limit 100` evaluates), or `sotu`, State of the Union windows (train years
+for training, validation years for validation). Each item is a prompt of up to `prompt_len` tokens and a
+continuation of up to `cont_len`. For every item and budget level the routed model's quality is measured once: the negative mean per-token KL from the dense model over the continuation (or
 the continuation's log-likelihood, `--quality nll`), with the prompt routed as a prompt and the
 continuation as decode. These tables are cached, so GRPO itself is cheap and several trade-offs reuse them.
 
@@ -44,8 +46,9 @@ class PredictorTrainConfig:
     clip: PPO-style ratio clip epsilon.
     beta: weight of the KL term to the reference (initial, uniform) policy.
     inner: policy updates per sampled batch.
-    prompts: training windows (SOTU train years).
-    val_prompts: validation windows (SOTU validation years).
+    data: `mix` (the cross-domain prompt mix, buddy/prompt_mix.py) or `sotu` (State of the Union windows).
+    prompts: training items (mix: spread evenly over its 14 domains).
+    val_prompts: validation items (mix: spread evenly over its 14 domains).
     prompt_len: prompt tokens the predictor sees.
     cont_len: continuation tokens whose quality is measured.
     quality: `kl` (negative mean KL to the dense model) or `nll` (continuation log-likelihood).
@@ -63,8 +66,9 @@ class PredictorTrainConfig:
     clip: float = 0.2
     beta: float = 0.02
     inner: int = 2
-    prompts: int = 384
-    val_prompts: int = 96
+    data: str = "mix"
+    prompts: int = 896
+    val_prompts: int = 336
     prompt_len: int = 128
     cont_len: int = 32
     quality: str = "kl"
@@ -83,6 +87,8 @@ class PredictorTrainConfig:
                 raise ConfigError(f"invalid {name} {v!r}: must be an integer >= 1")
         if self.group < 2:
             raise ConfigError(f"invalid group {self.group}: GRPO needs at least 2 samples per prompt")
+        if self.data not in ("mix", "sotu"):
+            raise ConfigError(f"invalid data {self.data!r}: use mix or sotu")
         if self.quality not in ("kl", "nll"):
             raise ConfigError(f"invalid quality {self.quality!r}: use kl or nll")
         if not (self.tradeoff >= 0 and self.clip > 0 and self.beta >= 0 and self.lr > 0 and self.weight_decay >= 0):
@@ -145,6 +151,50 @@ def cached_table(engine, bb, cfg: PredictorTrainConfig, split: str, n: int, prog
     return feats, q
 
 
+def item_table(engine, items, levels, quality: str = "kl", progress: bool = True, desc: str = "quality",
+               policy: str = "fill") -> tuple[torch.Tensor, torch.Tensor]:
+    """(features [N, F], quality [N, n_levels]) of prompt-mix items (`buddy.prompt_mix.MixItem`) of any length:
+    items of one (prompt, continuation) shape are batched together, and rows keep the items' order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault((len(it.prompt), len(it.continuation)), []).append(i)
+    feats, q = [None] * len(items), torch.zeros(len(items), len(levels))
+    bar = tqdm(total=len(items), desc=desc, unit="item", disable=not progress, leave=False)
+    for (p, _), idx in groups.items():
+        for s in range(0, len(idx), 16):
+            part = idx[s:s + 16]
+            ids = torch.tensor([items[i].prompt + items[i].continuation for i in part])
+            f = prompt_features(engine.bb, ids[:, :p], policy)
+            q[part] = quality_table(engine, ids, levels, p, quality, batch=16, progress=False)
+            for j, i in enumerate(part):
+                feats[i] = f[j]
+            bar.update(len(part))
+    bar.close()
+    return torch.stack(feats), q
+
+
+def cached_mix_table(engine, bb, cfg: PredictorTrainConfig, split: str, n: int, progress: bool = True):
+    """(features, quality, domain index) of n prompt-mix items of a split (n // len(DOMAINS) per domain);
+    computed once, then cached."""
+    from safetensors.torch import load_file, save_file
+
+    from ..prompt_mix import DOMAINS, VERSION, mix_items
+
+    path = _table_path(bb, engine.planner.name, engine.kv_policy, cfg, f"mix{VERSION}-{split}", n)
+    if path.is_file():
+        t = load_file(path)
+        return t["features"], t["quality"], t["domain"]
+    items = mix_items(bb.tokenizer, split, max(1, n // len(DOMAINS)), cfg.prompt_len, cfg.cont_len)
+    feats, q = item_table(engine, items, cfg.level_list, cfg.quality, progress, f"quality (mix {split})",
+                          engine.kv_policy)
+    dom = torch.tensor([DOMAINS.index(it.domain) for it in items])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"features": feats.contiguous(), "quality": q.contiguous(), "domain": dom}, tmp)
+    os.replace(tmp, path)
+    return feats, q, dom
+
+
 # --- GRPO ----------------------------------------------------------------------------------------
 def rewards(quality: torch.Tensor, levels: torch.Tensor, tradeoff: float) -> torch.Tensor:
     """[N, n_levels] reward of each level: quality - tradeoff * executed-layer fraction."""
@@ -186,6 +236,15 @@ def policy_report(policy: BudgetPredictor, feats, quality, levels: torch.Tensor,
             "fixed_quality": [float(x) for x in quality.mean(dim=0)]}
 
 
+def domain_levels(policy: BudgetPredictor, feats, domain: torch.Tensor, levels: torch.Tensor) -> dict:
+    """The served policy's mean chosen level per prompt-mix domain."""
+    from ..prompt_mix import DOMAINS
+
+    with torch.no_grad():
+        lv = levels[policy(feats).argmax(dim=-1)]
+    return {DOMAINS[d]: round(float(lv[domain == d].mean()), 4) for d in sorted(set(domain.tolist()))}
+
+
 class PredictorTrainer:
     def __init__(self, engine, cfg: PredictorTrainConfig, out: Path, command: str = ""):
         self.engine, self.bb, self.cfg, self.out, self.command = engine, engine.bb, cfg, Path(out), command
@@ -198,8 +257,14 @@ class PredictorTrainer:
         self.step, self.history, self.seconds = 0, [], 0.0
 
     def tables(self, progress: bool = True):
-        self.train = cached_table(self.engine, self.bb, self.cfg, "train", self.cfg.prompts, progress)
-        self.val = cached_table(self.engine, self.bb, self.cfg, "validation", self.cfg.val_prompts, progress)
+        tr, va = self.table("train", self.cfg.prompts, progress), self.table("validation", self.cfg.val_prompts, progress)
+        self.train, self.val, self.val_domain = tr[:2], va[:2], va[2]
+
+    def table(self, split: str, n: int, progress: bool = True):
+        """(features, quality, domain index or None) of the configured data for one split."""
+        if self.cfg.data == "mix":
+            return cached_mix_table(self.engine, self.bb, self.cfg, split, n, progress)
+        return (*cached_table(self.engine, self.bb, self.cfg, split, n, progress), None)
 
     def save_state(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -247,13 +312,26 @@ class PredictorTrainer:
         from .router import _git_commit
 
         val = policy_report(self.policy, *self.val, self.levels, self.cfg.tradeoff)
+        if getattr(self, "val_domain", None) is not None:
+            val["domain_level"] = domain_levels(self.policy, self.val[0], self.val_domain, self.levels)
         commit = _git_commit()
         meta = PredictorMeta(
             model=self.bb.name, checksum=self.bb.checksum, config=asdict(self.policy.cfg), tradeoff=self.cfg.tradeoff,
             planner=self.engine.planner.name, kv_policy=self.engine.kv_policy, quality=self.cfg.quality,
             group=self.cfg.group, steps=self.step,
-            data=(f"SOTU train years (<= 2000): {self.cfg.prompts} windows of {self.cfg.prompt_len} prompt + "
-                  f"{self.cfg.cont_len} continuation tokens; validation: {self.cfg.val_prompts} windows of 2001-2010"),
+            data=self.data_description(),
             command=self.command, git_commit=commit, train_seconds=round(self.seconds, 1), validation=val)
         save_predictor(self.policy, meta, self.out)
         return val
+
+    def data_description(self) -> str:
+        c = self.cfg
+        if c.data == "mix":
+            from ..prompt_mix import DOMAINS
+
+            n, v = c.prompts // len(DOMAINS), c.val_prompts // len(DOMAINS)
+            return (f"prompt mix (buddy/prompt_mix.py), {n} training and {v} validation items per domain of "
+                    f"{', '.join(DOMAINS)}: prompts of up to {c.prompt_len} tokens, continuations of up to "
+                    f"{c.cont_len}; no document of the test split (the first 100 of every task, SOTU 2011-2021)")
+        return (f"SOTU train years (<= 2000): {c.prompts} windows of {c.prompt_len} prompt + "
+                f"{c.cont_len} continuation tokens; validation: {c.val_prompts} windows of 2001-2010")
