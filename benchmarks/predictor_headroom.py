@@ -8,6 +8,7 @@ reads the prompt mix's test split (`--test-prompts` items: the documents `buddy 
 SOTU 2011-2021, never used in training or for choosing settings). For each trade-off lambda it prints, per table:
 - the oracle: each prompt takes its own best level (reward = quality - lambda * level): the mean level and
   quality (negative mean KL to the dense model, nats) it reaches;
+- (mix) the domain oracle: one level per domain, the best for that domain on the same table;
 - the chord: fixed budgets mixed to the same mean level, interpolated linearly between fixed levels.
 For each given predictor directory it prints the argmax policy's mean level and quality on the validation (and
 test) table, and its gain over the chord (positive = better than fixed budgets at the same mean level), then
@@ -52,11 +53,17 @@ def main() -> None:
     print("| lambda | table | oracle mean level | oracle quality | chord at that level | oracle - chord |")
     print("|---|---|---|---|---|---|")
     for lam in [float(x) for x in args.tradeoffs.split(",")]:
-        for name, (_, q, _) in tables.items():
+        for name, (_, q, dom) in tables.items():
             pick = (q - lam * levels).argmax(dim=1)
             lv, oq = float(levels[pick].mean()), float(q.gather(1, pick[:, None]).mean())
             c = chord(lv, levels.numpy(), q)
             print(f"| {lam:g} | {name} | {lv:.3f} | {oq:.3f} | {c:.3f} | {oq - c:+.3f} |")
+            if dom is not None:  # one level per domain, the best on this table: what knowing the domain is worth
+                r = q - lam * levels
+                pick = torch.stack([r[dom == d].mean(0) for d in range(len(DOMAINS))]).argmax(1)[dom]
+                lv, dq = float(levels[pick].mean()), float(q.gather(1, pick[:, None]).mean())
+                c = chord(lv, levels.numpy(), q)
+                print(f"| {lam:g} | {name} (one level per domain) | {lv:.3f} | {dq:.3f} | {c:.3f} | {dq - c:+.3f} |")
     if not args.predictors:
         return
     shown = [s for s in ("validation", "test") if s in tables]
