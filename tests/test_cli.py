@@ -85,6 +85,8 @@ def test_train_and_eval_settings_are_validated(tiny_ckpt, tmp_path):
     assert r.returncode == 2 and "invalid prior 'nonsense'" in r.stderr and "Traceback" not in r.stderr
     r = run("train", "router", "--model", str(tiny_ckpt), "--budgets", "0.9:0.2", "--out", str(tmp_path / "r"))
     assert r.returncode == 2 and "0.9:0.2" in r.stderr
+    r = run("train", "predictor", "--model", str(tiny_ckpt), "--data", "wiki", "--out", str(tmp_path / "p"))
+    assert r.returncode == 2 and "invalid data 'wiki'" in r.stderr and "Traceback" not in r.stderr
     f = tmp_path / "t.txt"
     f.write_text("w1 w2")
     r = run("eval", "ppl", "--model", str(tiny_ckpt), "--planner", "full", "--text-file", str(f), "--window", "0")

@@ -290,6 +290,15 @@ class PredictorTrainer:
         return True
 
     def run(self, progress: bool = True) -> dict:
+        # the head is tiny: one thread is as fast as several, and far faster when other jobs hold the cores
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._run(progress)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self, progress: bool) -> dict:
         feats, quality = self.train
         reward = rewards(quality, self.levels, self.cfg.tradeoff)
         bar = tqdm(range(self.step, self.cfg.steps), desc="grpo", unit="step", disable=not progress,
