@@ -1,6 +1,6 @@
 """How much a per-prompt budget could gain, and how much a trained predictor gains, on the quality tables.
 
-    .venv/bin/python benchmarks/predictor_headroom.py --predictors runs/pred-l2.5,runs/pred-l5
+    .venv/bin/python benchmarks/predictor_headroom.py --predictors runs/mix-l2.5,runs/mix-l3.5
     .venv/bin/python benchmarks/predictor_headroom.py --data sotu --prompts 384 --val-prompts 96 --predictors ...
 
 Reads the cached quality tables of `buddy train predictor` (computed on first use). `--data mix` (default) also

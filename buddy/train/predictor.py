@@ -1,6 +1,6 @@
 """GRPO training of the Budget Predictor on a frozen backbone and router.
 
-    buddy train predictor --model smollm2 --tradeoff 2.5 --out runs/predictor
+    buddy train predictor --model smollm2 --tradeoff 3.5 --out runs/predictor
 
 Data (`--data`): `mix` (default), the cross-domain prompt mix of `buddy.prompt_mix` (prose, fiction,
 Wikipedia, news, paper abstracts, math and the multiple-choice tasks; the training and validation documents
@@ -57,7 +57,7 @@ class PredictorTrainConfig:
     """
 
     levels: str = "0.5,0.625,0.75,0.875,1.0"
-    tradeoff: float = 2.5
+    tradeoff: float = 3.5
     group: int = 4
     steps: int = 1000
     batch: int = 64
