@@ -12,7 +12,7 @@ SOTU 2011-2021, never used in training or for choosing settings). For each trade
 - the chord: fixed budgets mixed to the same mean level, interpolated linearly between fixed levels.
 For each given predictor directory it prints the argmax policy's mean level and quality on the validation (and
 test) table, and its gain over the chord (positive = better than fixed budgets at the same mean level), then
-the mean level it picks per domain.
+the mean level it picks per domain, and its gain by group of domains with a 95% bootstrap interval over items.
 """
 
 from __future__ import annotations
@@ -24,12 +24,28 @@ import torch
 
 import buddy
 from buddy.predictor import load_predictor
-from buddy.prompt_mix import DOMAINS
+from buddy.prompt_mix import DOMAINS, MC_DOMAINS
 from buddy.train.predictor import PredictorTrainConfig, PredictorTrainer
+
+
+BOOT = 1000
 
 
 def chord(level: float, levels: np.ndarray, quality: torch.Tensor) -> float:
     return float(np.interp(level, levels, quality.mean(dim=0).numpy()))
+
+
+def gain(pick: torch.Tensor, q: torch.Tensor, levels: torch.Tensor) -> float:
+    """Mean quality of the picked levels minus the chord of fixed levels at the same mean level."""
+    return float(q.gather(1, pick[:, None]).mean()) - chord(float(levels[pick].mean()), levels.numpy(), q)
+
+
+def gain_interval(pick, q, levels) -> tuple[float, float, float]:
+    """The gain and its 95% bootstrap interval over items (seeded)."""
+    rng = np.random.default_rng(0)
+    boot = [gain(pick[b], q[b], levels) for b in (torch.from_numpy(rng.integers(0, len(pick), len(pick)))
+                                                  for _ in range(BOOT))]
+    return gain(pick, q, levels), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
 
 def main() -> None:
@@ -83,6 +99,21 @@ def main() -> None:
     if args.data != "mix":
         return
     last = shown[-1]
+    groups = {"all 14 domains": DOMAINS, "the 7 multiple-choice tasks": MC_DOMAINS,
+              "prose (6 domains)": DOMAINS[:6], "sotu": ("sotu",)}
+    print(f"\nGain over fixed budgets at the same mean level, by group of domains ({last} table; 95% bootstrap "
+          f"interval over items, {BOOT} resamples):\n")
+    print("| predictor | " + " | ".join(groups) + " |")
+    print("|---|" + "---|" * len(groups))
+    for d in args.predictors.split(","):
+        pick, dom = picks[d, last]
+        q = tables[last][1]
+        cells = []
+        for names in groups.values():
+            idx = torch.isin(dom, torch.tensor([DOMAINS.index(n) for n in names])).nonzero()[:, 0]
+            g, lo, hi = gain_interval(pick[idx], q[idx], levels)
+            cells.append(f"{g:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        print(f"| {d} | " + " | ".join(cells) + " |")
     print(f"\nMean level picked per domain ({last} table):\n")
     print("| predictor | " + " | ".join(DOMAINS) + " |")
     print("|---|" + "---|" * len(DOMAINS))

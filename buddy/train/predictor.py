@@ -64,7 +64,7 @@ class PredictorTrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.1
     clip: float = 0.2
-    beta: float = 0.02
+    beta: float = 0.1
     inner: int = 2
     data: str = "mix"
     prompts: int = 896
