@@ -25,7 +25,7 @@ import torch
 import buddy
 from buddy.predictor import load_predictor
 from buddy.prompt_mix import DOMAINS, MC_DOMAINS
-from buddy.train.predictor import PredictorTrainConfig, PredictorTrainer
+from buddy.train.predictor import PredictorTrainConfig, split_table
 
 
 BOOT = 1000
@@ -60,11 +60,10 @@ def main() -> None:
     args = ap.parse_args()
     engine = buddy.load(args.model, planner="router", dtype="bfloat16")
     cfg = PredictorTrainConfig(data=args.data, prompts=args.prompts, val_prompts=args.val_prompts)
-    t = PredictorTrainer(engine, cfg, "unused")
     splits = {"train": args.prompts, "validation": args.val_prompts}
     if args.data == "mix":
         splits["test"] = args.test_prompts
-    tables = {name: t.table(name, n) for name, n in splits.items()}
+    tables = {name: split_table(engine, cfg, name, n) for name, n in splits.items()}
     levels = torch.tensor(cfg.level_list)
     print("| lambda | table | oracle mean level | oracle quality | chord at that level | oracle - chord |")
     print("|---|---|---|---|---|---|")

@@ -195,6 +195,13 @@ def cached_mix_table(engine, bb, cfg: PredictorTrainConfig, split: str, n: int, 
     return feats, q, dom
 
 
+def split_table(engine, cfg: PredictorTrainConfig, split: str, n: int, progress: bool = True):
+    """(features, quality, domain index or None) of `cfg.data` for one split: n items, cached."""
+    if cfg.data == "mix":
+        return cached_mix_table(engine, engine.bb, cfg, split, n, progress)
+    return (*cached_table(engine, engine.bb, cfg, split, n, progress), None)
+
+
 # --- GRPO ----------------------------------------------------------------------------------------
 def rewards(quality: torch.Tensor, levels: torch.Tensor, tradeoff: float) -> torch.Tensor:
     """[N, n_levels] reward of each level: quality - tradeoff * executed-layer fraction."""
@@ -257,14 +264,9 @@ class PredictorTrainer:
         self.step, self.history, self.seconds = 0, [], 0.0
 
     def tables(self, progress: bool = True):
-        tr, va = self.table("train", self.cfg.prompts, progress), self.table("validation", self.cfg.val_prompts, progress)
+        tr = split_table(self.engine, self.cfg, "train", self.cfg.prompts, progress)
+        va = split_table(self.engine, self.cfg, "validation", self.cfg.val_prompts, progress)
         self.train, self.val, self.val_domain = tr[:2], va[:2], va[2]
-
-    def table(self, split: str, n: int, progress: bool = True):
-        """(features, quality, domain index or None) of the configured data for one split."""
-        if self.cfg.data == "mix":
-            return cached_mix_table(self.engine, self.bb, self.cfg, split, n, progress)
-        return (*cached_table(self.engine, self.bb, self.cfg, split, n, progress), None)
 
     def save_state(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
