@@ -4,6 +4,7 @@ These read only the packaged files, so they run without any model installed.
 """
 
 import json
+import re
 
 import pytest
 
@@ -40,6 +41,7 @@ def test_shipped_router_matches_its_calibration(d):
     assert module.cfg.n_layers == meta.n_layers
     assert meta.command.startswith("buddy train router") and f"--model {meta.model}" in meta.command
     assert meta.steps > 0 and meta.data and meta.train_seconds > 0
+    assert re.fullmatch(r"[0-9a-f]{40}", meta.git_commit)  # a clean commit reproduces it ("+dirty" would not)
     v = meta.validation
     assert set(v["router_ppl"]) == set(v["prior_only_ppl"]) and v["router_ppl"]
 
@@ -49,4 +51,5 @@ def test_shipped_predictor_matches_its_model(d):
     cal = _calibration(d.name)
     module, meta = load_predictor(d, checksum=cal["checksum"])
     assert meta.model == d.name and meta.steps > 0 and meta.command.startswith("buddy train predictor")
+    assert re.fullmatch(r"[0-9a-f]{40}", meta.git_commit)
     assert module.cfg.levels == tuple(sorted(module.cfg.levels))

@@ -188,3 +188,20 @@ def test_straight_through_estimator_training_runs(tmp_path):
     t.cfg.estimator = "st"
     t.run(progress=False)
     assert len(t.history) == 3 and t.history[0]["loss"] != t.history[-1]["loss"]
+
+
+def test_artifact_commit_says_when_the_checkout_was_dirty(tmp_path):
+    import subprocess
+
+    from buddy.train.router import _git_commit
+
+    assert _git_commit(tmp_path) == ""  # not a checkout
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "f.py").write_text("a = 1\n")
+    subprocess.run(git + ["add", "f.py"], check=True)
+    subprocess.run(git + ["commit", "-qm", "c"], check=True)
+    clean = _git_commit(tmp_path)
+    assert len(clean) == 40 and "+" not in clean
+    (tmp_path / "f.py").write_text("a = 2\n")
+    assert _git_commit(tmp_path) == clean + "+dirty"

@@ -216,10 +216,17 @@ def init_distributed() -> bool:
     return True
 
 
-def _git_commit() -> str:
+def _git_commit(here: Path | None = None) -> str:
+    """HEAD of the checkout Buddy runs from (or of `here`), with "+dirty" when its tracked files have
+    uncommitted changes (then the commit alone does not reproduce an artifact); "" outside a checkout."""
+    here = here or Path(__file__).parent
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=here).stdout.strip()
+        if head and subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, timeout=5, cwd=here).stdout.strip():
+            head += "+dirty"
+        return head
     except (OSError, subprocess.SubprocessError):
         return ""
 
