@@ -6,9 +6,9 @@ Data (`--data`): `mix` (default), the cross-domain prompt mix of `buddy.prompt_m
 Wikipedia, news, paper abstracts, math and the multiple-choice tasks; the training and validation documents
 only, never the ones `buddy sweep --limit 100` evaluates), or `sotu`, State of the Union windows (train years
 for training, validation years for validation). Each item is a prompt of up to `prompt_len` tokens and a
-continuation of up to `cont_len`. For every item and budget level the routed model's quality is measured once: the negative mean per-token KL from the dense model over the continuation (or
-the continuation's log-likelihood, `--quality nll`), with the prompt routed as a prompt and the
-continuation as decode. These tables are cached, so GRPO itself is cheap and several trade-offs reuse them.
+continuation of up to `cont_len`. For every item and budget level the routed model's quality is measured
+once: the negative mean per-token KL from the dense model over the continuation (or the continuation's
+log-likelihood, `--quality nll`), with the prompt routed as a prompt and the continuation as decode. These tables are cached, so GRPO itself is cheap and several trade-offs reuse them.
 
 GRPO: for each prompt sample a group of G levels from the policy; reward = quality - tradeoff * layer
 fraction; advantages normalised within the group; clipped policy-gradient objective over `inner` updates,
