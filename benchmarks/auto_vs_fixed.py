@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from buddy.budget import Budget
 from buddy.eval.sweep import read_results
 from buddy.predictor import DEFAULT_LEVELS
 
@@ -45,7 +46,7 @@ def main() -> None:
     def level_ks(pred, n_layers):
         f = Path(pred) / "predictor.json"
         levels = json.loads(f.read_text())["config"]["levels"] if f.is_file() else DEFAULT_LEVELS
-        return {max(2, min(n_layers, math.floor(x * n_layers + 0.5))) for x in levels}
+        return {Budget(fraction=x).k(n_layers) for x in levels}
 
     def ppl_at(curve, x):
         xs, ys = zip(*curve)

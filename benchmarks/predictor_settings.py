@@ -27,7 +27,10 @@ def main() -> None:
     ap.add_argument("--tradeoffs", default="2.5,3.5,5,7")
     ap.add_argument("--seeds", default="0,1,2")
     args = ap.parse_args()
-    field, values = args.grid.split("=", 1)
+    field, _, values = args.grid.partition("=")
+    if not values or field in ("tradeoff", "seed") or not hasattr(PredictorTrainConfig, field):
+        ap.error(f"invalid --grid {args.grid!r}: FIELD=V1,V2 with a PredictorTrainConfig field other than "
+                 "tradeoff and seed (e.g. beta=0.02,0.1)")
     kind = type(getattr(PredictorTrainConfig, field))
     engine = buddy.load(args.model, planner="router", dtype="bfloat16")
     print(f"| {field} | lambda | validation gain per seed ({args.seeds}) |")

@@ -15,12 +15,12 @@ and the continuation's quality at a level:
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
 import torch
 
 import buddy
+from buddy.budget import Budget
 from buddy.data import sotu_texts, token_windows
 from buddy.train.predictor import PredictorTrainConfig, cached_table, quality_table
 
@@ -40,7 +40,7 @@ def main() -> None:
     bb, cfg = engine.bb, PredictorTrainConfig(data="sotu", prompts=384, val_prompts=96)
     L = engine.n_layers
     levels = cfg.level_list[:-1]  # the full level has quality 0 by definition
-    ks = [max(2, min(L, math.floor(x * L + 0.5))) for x in levels]
+    ks = [Budget(fraction=x).k(L) for x in levels]
     print("| split | signal | " + " | ".join(f"quality at {x:g} (k={k})" for x, k in zip(levels, ks)) + " |")
     print("|---|---|" + "---|" * len(levels))
     for split, n in (("train", cfg.prompts), ("validation", cfg.val_prompts)):

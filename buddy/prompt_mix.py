@@ -11,8 +11,8 @@ on the continuation. Domains (all from installed packages; nothing is downloaded
   multiple-choice tasks of `buddy eval zeroshot` (the context, then the gold continuation, split as lm-eval
   splits them).
 
-Splits are disjoint by document. `test` holds the documents that `buddy sweep --limit 100` evaluates (the first
-100 of every task) and the SOTU test years; `validation` the next 50 documents and the SOTU validation years;
+Splits are disjoint by document. `test` is drawn from the documents that `buddy sweep --limit 100` evaluates
+(the first 100 of every task) and the SOTU test years; `validation` the next 50 documents and the SOTU validation years;
 `train` everything after and the SOTU training years. Usage:
 
     items = mix_items(tokenizer, "train", per_domain=96)
@@ -53,7 +53,7 @@ def _unique(xs):
 
 
 def _texts(domain: str) -> list[str]:
-    """The documents of a prose or QA domain, in file order (deduplicated)."""
+    """The documents of a prose domain, in file order (deduplicated)."""
     from .eval.tasks import _requests
 
     if domain == "lambada":

@@ -187,3 +187,19 @@ def test_prompt_mix_splits_are_disjoint_and_test_is_what_the_sweep_evaluates():
         mix_items(tok, "train", 2, domains=("nope",))
     with pytest.raises(ValueError, match="unknown split"):
         mix_items(tok, "dev", 2, domains=doms)
+
+
+def test_quality_tables_are_computed_once_and_written_atomically(tmp_path):
+    from buddy.train.predictor import _cached
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"quality": torch.arange(6.0).reshape(3, 2).t()}  # non-contiguous on purpose
+
+    path = tmp_path / "sub" / "t.safetensors"
+    a = _cached(path, compute)
+    b = _cached(path, compute)
+    assert len(calls) == 1 and torch.equal(a["quality"], b["quality"])
+    assert [p.name for p in path.parent.iterdir()] == ["t.safetensors"]  # no temporary file left

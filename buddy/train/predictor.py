@@ -8,7 +8,8 @@ only, never the ones `buddy sweep --limit 100` evaluates), or `sotu`, State of t
 for training, validation years for validation). Each item is a prompt of up to `prompt_len` tokens and a
 continuation of up to `cont_len`. For every item and budget level the routed model's quality is measured
 once: the negative mean per-token KL from the dense model over the continuation (or the continuation's
-log-likelihood, `--quality nll`), with the prompt routed as a prompt and the continuation as decode. These tables are cached, so GRPO itself is cheap and several trade-offs reuse them.
+log-likelihood, `--quality nll`), with the prompt routed as a prompt and the continuation as decode. These
+tables are cached, so GRPO itself is cheap and several trade-offs reuse them.
 
 GRPO: for each prompt sample a group of G levels from the policy; reward = quality - tradeoff * layer
 fraction; advantages normalised within the group; clipped policy-gradient objective over `inner` updates,
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..budget import Budget
 from ..config import ConfigError, cache_dir
 from ..predictor import BudgetPredictor, PredictorConfig, PredictorMeta, prompt_features, save_predictor
 
@@ -103,7 +105,7 @@ def quality_table(engine, windows: torch.Tensor, levels, prompt_len: int, qualit
     from ..eval.ppl import window_logits
 
     L = engine.n_layers
-    ks = [max(2, min(L, math.floor(x * L + 0.5))) for x in levels]
+    ks = [Budget(fraction=x).k(L) for x in levels]
     out = torch.zeros(windows.shape[0], len(levels))
     for s in tqdm(range(0, windows.shape[0], batch), desc=desc, unit="batch", disable=not progress, leave=False):
         ids = windows[s:s + batch].to(engine.bb.device)
@@ -129,26 +131,34 @@ def _table_path(bb, planner: str, policy: str, cfg: PredictorTrainConfig, split:
     return cache_dir() / "predictor" / f"{bb.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
 
-def cached_table(engine, bb, cfg: PredictorTrainConfig, split: str, n: int, progress: bool = True):
-    """(features [N, F], quality [N, n_levels]) for n SOTU windows of a split; computed once, then cached."""
+def _cached(path: Path, compute) -> dict[str, torch.Tensor]:
+    """The tensors in `path`, or `compute()`'s, written there atomically first."""
     from safetensors.torch import load_file, save_file
 
-    from ..data import sotu_texts, token_windows
-
-    path = _table_path(bb, engine.planner.name, engine.kv_policy, cfg, split, n)
     if path.is_file():
-        t = load_file(path)
-        return t["features"], t["quality"]
-    windows = token_windows(bb.tokenizer, sotu_texts(split), cfg.prompt_len + cfg.cont_len, n)
-    feats = torch.cat([prompt_features(bb, windows[s:s + 32, :cfg.prompt_len], engine.kv_policy)
-                       for s in range(0, windows.shape[0], 32)])
-    q = quality_table(engine, windows, cfg.level_list, cfg.prompt_len, cfg.quality, progress=progress,
-                      desc=f"quality ({split})")
+        return load_file(path)
+    t = {k: v.contiguous() for k, v in compute().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({"features": feats.contiguous(), "quality": q.contiguous()}, tmp)
+    save_file(t, tmp)
     os.replace(tmp, path)
-    return feats, q
+    return t
+
+
+def cached_table(engine, bb, cfg: PredictorTrainConfig, split: str, n: int, progress: bool = True):
+    """(features [N, F], quality [N, n_levels]) for n SOTU windows of a split; computed once, then cached."""
+    from ..data import sotu_texts, token_windows
+
+    def compute():
+        windows = token_windows(bb.tokenizer, sotu_texts(split), cfg.prompt_len + cfg.cont_len, n)
+        feats = torch.cat([prompt_features(bb, windows[s:s + 32, :cfg.prompt_len], engine.kv_policy)
+                           for s in range(0, windows.shape[0], 32)])
+        q = quality_table(engine, windows, cfg.level_list, cfg.prompt_len, cfg.quality, progress=progress,
+                          desc=f"quality ({split})")
+        return {"features": feats, "quality": q}
+
+    t = _cached(_table_path(bb, engine.planner.name, engine.kv_policy, cfg, split, n), compute)
+    return t["features"], t["quality"]
 
 
 def item_table(engine, items, levels, quality: str = "kl", progress: bool = True, desc: str = "quality",
@@ -176,23 +186,16 @@ def item_table(engine, items, levels, quality: str = "kl", progress: bool = True
 def cached_mix_table(engine, bb, cfg: PredictorTrainConfig, split: str, n: int, progress: bool = True):
     """(features, quality, domain index) of n prompt-mix items of a split (n // len(DOMAINS) per domain);
     computed once, then cached."""
-    from safetensors.torch import load_file, save_file
-
     from ..prompt_mix import DOMAINS, VERSION, mix_items
 
-    path = _table_path(bb, engine.planner.name, engine.kv_policy, cfg, f"mix{VERSION}-{split}", n)
-    if path.is_file():
-        t = load_file(path)
-        return t["features"], t["quality"], t["domain"]
-    items = mix_items(bb.tokenizer, split, max(1, n // len(DOMAINS)), cfg.prompt_len, cfg.cont_len)
-    feats, q = item_table(engine, items, cfg.level_list, cfg.quality, progress, f"quality (mix {split})",
-                          engine.kv_policy)
-    dom = torch.tensor([DOMAINS.index(it.domain) for it in items])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"features": feats.contiguous(), "quality": q.contiguous(), "domain": dom}, tmp)
-    os.replace(tmp, path)
-    return feats, q, dom
+    def compute():
+        items = mix_items(bb.tokenizer, split, max(1, n // len(DOMAINS)), cfg.prompt_len, cfg.cont_len)
+        feats, q = item_table(engine, items, cfg.level_list, cfg.quality, progress, f"quality (mix {split})",
+                              engine.kv_policy)
+        return {"features": feats, "quality": q, "domain": torch.tensor([DOMAINS.index(it.domain) for it in items])}
+
+    t = _cached(_table_path(bb, engine.planner.name, engine.kv_policy, cfg, f"mix{VERSION}-{split}", n), compute)
+    return t["features"], t["quality"], t["domain"]
 
 
 def split_table(engine, cfg: PredictorTrainConfig, split: str, n: int, progress: bool = True):
