@@ -9,6 +9,10 @@ layer counts (log-perplexity for `ppl-sotu`, accuracy for the average over the m
 - `fixed`: between all of the method's fixed layer counts in the file and the dense model at k = L;
 - `fixed, levels`: only between the layer counts of the predictor's own levels (k = round(level * L)), i.e.
   what a mix of the fixed budgets that `auto` chooses among reaches at the same mean.
+
+When the rows carry per-document results (`per_doc`, written by `buddy sweep`), a second table gives the
+difference against `fixed` paired by document (the same documents and SOTU windows, fixed interpolated per
+document with the same weights), with a 95% bootstrap interval over documents.
 """
 
 from __future__ import annotations
@@ -58,6 +62,37 @@ def main() -> None:
         xs, ys = zip(*avg)
         return float(np.interp(x, xs, ys))
 
+    def bracket(task, x):
+        """[(weight, fixed row)] of the two fixed layer counts around x (linear interpolation weights)."""
+        by_k = {}  # one row per layer count, preferring rows with per-document results
+        for r in rows:
+            if r["task"] == task and r["k"] != "auto" and r["method"] in (args.method, "dense"):
+                if "per_doc" in r or "per_doc" not in by_k.get(r["k"], {}):
+                    by_k[r["k"]] = r
+        pts = sorted(((r["layers_per_token"], r) for r in by_k.values()), key=lambda p: p[0])
+        xs = [a for a, _ in pts]
+        j = min(max(int(np.searchsorted(xs, x)), 1), len(xs) - 1)
+        (a, ra), (b, rb) = pts[j - 1], pts[j]
+        w = min(max((x - a) / (b - a), 0.0), 1.0)
+        return [(1 - w, ra), (w, rb)]
+
+    def paired(mine, x_of, key, tasks_):
+        """Per-task arrays of auto - fixed per document, or None without per-document rows."""
+        out = []
+        for t in tasks_:
+            pair = bracket(t, x_of(t))
+            if any("per_doc" not in r for _, r in pair) or "per_doc" not in mine[t]:
+                return None
+            fixed = sum(w * np.asarray(r["per_doc"][key], float) for w, r in pair)
+            out.append(np.asarray(mine[t]["per_doc"][key], float) - fixed)
+        return out
+
+    def boot(diffs, stat, n=4000, seed=0):
+        rng = np.random.default_rng(seed)
+        reps = [stat([d[rng.integers(0, len(d), len(d))] for d in diffs]) for _ in range(n)]
+        return stat(diffs), *np.percentile(reps, [2.5, 97.5])
+
+    paired_lines = []
     print("| predictor | lambda | task | auto layers/token | auto | fixed | auto - fixed | fixed, levels | "
           "auto - fixed, levels |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -75,6 +110,11 @@ def main() -> None:
                 cells += [f"{fixed:.2f}", f"{r['ppl'] - fixed:+.2f} ({100 * (r['ppl'] / fixed - 1):+.1f}%)"]
             print(f"| {pred} | {lam} | ppl-sotu (ppl, lower is better) | {r['layers_per_token']:.2f} | {r['ppl']:.2f} | "
                   + " | ".join(cells) + " |")
+            d = paired(mine, lambda t: r["layers_per_token"], "nll", ["ppl-sotu"])
+            if d is not None:
+                m, lo, hi = (100 * (math.exp(v) - 1) for v in boot(d, lambda ds: float(ds[0].mean())))
+                paired_lines.append(f"| {pred} | {lam} | ppl-sotu: auto / fixed - 1 | {m:+.1f}% [{lo:+.1f}%, {hi:+.1f}%] "
+                                    f"| {len(d[0])} windows |")
         if all(t in mine for t in tasks):
             lpt = sum(mine[t]["layers_per_token"] for t in tasks) / len(tasks)
             acc = sum(mine[t]["acc"] for t in tasks) / len(tasks)
@@ -84,6 +124,16 @@ def main() -> None:
                 cells += [f"{100 * fixed:.1f}", f"{100 * (acc - fixed):+.1f}"]
             print(f"| {pred} | {lam} | average of {len(tasks)} tasks (acc %) | {lpt:.2f} | {100 * acc:.1f} | "
                   + " | ".join(cells) + " |")
+            d = paired(mine, lambda t: lpt, "acc", tasks)
+            if d is not None:
+                m, lo, hi = (100 * v for v in boot(d, lambda ds: float(np.mean([x.mean() for x in ds]))))
+                paired_lines.append(f"| {pred} | {lam} | average of {len(tasks)} tasks: auto - fixed (acc points) | "
+                                    f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}] | {sum(len(x) for x in d)} documents |")
+    if paired_lines:
+        print("\nPaired by document, against `fixed` (95% bootstrap interval over documents):\n")
+        print("| predictor | lambda | measure | auto vs fixed [95% CI] | n |")
+        print("|---|---|---|---|---|")
+        print("\n".join(paired_lines))
 
 
 if __name__ == "__main__":

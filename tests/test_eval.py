@@ -141,6 +141,19 @@ def test_smollm2_task_scores_equal_transformers(smol32):
 
 
 @pytest.mark.integration
+def test_per_document_results_match_the_aggregates(smol32):
+    """Per-document correctness (sweep rows' `per_doc`) sums to acc, and each entry is that document alone."""
+    from buddy.eval.zeroshot import evaluate_mc
+
+    docs = load_mc("arc_easy", 6)
+    res = evaluate_mc(smol32, "arc_easy", docs, layers=19)
+    assert len(res.per_doc["acc"]) == 6 and sum(res.per_doc["acc"]) / 6 == res.acc
+    assert sum(res.per_doc["acc_norm"]) / 6 == res.acc_norm
+    alone = [evaluate_mc(smol32, "arc_easy", [d], layers=19).acc for d in docs]
+    assert res.per_doc["acc"] == alone
+
+
+@pytest.mark.integration
 def test_lambada_output_is_the_greedy_generation(smol32):
     from buddy.eval.generation import evaluate_gen
     from buddy.eval.tasks import load_gen

@@ -167,6 +167,19 @@ def test_window_logits_with_prefill_equals_stepwise_decode():
     assert (plan[:, 6:] == plan[:, 5:6]).all()
 
 
+def test_per_window_nll_matches_the_total():
+    from buddy.eval.ppl import evaluate_windows
+
+    bb = tiny_backbone("llama", n_layers=8)
+    eng = Engine(bb, RouterPlanner(random_router(bb, 3), prior_scores(list(range(1, 7)), 8)), "fill")
+    ids = torch.randint(0, 97, (5, 12))
+    res = evaluate_windows(eng, ids, layers=5, batch_size=2, prefill=4)
+    assert len(res.window_nll) == 5
+    assert sum(res.window_nll) / 5 == pytest.approx(res.nll, rel=1e-5)
+    for i in (0, 4):  # each entry is that window evaluated alone
+        assert res.window_nll[i] == pytest.approx(evaluate_windows(eng, ids[i:i + 1], layers=5, prefill=4).nll, abs=1e-4)
+
+
 def test_swap_plans_keep_exact_k_and_swap_near_the_threshold():
     from buddy.train.router import swap_plans
 

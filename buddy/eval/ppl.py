@@ -24,6 +24,7 @@ class PplResult:
     tokens: int
     layers_per_token: float
     chosen_k: dict[int, int] = field(default_factory=dict)  # budget="auto": windows per chosen layer count
+    window_nll: list[float] = field(default_factory=list)  # mean next-token NLL of each window, in order
 
 
 @torch.inference_mode()
@@ -44,7 +45,7 @@ def evaluate_windows(engine, windows: torch.Tensor, budget=None, layers=None, ba
                      progress: bool = False, prefill: int = 0) -> PplResult:
     """Mean next-token NLL over windows [N, T] (the first token of each window is context only).
     `prefill`: tokens of each window routed as the prompt; later ones follow decode-time rerouting."""
-    total, count, layer_sum = 0.0, 0, 0.0
+    total, count, layer_sum, per_window = 0.0, 0, 0.0, []
     k = engine.resolve_k(budget, layers)
     ks = None
     if k == AUTO:  # one choice per window, from its prompt part
@@ -53,12 +54,12 @@ def evaluate_windows(engine, windows: torch.Tensor, budget=None, layers=None, ba
     for s in tqdm(it, desc="ppl", unit="batch", disable=not progress, leave=False):
         ids = windows[s:s + batch_size].to(engine.bb.device)
         logits, plan = window_logits(engine, ids, ks[s:s + batch_size] if ks else k, prefill)
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += float(nll)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").sum(1)
+        per_window += (nll / (ids.shape[1] - 1)).tolist()
+        total += float(nll.sum())
         count += ids[:, 1:].numel()
         layer_sum += float(plan[:, 1:].sum())
     nll = total / count
     chosen = {x: ks.count(x) for x in sorted(set(ks))} if ks else {}
-    return PplResult(ppl=math.exp(nll), nll=nll, tokens=count, layers_per_token=layer_sum / count, chosen_k=chosen)
+    return PplResult(ppl=math.exp(nll), nll=nll, tokens=count, layers_per_token=layer_sum / count, chosen_k=chosen,
+                     window_nll=per_window)

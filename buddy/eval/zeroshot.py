@@ -11,7 +11,7 @@ log-likelihood) and `acc_norm` (log-likelihood per UTF-8 byte of the continuatio
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -28,6 +28,7 @@ class MCResult:
     docs: int
     layers_per_token: float
     wall_s: float
+    per_doc: dict[str, list[int]] = field(default_factory=dict)  # "acc" / "acc_norm": 1 if a document is right
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -105,11 +106,12 @@ def evaluate_mc(engine, task: str, docs: list[MCDoc], budget=None, layers=None, 
         spans.append((len(pairs), len(d.requests)))
         pairs.extend(tokenize_pair(tok, c, x) for c, x in d.requests)
     ll, _, layer_sum, n_tok = score_requests(engine, pairs, k, contexts_per_batch, progress, desc=task)
-    acc = acc_norm = 0
+    acc, acc_norm = [], []
     for d, (s, n) in zip(docs, spans):
         scores = ll[s:s + n]
         norm = [v / max(len(x.encode("utf-8")), 1) for v, (_, x) in zip(scores, d.requests)]
-        acc += int(max(range(n), key=scores.__getitem__) == d.gold)
-        acc_norm += int(max(range(n), key=norm.__getitem__) == d.gold)
+        acc.append(int(max(range(n), key=scores.__getitem__) == d.gold))
+        acc_norm.append(int(max(range(n), key=norm.__getitem__) == d.gold))
     n = max(len(docs), 1)
-    return MCResult(task, acc / n, acc_norm / n, len(docs), layer_sum / max(n_tok, 1), time.perf_counter() - t0)
+    return MCResult(task, sum(acc) / n, sum(acc_norm) / n, len(docs), layer_sum / max(n_tok, 1),
+                    time.perf_counter() - t0, {"acc": acc, "acc_norm": acc_norm})
