@@ -145,12 +145,12 @@ def test_per_document_results_match_the_aggregates(smol32):
     """Per-document correctness (sweep rows' `per_doc`) sums to acc, and each entry is that document alone."""
     from buddy.eval.zeroshot import evaluate_mc
 
-    docs = load_mc("arc_easy", 6)
-    res = evaluate_mc(smol32, "arc_easy", docs, layers=19)
-    assert len(res.per_doc["acc"]) == 6 and sum(res.per_doc["acc"]) / 6 == res.acc
-    assert sum(res.per_doc["acc_norm"]) / 6 == res.acc_norm
-    alone = [evaluate_mc(smol32, "arc_easy", [d], layers=19).acc for d in docs]
-    assert res.per_doc["acc"] == alone
+    docs = load_mc("boolq", 8)  # right and wrong answers both occur among these
+    res = evaluate_mc(smol32, "boolq", docs, layers=30)
+    assert len(res.per_doc["acc"]) == 8 and sum(res.per_doc["acc"]) / 8 == res.acc
+    assert 0 < res.acc < 1 and sum(res.per_doc["acc_norm"]) / 8 == res.acc_norm
+    alone = [evaluate_mc(smol32, "boolq", [d], layers=30) for d in docs]
+    assert res.per_doc["acc"] == [r.acc for r in alone] and res.per_doc["acc_norm"] == [r.acc_norm for r in alone]
 
 
 @pytest.mark.integration
