@@ -39,13 +39,18 @@ def main() -> None:
     rows = read_results(args.results)
     tasks = args.tasks.split(",")
 
-    def fixed_curve(task, metric, only=None):
-        pts = {}
+    def fixed_rows(task):
+        """The method's fixed-budget rows and dense for a task, one per layer count (the last, preferring rows
+        with per-document results), sorted by measured layers per token."""
+        by_k = {}
         for r in rows:
             if r["task"] == task and (r["method"] == args.method and r["k"] != "auto" or r["method"] == "dense"):
-                if only is None or r["k"] in only:
-                    pts[r["k"]] = (r["layers_per_token"], r[metric])
-        return sorted(pts.values())
+                if "per_doc" in r or "per_doc" not in by_k.get(r["k"], {}):
+                    by_k[r["k"]] = r
+        return sorted(by_k.values(), key=lambda r: r["layers_per_token"])
+
+    def fixed_curve(task, metric, only=None):
+        return [(r["layers_per_token"], r[metric]) for r in fixed_rows(task) if only is None or r["k"] in only]
 
     def level_ks(pred, n_layers):
         f = Path(pred) / "predictor.json"
@@ -64,15 +69,10 @@ def main() -> None:
 
     def bracket(task, x):
         """[(weight, fixed row)] of the two fixed layer counts around x (linear interpolation weights)."""
-        by_k = {}  # one row per layer count, preferring rows with per-document results
-        for r in rows:
-            if r["task"] == task and r["k"] != "auto" and r["method"] in (args.method, "dense"):
-                if "per_doc" in r or "per_doc" not in by_k.get(r["k"], {}):
-                    by_k[r["k"]] = r
-        pts = sorted(((r["layers_per_token"], r) for r in by_k.values()), key=lambda p: p[0])
-        xs = [a for a, _ in pts]
-        j = min(max(int(np.searchsorted(xs, x)), 1), len(xs) - 1)
-        (a, ra), (b, rb) = pts[j - 1], pts[j]
+        pts = fixed_rows(task)
+        j = min(max(int(np.searchsorted([r["layers_per_token"] for r in pts], x)), 1), len(pts) - 1)
+        ra, rb = pts[j - 1], pts[j]
+        a, b = ra["layers_per_token"], rb["layers_per_token"]
         w = min(max((x - a) / (b - a), 0.0), 1.0)
         return [(1 - w, ra), (w, rb)]
 

@@ -55,10 +55,18 @@ def main() -> None:
     ap.add_argument("--targets", default="19,22,26", help="mean layer counts to compare at")
     ap.add_argument("--ridge", type=float, default=10.0)
     args = ap.parse_args()
+    try:
+        targets = [float(t) for t in args.targets.split(",")]
+    except ValueError:
+        ap.error(f"invalid --targets {args.targets!r}: use mean layer counts such as 19,22,26")
+    if min(args.train_windows, args.val_windows) < 1:
+        ap.error("--train-windows and --val-windows must be >= 1")
     torch.manual_seed(0)
     eng = load(args.model)
     L = eng.n_layers
     ks = torch.tensor(sorted({Budget(fraction=x).k(L) for x in DEFAULT_LEVELS}))
+    if not all(ks[0] < t < ks[-1] for t in targets):
+        ap.error(f"invalid --targets {args.targets!r}: each must lie between the levels' {int(ks[0])} and {int(ks[-1])} layers")
     route = eng.planner.plan
     seen = []
 
@@ -119,7 +127,7 @@ def main() -> None:
           "end to end vs fixed | oracle (table) |")
     print("|---|---|---|---|---|---|")
     fixed_cache: dict[int, float] = {int(k): float(y_va[..., j].mean()) for j, k in enumerate(ks.tolist())}
-    for target in (float(t) for t in args.targets.split(",")):
+    for target in targets:
         mu = mu_for(pred_tr, target)
         choice = (x_va @ w + mu * ks).argmin(-1)
         t_layers = float(ks[choice].float().mean())
