@@ -173,7 +173,7 @@ def test_per_window_nll_matches_the_total():
     bb = tiny_backbone("llama", n_layers=8)
     eng = Engine(bb, RouterPlanner(random_router(bb, 3), prior_scores(list(range(1, 7)), 8)), "fill")
     ids = torch.randint(0, 97, (5, 12))
-    res = evaluate_windows(eng, ids, layers=5, batch_size=2, prefill=4)
+    res = evaluate_windows(eng, ids, layers=5, batch_size=2, prefill=4, per_window=True)
     assert len(res.window_nll) == 5
     assert sum(res.window_nll) / 5 == pytest.approx(res.nll, rel=1e-5)
     for i in (0, 4):  # each entry is that window evaluated alone

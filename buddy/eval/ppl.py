@@ -24,7 +24,7 @@ class PplResult:
     tokens: int
     layers_per_token: float
     chosen_k: dict[int, int] = field(default_factory=dict)  # budget="auto": windows per chosen layer count
-    window_nll: list[float] = field(default_factory=list)  # mean next-token NLL of each window, in order
+    window_nll: list[float] = field(default_factory=list)  # per_window=True: each window's mean NLL, in order
 
 
 @torch.inference_mode()
@@ -42,10 +42,11 @@ def window_logits(engine, ids: torch.Tensor, k: int, prefill: int = 0):
 
 
 def evaluate_windows(engine, windows: torch.Tensor, budget=None, layers=None, batch_size: int = 4,
-                     progress: bool = False, prefill: int = 0) -> PplResult:
+                     progress: bool = False, prefill: int = 0, per_window: bool = False) -> PplResult:
     """Mean next-token NLL over windows [N, T] (the first token of each window is context only).
-    `prefill`: tokens of each window routed as the prompt; later ones follow decode-time rerouting."""
-    total, count, layer_sum, per_window = 0.0, 0, 0.0, []
+    `prefill`: tokens of each window routed as the prompt; later ones follow decode-time rerouting.
+    `per_window`: also return each window's mean NLL (`window_nll`)."""
+    total, count, layer_sum, window_nll = 0.0, 0, 0.0, []
     k = engine.resolve_k(budget, layers)
     ks = None
     if k == AUTO:  # one choice per window, from its prompt part
@@ -54,12 +55,16 @@ def evaluate_windows(engine, windows: torch.Tensor, budget=None, layers=None, ba
     for s in tqdm(it, desc="ppl", unit="batch", disable=not progress, leave=False):
         ids = windows[s:s + batch_size].to(engine.bb.device)
         logits, plan = window_logits(engine, ids, ks[s:s + batch_size] if ks else k, prefill)
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").sum(1)
-        per_window += (nll / (ids.shape[1] - 1)).tolist()
-        total += float(nll.sum())
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += float(nll)
+        if per_window:
+            tok = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+            window_nll += tok.mean(dim=1).tolist()
         count += ids[:, 1:].numel()
         layer_sum += float(plan[:, 1:].sum())
     nll = total / count
     chosen = {x: ks.count(x) for x in sorted(set(ks))} if ks else {}
     return PplResult(ppl=math.exp(nll), nll=nll, tokens=count, layers_per_token=layer_sum / count, chosen_k=chosen,
-                     window_nll=per_window)
+                     window_nll=window_nll)

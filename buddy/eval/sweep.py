@@ -66,7 +66,7 @@ def run_task(engine, task: str, k, limit: int | None = None, progress: bool = Fa
         t0 = time.perf_counter()
         n = min(limit, PPL_WINDOWS) if limit else PPL_WINDOWS
         windows = token_windows(engine.tokenizer, sotu_texts(PPL_TASKS[task]), PPL_WINDOW, n)
-        r = evaluate_windows(engine, windows, prefill=PPL_PREFILL, progress=progress, **kw)
+        r = evaluate_windows(engine, windows, prefill=PPL_PREFILL, progress=progress, per_window=True, **kw)
         out = {"ppl": r.ppl, "docs": windows.shape[0], "tokens": r.tokens, "layers_per_token": r.layers_per_token,
                "wall_s": time.perf_counter() - t0, "per_doc": {"nll": [round(x, 5) for x in r.window_nll]}}
         if r.chosen_k:
