@@ -17,7 +17,7 @@ import torch
 
 import buddy
 from buddy.data import sotu_texts, token_windows
-from buddy.eval.ppl import window_logits
+from buddy.eval.ppl import evaluate_windows
 from buddy.eval.sweep import PPL_PREFILL, PPL_WINDOW, PPL_WINDOWS
 
 
@@ -31,15 +31,8 @@ def main() -> None:
     m = buddy.load(args.model, dtype="bfloat16", predictor=args.predictor)
     w = token_windows(m.bb.tokenizer, sotu_texts("test"), PPL_WINDOW, PPL_WINDOWS)
     ks = torch.tensor(m.choose_k(w[:, :PPL_PREFILL].tolist()))
-    nll = {}
-    for k in sorted(set(ks.tolist())):
-        rows = []
-        for s in range(0, w.shape[0], 4):
-            ids = w[s:s + 4]
-            logits, _ = window_logits(m, ids, k, PPL_PREFILL)
-            rows.append(torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), ids[:, 1:],
-                                                          reduction="none").mean(1))
-        nll[k] = torch.cat(rows)
+    nll = {k: torch.tensor(evaluate_windows(m, w, layers=k, prefill=PPL_PREFILL, per_window=True).window_nll)
+           for k in sorted(set(ks.tolist()))}
 
     def ppl(assign):
         return math.exp(float(torch.stack([nll[int(k)][i] for i, k in enumerate(assign)]).mean()))

@@ -32,14 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from buddy.api import load  # noqa: E402
 from buddy.budget import Budget  # noqa: E402
 from buddy.data import sotu_texts, token_windows  # noqa: E402
-from buddy.eval.ppl import window_logits  # noqa: E402
+from buddy.eval.ppl import evaluate_windows, token_nll, window_logits  # noqa: E402
 from buddy.predictor import DEFAULT_LEVELS  # noqa: E402
 
 WINDOW, PREFILL, BATCH = 512, 128, 4
-
-
-def token_nll(logits, ids):
-    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
 
 
 def features(h0):
@@ -108,17 +104,11 @@ def main() -> None:
             return plans.gather(0, level[None, ..., None].expand(1, *plans.shape[1:]))[0]
         return plan
 
-    def run(k, plan=None):
+    def run(k, plan=None):  # (mean NLL, layers per token) on the validation windows
         eng.planner.plan = plan or route
-        tot, lay, cnt = 0.0, 0.0, 0
-        for s in range(0, len(windows), BATCH):
-            ids = windows[s:s + BATCH]
-            logits, p = window_logits(eng, ids, k, PREFILL)
-            tot += float(token_nll(logits, ids).sum())
-            lay += float(p[:, 1:].sum())
-            cnt += ids[:, 1:].numel()
+        r = evaluate_windows(eng, windows, layers=k, batch_size=BATCH, prefill=PREFILL)
         eng.planner.plan = route
-        return tot / cnt, lay / cnt
+        return r.nll, r.layers_per_token
 
     y_flat, x_va = y_va.reshape(-1, len(ks)), x_va.reshape(-1, x.shape[1])
     print(f"\n{args.model}: levels k = {ks.tolist()}, {args.train_windows} training / {args.val_windows} validation "

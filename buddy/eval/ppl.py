@@ -41,6 +41,11 @@ def window_logits(engine, ids: torch.Tensor, k: int, prefill: int = 0):
     return engine.bb.head(torch.cat([h1, h2], dim=1)), torch.cat([p1, p2], dim=1)
 
 
+def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL of each position of ids [B, T] under logits [B, T, V]: [B, T-1]."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+
+
 def evaluate_windows(engine, windows: torch.Tensor, budget=None, layers=None, batch_size: int = 4,
                      progress: bool = False, prefill: int = 0, per_window: bool = False) -> PplResult:
     """Mean next-token NLL over windows [N, T] (the first token of each window is context only).
@@ -55,13 +60,13 @@ def evaluate_windows(engine, windows: torch.Tensor, budget=None, layers=None, ba
     for s in tqdm(it, desc="ppl", unit="batch", disable=not progress, leave=False):
         ids = windows[s:s + batch_size].to(engine.bb.device)
         logits, plan = window_logits(engine, ids, ks[s:s + batch_size] if ks else k, prefill)
+        # one flat sum, as always: documented perplexities and the calibration reproduce bit for bit
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
         )
         total += float(nll)
         if per_window:
-            tok = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-            window_nll += tok.mean(dim=1).tolist()
+            window_nll += token_nll(logits, ids).mean(dim=1).tolist()
         count += ids[:, 1:].numel()
         layer_sum += float(plan[:, 1:].sum())
     nll = total / count
