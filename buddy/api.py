@@ -53,14 +53,14 @@ class PlannerError(ValueError):
     """Unknown planner, or one this model cannot use yet."""
 
 
-def make_planner(name: str | None, bb: Backbone, kv_policy: str = "fill", router: str | None = None,
-                 reroute_every: int | None = None) -> Planner:
+def make_planner(name: str | None, bb: Backbone, kv_policy: str = LoadConfig.kv_policy, router: str | None = None,
+                 reroute_every: int | None = None, calibration: str = LoadConfig.calibration) -> Planner:
     """Build a planner by name; None picks the best available: the trained router, else static-greedy."""
     from .prior import calibration_path, load_calibration
 
     rdir = Path(router) if router else router_dir(bb, kv_policy)
     if name is None:
-        name = "router" if rdir else ("static-greedy" if calibration_path(bb).is_file() else "full")
+        name = "router" if rdir else ("static-greedy" if calibration_path(bb, calibration).is_file() else "full")
     if name in ROUTER_PLANNERS:
         from .router import RouterPlanner, load_router, prior_scores
 
@@ -84,17 +84,23 @@ def make_planner(name: str | None, bb: Backbone, kv_policy: str = "fill", router
         order = (torch.randperm(bb.n_layers - 2, generator=gen) + 1).tolist()
         return StaticPlanner(name, order, bb.n_layers)
     if name in STATIC_PLANNERS:
-        cal = load_calibration(bb)
+        cal = load_calibration(bb, calibration)
         return StaticPlanner(name, cal["orders"][name], bb.n_layers)
     raise PlannerError(f"unknown planner {name!r}: use one of {', '.join(PLANNERS)}")
 
 
-def load(model: str = LoadConfig.model, planner: str | None = LoadConfig.planner,
-         kv_policy: str = LoadConfig.kv_policy, device: str = LoadConfig.device, dtype: str = LoadConfig.dtype,
-         router: str | None = LoadConfig.router, reroute_every: int = LoadConfig.reroute_every,
-         predictor: str | None = LoadConfig.predictor) -> Engine:
-    cfg = LoadConfig(model=model, planner=planner, kv_policy=kv_policy, device=device, dtype=dtype, router=router,
-                     reroute_every=reroute_every, predictor=predictor)
+def load(model: str = LoadConfig.model, **options) -> Engine:
+    """A ready Engine. `options` are the fields of `buddy.config.LoadConfig` (planner, kv_policy, device,
+    dtype, router, reroute_every, predictor, calibration); unknown names raise ConfigError."""
+    from dataclasses import fields
+
+    from .config import ConfigError
+
+    known = {f.name for f in fields(LoadConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown load option(s) {', '.join(unknown)}: use {', '.join(sorted(known - {'model'}))}")
+    cfg = LoadConfig(model=model, **options)
     bb = load_backbone(cfg.model, cfg.device, cfg.dtype)
-    return Engine(bb, make_planner(cfg.planner, bb, cfg.kv_policy, cfg.router, cfg.reroute_every), cfg.kv_policy,
-                  make_predictor(bb, cfg.predictor))
+    return Engine(bb, make_planner(cfg.planner, bb, cfg.kv_policy, cfg.router, cfg.reroute_every, cfg.calibration),
+                  cfg.kv_policy, make_predictor(bb, cfg.predictor))

@@ -51,37 +51,82 @@ class Budget:
         return f"{self.fraction:g}" if self.fraction is not None else f"{self.layers} layers"
 
 
+BUDGET_RULE = ('`budget` is a fraction of the layers in (0, 1] or "auto"; `layers` is an exact layer count '
+               '(>= 2); give at most one of them')
+
+
+def request_budget(budget=None, layers=None) -> Budget | str:
+    """THE budget rule, used by every surface (CLI, Python API, server, lm-eval, vLLM plugin).
+
+    `budget`: None, a fraction in (0, 1] (a number or its text), or "auto". `layers`: None or an exact
+    layer count (an integer or its text). Giving both is an error; neither is the full model. An integer
+    budget >= 2 is an error that names `layers`, so a layer count is never taken for a fraction or the
+    reverse. Returns a Budget, or AUTO."""
+    if budget is not None and layers is not None:
+        raise BudgetError(f"give either budget or layers, not both (budget={budget!r}, layers={layers!r})")
+    if layers is not None:
+        if isinstance(layers, str):
+            try:
+                layers = int(layers.strip())
+            except ValueError:
+                raise BudgetError(f"invalid layers {layers!r}: must be an integer >= {ALWAYS_ON_MIN}") from None
+        if isinstance(layers, bool) or not isinstance(layers, int):
+            if isinstance(layers, float) and layers.is_integer():
+                layers = int(layers)
+            else:
+                raise BudgetError(f"invalid layers {layers!r}: must be an integer >= {ALWAYS_ON_MIN}")
+        return Budget(layers=layers)
+    if budget is None:
+        return Budget(fraction=1.0)
+    if isinstance(budget, Budget):
+        return budget
+    if isinstance(budget, str):
+        text = budget.strip()
+        if text.lower() == AUTO:
+            return AUTO
+        try:
+            budget = float(text)
+        except ValueError:
+            raise BudgetError(f"invalid budget {budget!r}: {BUDGET_RULE}") from None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget):
+        raise BudgetError(f"invalid budget {budget!r}: {BUDGET_RULE}")
+    if budget > 1 and float(budget).is_integer():
+        raise BudgetError(f"invalid budget {budget!r}: budget is a fraction in (0, 1]; for an exact count of "
+                          f"{int(budget)} layers use layers={int(budget)} (--layers {int(budget)})")
+    if not 0 < budget <= 1:
+        raise BudgetError(f"invalid budget {budget!r}: must be a fraction of layers in (0, 1] (or \"auto\")")
+    return Budget(fraction=float(budget))
+
+
 def parse_fraction(text: str) -> Budget:
     """Parse a command-line budget fraction such as '0.5'."""
-    try:
-        return Budget(fraction=float(text))
-    except (TypeError, ValueError):  # BudgetError is a ValueError: one message naming the text as typed
-        raise BudgetError(f"invalid budget {text!r}: must be a fraction of layers in (0, 1]") from None
+    b = request_budget(budget=text)
+    if b == AUTO:
+        raise BudgetError(f"invalid budget {text!r}: must be a fraction of layers in (0, 1]")
+    return b
 
 
 def parse_layers(text: str) -> Budget:
     """Parse a command-line layer count such as '15'."""
-    try:
-        return Budget(layers=int(text))
-    except (TypeError, ValueError):
-        raise BudgetError(f"invalid layer count {text!r}: must be an integer >= {ALWAYS_ON_MIN}") from None
+    return request_budget(layers=text)
 
 
 def as_budget(budget: float | int | Budget | None = None, layers: int | None = None) -> Budget:
-    """Python API helper: accept `budget=0.5`, `layers=15`, or a Budget; None means the full model."""
-    if isinstance(budget, Budget):
-        if layers is not None:
-            raise BudgetError("give either budget= or layers=, not both")
-        return budget
-    if budget is not None and layers is not None:
-        raise BudgetError("give either budget= or layers=, not both")
-    if layers is not None:
-        return Budget(layers=layers)
-    if budget is None:
-        return Budget(fraction=1.0)
-    if isinstance(budget, str):
-        return parse_fraction(budget)
-    return Budget(fraction=budget)
+    """A fixed Budget from `budget=0.5`, `layers=15`, or a Budget (the rule of `request_budget`, without auto)."""
+    b = request_budget(budget, layers)
+    if b == AUTO:
+        raise BudgetError('budget "auto" is chosen per prompt by the budget predictor, not a fixed budget')
+    return b
+
+
+def budget_echo(b: Budget | str, k: int | None = None) -> dict:
+    """What responses, traces and eval JSON report about a request's budget, under the same names everywhere:
+    `budget` (the fraction or "auto"; None when a layer count was asked for), `layers` (the count asked for,
+    else None) and `k` (the layers each token executed, when known)."""
+    out = {"budget": AUTO if b == AUTO else b.fraction, "layers": None if b == AUTO else b.layers}
+    if k is not None:
+        out["k"] = k
+    return out
 
 
 # --- analytic cost model (pure functions) -----------------------------------------------------------

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import fields
 
-from .budget import AUTO, Budget, BudgetError, parse_fraction, parse_layers
+from .budget import AUTO, Budget, BudgetError, budget_echo, request_budget
 from .config import DTYPES, KV_POLICIES, ConfigError, GenerateConfig, LoadConfig
 
 
@@ -45,6 +45,7 @@ def _add_load_args(p: argparse.ArgumentParser, planner: bool = True) -> None:
         p.add_argument("--router", default=d.router, help=_doc_of(LoadConfig, "router"))
         p.add_argument("--reroute-every", type=int, default=d.reroute_every, help=_doc_of(LoadConfig, "reroute_every"))
         p.add_argument("--predictor", default=d.predictor, help=_doc_of(LoadConfig, "predictor"))
+        p.add_argument("--calibration", default=d.calibration, help=_doc_of(LoadConfig, "calibration"))
     p.add_argument("--device", default=d.device, help=_doc_of(LoadConfig, "device"))
     p.add_argument("--dtype", default=d.dtype, choices=DTYPES, help=_doc_of(LoadConfig, "dtype"))
 
@@ -57,18 +58,15 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
 
 
 def _budget(args) -> Budget | str:
-    if args.budget == AUTO:
-        return AUTO
-    if args.layers is not None:
-        return parse_layers(args.layers)
-    return parse_fraction(args.budget) if args.budget is not None else Budget(fraction=1.0)
+    return request_budget(args.budget, args.layers)
 
 
 def _load(args):
     from .api import load
 
     return load(args.model, planner=args.planner, kv_policy=args.kv_policy, device=args.device, dtype=args.dtype,
-                router=args.router, reroute_every=args.reroute_every, predictor=args.predictor)
+                router=args.router, reroute_every=args.reroute_every, predictor=args.predictor,
+                calibration=args.calibration)
 
 
 def cmd_generate(args) -> int:
@@ -87,9 +85,9 @@ def cmd_generate(args) -> int:
             layer_sum += len(step.layers)
             k = len(step.layers) if budget == AUTO else k
             if trace:
-                trace.write(json.dumps({"token": step.token, "text": step.text, "layers": list(step.layers),
-                                        "k": len(step.layers), "n_layers": m.n_layers,
-                                        "budget": "auto" if budget == AUTO else budget.label, "ms": round(step.ms, 3)}) + "\n")
+                trace.write(json.dumps({"token": step.token, "text": step.text, "executed_layers": list(step.layers),
+                                        **budget_echo(budget, len(step.layers)), "n_layers": m.n_layers,
+                                        "ms": round(step.ms, 3)}) + "\n")
     finally:
         if trace:
             trace.close()
@@ -105,20 +103,40 @@ def cmd_generate(args) -> int:
 def cmd_calibrate(args) -> int:
     from pathlib import Path
 
-    from .backbone import load_backbone
-    from .data import sotu_texts, token_windows
-    from .prior import calibrate, calibration_path, save_calibration
+    import torch
 
+    from .backbone import load_backbone
+    from .prior import CALIBRATION_DATA, calibrate, save_calibration, user_calibration_path
+
+    if args.data not in CALIBRATION_DATA:
+        raise UsageError(f"invalid --data {args.data!r}: use one of {', '.join(CALIBRATION_DATA)}")
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise UsageError(f"invalid --out {args.out!r}: give a file path in an existing directory")
+    if args.windows < 1 or args.window < 2:
+        raise UsageError(f"invalid --windows {args.windows} / --window {args.window}: need >= 1 and >= 2")
     bb = load_backbone(args.model, args.device, args.dtype)
-    windows = token_windows(bb.tokenizer, sotu_texts("train"), args.window, args.windows)
-    data = f"SOTU train years (<= 2000), {windows.shape[0]} windows x {windows.shape[1]} tokens, evenly spaced"
+    if args.data == "sotu":
+        from .data import sotu_texts, token_windows
+
+        windows = token_windows(bb.tokenizer, sotu_texts("train"), args.window, args.windows)
+        data = f"SOTU train years (<= 2000), {windows.shape[0]} windows x {windows.shape[1]} tokens, evenly spaced"
+    else:
+        from .corpus import VERSION, describe, mix_windows
+
+        per = mix_windows(bb.tokenizer, "train", args.window, args.windows)
+        windows = torch.cat(list(per.values()))
+        data = (f"training mix v{VERSION}, train split, {args.windows} evenly spaced windows x {args.window} tokens "
+                f"per domain ({describe(per)})")
     command = "buddy calibrate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     result = calibrate(bb, windows, command=command, data=data)
-    out = Path(args.out) if args.out else calibration_path(bb)
+    result["calibration_data"] = args.data
+    out = out or user_calibration_path(bb, args.data)
     save_calibration(result, out)
     print(f"wrote {out}")
     print(f"static-bi order:     {result['orders']['static-bi']}")
     print(f"static-greedy order: {result['orders']['static-greedy']}")
+    print(f"use it with --calibration {out}")
     return 0
 
 
@@ -150,7 +168,7 @@ def cmd_eval_ppl(args) -> int:
     r = evaluate_windows(m, windows, **({"budget": AUTO} if k == AUTO else {"layers": k}),
                          batch_size=args.batch_size, progress=not args.json, prefill=args.prefill)
     out = {"ppl": round(r.ppl, 4), "tokens": r.tokens, "layers_per_token": round(r.layers_per_token, 3),
-           "planner": m.planner.name, "kv_policy": m.kv_policy, "k": k, "model": m.bb.name}
+           "planner": m.planner.name, "kv_policy": m.kv_policy, **budget_echo(budget, k), "model": m.bb.name}
     if r.chosen_k:
         out["chosen_k"] = r.chosen_k
     if args.json:
@@ -180,7 +198,7 @@ def cmd_eval_zeroshot(args) -> int:
     k = m.resolve_k(budget)
     rows = []
     for t in tasks:
-        r = {"task": t, "model": m.bb.name, "planner": m.planner.name, "kv_policy": m.kv_policy, "k": k,
+        r = {"task": t, "model": m.bb.name, "planner": m.planner.name, "kv_policy": m.kv_policy, **budget_echo(budget, k),
              **run_task(m, t, k, args.limit, progress=not args.json)}
         rows.append(r)
         if args.json:
@@ -212,7 +230,7 @@ def cmd_sweep(args) -> int:
     bb = load_backbone(args.model, args.device, args.dtype)
     ks = parse_layers_spec(args.layers, bb.n_layers)
     new = sweep(bb, list(args.methods), ks, list(args.tasks), args.out, kv_policy=args.kv_policy, limit=args.limit,
-                router=args.router, predictor=args.predictor)
+                router=args.router, predictor=args.predictor, calibration=args.calibration)
     print(f"wrote {len(new)} new cells to {args.out}")
     return 0
 
@@ -241,7 +259,8 @@ def cmd_serve(args) -> int:
             raise UsageError(f"invalid kv policy {p!r}: must be one of {', '.join(KV_POLICIES)}")
     bb = load_backbone(args.model, args.device, args.dtype)
     predictor = make_predictor(bb, args.predictor)
-    engines = {p: Engine(bb, make_planner(args.planner, bb, p, args.router), p, predictor) for p in policies}
+    engines = {p: Engine(bb, make_planner(args.planner, bb, p, args.router, calibration=args.calibration), p, predictor)
+               for p in policies}
     server = Server(engines, bb.name, api_key=args.api_key, max_batch=args.max_batch,
                     max_tokens_limit=args.max_tokens_limit)
     planner = engines[policies[0]].planner.name
@@ -267,6 +286,7 @@ def cmd_train_router(args) -> int:
     """One process, or several under torchrun (DDP: each process takes its share of every global batch)."""
     from pathlib import Path
 
+    import torch
     import torch.distributed as dist
 
     from .backbone import load_backbone
@@ -286,11 +306,20 @@ def cmd_train_router(args) -> int:
                 sotu_texts("train")
             dist.barrier()
         bb = load_backbone(args.model, args.device, args.dtype)
-        order = load_calibration(bb)["orders"][cfg.prior]
-        train = token_windows(bb.tokenizer, sotu_texts("train"), cfg.seq_len)
-        val = token_windows(bb.tokenizer, sotu_texts("validation"), cfg.seq_len, cfg.val_windows)
-        data = (f"SOTU train years <= 2000: {train.shape[0]} windows x {cfg.seq_len} tokens; validation: "
-                f"SOTU 2001-2010, {val.shape[0]} windows x {cfg.seq_len} tokens")
+        order = load_calibration(bb, cfg.calibration)["orders"][cfg.prior]
+        if cfg.data == "sotu":
+            train = token_windows(bb.tokenizer, sotu_texts("train"), cfg.seq_len)
+            val = token_windows(bb.tokenizer, sotu_texts("validation"), cfg.seq_len, cfg.val_windows)
+            data = (f"SOTU train years <= 2000: {train.shape[0]} windows x {cfg.seq_len} tokens; validation: "
+                    f"SOTU 2001-2010, {val.shape[0]} windows x {cfg.seq_len} tokens")
+        else:
+            from .corpus import VERSION, describe, mix_windows
+
+            per = mix_windows(bb.tokenizer, "train", cfg.seq_len, cfg.train_per_domain)
+            train = torch.cat(list(per.values()))
+            val = mix_windows(bb.tokenizer, "validation", cfg.seq_len, cfg.val_windows)
+            data = (f"training mix v{VERSION} (buddy/corpus.py), windows of {cfg.seq_len} tokens; train: "
+                    f"{describe(per)}; validation: {describe(val)}")
         command = "buddy train router " + " ".join(shlex.quote(a) for a in sys.argv[3:])
         if distributed:
             command = f"torchrun --nproc_per_node {dist.get_world_size()} -m {command}"
@@ -341,7 +370,7 @@ def cmd_export(args) -> int:
     bb = load_backbone(args.model, args.device, args.dtype)
     k = budget.k(bb.n_layers)
     command = "buddy export " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    out, keep = export(bb, k, args.planner, args.out, command=command)
+    out, keep = export(bb, k, args.planner, args.out, command=command, calibration=args.calibration)
     print(f"wrote {out}: {k} of {bb.n_layers} layers {keep} (planner {args.planner}); load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
@@ -384,16 +413,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=d.top_p, help=_doc_of(GenerateConfig, "top_p"))
     g.add_argument("--seed", type=int, default=d.seed, help=_doc_of(GenerateConfig, "seed"))
     g.add_argument("--chat", action="store_true", help=_doc_of(GenerateConfig, "chat"))
-    g.add_argument("--trace", help="write one JSON line per generated token: token, text, layers, ms")
+    g.add_argument("--trace", help="write one JSON line per generated token: token, text, executed_layers, "
+                                   "budget, layers, k, n_layers, ms")
     g.add_argument("--quiet-summary", action="store_true", help="print the summary line to stderr")
     g.add_argument("prompt")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("calibrate", help="measure layer importance (Block Influence, greedy removal)")
     _add_load_args(c, planner=False)
-    c.add_argument("--windows", type=int, default=8, help="calibration windows (default 8)")
+    c.add_argument("--data", default="mix", help="calibration text: `mix` (the training mix of buddy/corpus.py, "
+                                                 "train split) or `sotu` (SOTU training years) (default mix)")
+    c.add_argument("--windows", type=int, default=2,
+                   help="windows per domain for `mix`, windows in all for `sotu` (default 2)")
     c.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
-    c.add_argument("--out", help="output JSON (default: the model's calibration path)")
+    c.add_argument("--out", help="output JSON (default: the user cache, never the installed package)")
     c.set_defaults(func=cmd_calibrate)
 
     t = sub.add_parser("train", help="train the router")
@@ -402,7 +435,6 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.router import TrainConfig
 
     _add_load_args(tr, planner=False)
-    tr.set_defaults(dtype="bfloat16")
     _add_dataclass_args(tr, TrainConfig)
     tr.add_argument("--out", help="output directory (default runs/router-<model>-<kv policy>)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
@@ -412,7 +444,6 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.predictor import PredictorTrainConfig
 
     _add_load_args(tp)
-    tp.set_defaults(dtype="bfloat16")
     _add_dataclass_args(tp, PredictorTrainConfig)
     tp.add_argument("--out", help="output directory (default runs/predictor-<model>)")
     tp.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
@@ -464,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--layers", default="15:27:4",
                     help="layer counts: start:stop:step or a list, plus `auto` for the budget predictor (default 15:27:4)")
     sw.add_argument("--predictor", default=None, help=_doc_of(LoadConfig, "predictor"))
+    sw.add_argument("--calibration", default=LoadConfig.calibration, help=_doc_of(LoadConfig, "calibration"))
     sw.add_argument("--tasks", type=_csv(str), required=True, help=f"from: {', '.join(ALL_TASKS)}, mc:FILE")
     sw.add_argument("--limit", type=int, help="first N documents per task (default all)")
     sw.add_argument("--out", required=True, help="results JSONL (appended; finished cells are skipped)")
@@ -474,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--planner", default=LoadConfig.planner, help=_doc_of(LoadConfig, "planner"))
     sv.add_argument("--router", default=None, help=_doc_of(LoadConfig, "router"))
     sv.add_argument("--predictor", default=None, help=_doc_of(LoadConfig, "predictor"))
+    sv.add_argument("--calibration", default=LoadConfig.calibration, help=_doc_of(LoadConfig, "calibration"))
     sv.add_argument("--kv-policies", type=_csv(str), default=KV_POLICIES,
                     help="KV policies requests may ask for; the first is the default (default fill,mask,zero)")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
@@ -491,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_budget_args(ex)
     ex.add_argument("--planner", default="static-greedy", choices=EXPORT_PLANNERS,
                     help="which static layer order (router-prior: the shipped router's prior; default static-greedy)")
+    ex.add_argument("--calibration", default=LoadConfig.calibration, help=_doc_of(LoadConfig, "calibration"))
     ex.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     ex.set_defaults(func=cmd_export)
 

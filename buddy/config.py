@@ -36,10 +36,13 @@ class LoadConfig:
         `router-frozen`, `router-noprior`, `prior`; None picks the default.
     kv_policy: what a skipped (layer, token) leaves in the KV cache: `fill`, `mask` or `zero`.
     device: `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available).
-    dtype: `auto` (bfloat16: measured faster than float32 for decode on CPU, see docs/performance.md; usual on GPU), `float32`, `bfloat16`, `float16`.
+    dtype: `auto` (bfloat16 on GPUs and on CPUs with native bfloat16, AMX or AVX512-BF16; float32 on other
+        CPUs, where emulated bfloat16 is many times slower; see docs/performance.md), `float32`, `bfloat16`, `float16`.
     router: a router directory (router.safetensors + router.json); default: the one shipped for the model.
     reroute_every: router planners re-plan every N decode tokens (1 = every token, 0 = frozen after prefill).
     predictor: a budget predictor directory for budget="auto"; default: the one shipped for the model.
+    calibration: the layer calibration behind the static planners: `mix` (measured on the training mix),
+        `sotu` (on SOTU speeches, the earlier default), or a JSON file from `buddy calibrate`.
     """
 
     model: str = "smollm2"
@@ -50,6 +53,7 @@ class LoadConfig:
     router: str | None = None
     reroute_every: int = 1
     predictor: str | None = None
+    calibration: str = "mix"
 
     def __post_init__(self):
         if isinstance(self.reroute_every, bool) or not isinstance(self.reroute_every, int) or self.reroute_every < 0:

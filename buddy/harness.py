@@ -19,7 +19,6 @@ import lm_eval.models  # noqa: F401  (lm-eval's own models stay available beside
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from .budget import Budget, parse_fraction
 from .eval.generation import generate_until
 from .eval.zeroshot import score_requests, tokenize_pair
 
@@ -38,12 +37,13 @@ class BuddyLM(LM):
         if str(device).startswith("cuda") and not torch.cuda.is_available():  # lm-eval's default is cuda:0
             warnings.warn(f"device {device!r} is not available here; running on CPU", stacklevel=2)
             device = "cpu"
+        from .budget import AUTO, request_budget
+
+        if request_budget(budget, layers) == AUTO:  # the one budget rule; checked before loading anything
+            raise ValueError('budget "auto" is not supported in lm-eval: give budget=<fraction> or layers=<count>')
         self.engine = load(model, planner=planner, kv_policy=kv_policy, device=device, dtype=dtype, router=router,
                            reroute_every=int(reroute_every))
-        if budget is not None and layers is not None:
-            raise ValueError("give budget= or layers=, not both")
-        b = Budget(layers=int(layers)) if layers is not None else parse_fraction(str(budget if budget is not None else 1))
-        self.k = self.engine.resolve_k(b)
+        self.k = self.engine.resolve_k(budget, layers)
         self.contexts_per_batch = int(contexts_per_batch)
         self.executed_layers, self.tokens = 0.0, 0
 

@@ -4,7 +4,7 @@
 - Greedy removal (SLEB-style): repeatedly remove the layer whose removal raises calibration perplexity
   least; the reverse removal order is the importance order.
 
-    buddy calibrate --model smollm2        # writes the calibration JSON (see `calibration_path`)
+    buddy calibrate --model smollm2 --data mix   # writes to the user cache (see `user_calibration_path`)
 """
 
 from __future__ import annotations
@@ -118,12 +118,24 @@ def calibrate(bb, windows: torch.Tensor, command: str, data: str, progress: bool
     }
 
 
-def calibration_path(bb) -> Path:
-    """Packaged JSON for shipped models, else the user's cache (keyed by the weights' checksum)."""
-    packaged = PACKAGED / f"{bb.name}.json"
-    if packaged.is_file():
-        return packaged
-    return cache_dir() / "calibration" / f"{bb.name}-{bb.checksum[:16]}.json"
+CALIBRATION_DATA = ("mix", "sotu")  # the text a calibration was measured on; the first is the default
+
+
+def user_calibration_path(bb, data: str = CALIBRATION_DATA[0]) -> Path:
+    """Where `buddy calibrate` writes by default: the user's cache, keyed by the weights' checksum."""
+    return cache_dir() / "calibration" / f"{bb.name}-{bb.checksum[:16]}-{data}.json"
+
+
+def calibration_path(bb, calibration: str | None = None) -> Path:
+    """The calibration file to use. `calibration`: `mix` or `sotu` (the shipped calibration of that text
+    for a shipped model, else the user's own from `buddy calibrate --data ...`), or a JSON file path.
+    None is `mix`. The shipped files are never written; a user calibration is read only when no shipped
+    one exists for the model or when its path is given."""
+    calibration = calibration or CALIBRATION_DATA[0]
+    if calibration not in CALIBRATION_DATA:
+        return Path(calibration)
+    packaged = PACKAGED / f"{bb.name}-{calibration}.json"
+    return packaged if packaged.is_file() else user_calibration_path(bb, calibration)
 
 
 def save_calibration(result: dict, path: Path) -> None:
@@ -133,16 +145,17 @@ def save_calibration(result: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_calibration(bb) -> dict:
-    path = calibration_path(bb)
+def load_calibration(bb, calibration: str | None = None) -> dict:
+    path = calibration_path(bb, calibration)
     if not path.is_file():
-        raise CalibrationError(
-            f"no layer calibration for model {bb.name!r}: run `buddy calibrate --model {bb.name}` first"
-        )
+        data = calibration if calibration in CALIBRATION_DATA else None
+        hint = (f"run `buddy calibrate --model {bb.name} --data {data}` first" if data or calibration is None
+                else "give a calibration JSON written by `buddy calibrate`")
+        raise CalibrationError(f"no layer calibration {str(path)!r} for model {bb.name!r}: {hint}")
     try:
         cal = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CalibrationError(f"{path} is not valid JSON ({e}); rerun `buddy calibrate --model {bb.name}`") from None
-    if cal.get("n_layers") != bb.n_layers or cal.get("checksum") != bb.checksum:
+    if not isinstance(cal, dict) or cal.get("n_layers") != bb.n_layers or cal.get("checksum") != bb.checksum:
         raise CalibrationError(f"{path} was calibrated for another model (checksum or layer count differs)")
     return cal

@@ -54,19 +54,19 @@ def _unique(xs):
 
 def _texts(domain: str) -> list[str]:
     """The documents of a prose domain, in file order (deduplicated)."""
-    from .eval.tasks import _requests
+    from .eval.tasks import task_requests
 
     if domain == "lambada":
-        return [r["request"]["context"] + r["request"]["continuation"] for r in _requests("lambada", "bpb_0shot")]
+        return [r["request"]["context"] + r["request"]["continuation"] for r in task_requests("lambada", "bpb_0shot")]
     if domain == "squad":
         # one item per paragraph (a paragraph's questions share it), without the question
-        return _unique(r["doc"]["query"].rsplit("\nQuestion:", 1)[0] for r in _requests("squad", "bpb_5shot"))
+        return _unique(r["doc"]["query"].rsplit("\nQuestion:", 1)[0] for r in task_requests("squad", "bpb_5shot"))
     if domain == "drop":
-        return _unique(r["doc"]["passage"] for r in _requests("drop", "bpb_5shot"))
+        return _unique(r["doc"]["passage"] for r in task_requests("drop", "bpb_5shot"))
     if domain == "coqa":
-        return _unique(r["doc"]["story"] for r in _requests("coqa", "bpb_0shot"))
+        return _unique(r["doc"]["story"] for r in task_requests("coqa", "bpb_0shot"))
     if domain == "qasper":
-        return _unique(r["doc"]["abstract"] for r in _requests("qasper_yesno", "rc_5shot"))
+        return _unique(r["doc"]["abstract"] for r in task_requests("qasper_yesno", "rc_5shot"))
     raise ValueError(f"unknown prose domain {domain!r}")
 
 
@@ -82,7 +82,7 @@ def mix_items(tokenizer, split: str, per_domain: int, prompt_len: int = 128, con
               domains=DOMAINS) -> list[MixItem]:
     """Up to `per_domain` items of every domain for one split, evenly spread over that split's documents."""
     from .data import sotu_texts, token_windows
-    from .eval.tasks import _requests, load_mc
+    from .eval.tasks import task_requests, load_mc
     from .eval.zeroshot import tokenize_pair
 
     if split not in RANGES:
@@ -94,7 +94,7 @@ def mix_items(tokenizer, split: str, per_domain: int, prompt_len: int = 128, con
             w = token_windows(tokenizer, sotu_texts(split), prompt_len + cont_len, per_domain)
             items += [MixItem(dom, r[:prompt_len].tolist(), r[prompt_len:].tolist()) for r in w]
         elif dom == "gsm8k":
-            docs = list(_requests("gsm8k", "gold_bpb_5shot"))[lo:hi]
+            docs = list(task_requests("gsm8k", "gold_bpb_5shot"))[lo:hi]
             for r in _spread(docs, per_domain):
                 p, c = tokenize_pair(tokenizer, f"Question: {r['doc']['question']}\nAnswer:",
                                      r["request"]["continuation"])

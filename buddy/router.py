@@ -155,6 +155,7 @@ class RouterMeta:
     train_seconds: float = 0.0
     validation: dict = field(default_factory=dict)
     best_step: int = 0
+    calibration: str = "sotu"  # the calibration whose order is the prior (routers made before `mix` name none)
 
 
 def write_artifact(module: nn.Module, meta, out_dir: Path, stem: str, skip: tuple[str, ...] = ()) -> None:

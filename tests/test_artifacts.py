@@ -17,23 +17,27 @@ ROUTER_DIRS = sorted(p for p in ROUTERS.iterdir() if p.is_dir())
 PREDICTOR_DIRS = sorted(p for p in PREDICTORS.iterdir() if p.is_dir())
 
 
-def _calibration(model: str) -> dict:
-    path = PACKAGED / f"{model}.json"
-    assert path.is_file(), f"no packaged calibration for {model}"
+def _calibration(model: str, data: str = "sotu") -> dict:
+    path = PACKAGED / f"{model}-{data}.json"
+    assert path.is_file(), f"no packaged {data} calibration for {model}"
     return json.loads(path.read_text())
 
 
 def test_every_shipped_model_has_calibration_and_router():
-    models = {p.stem for p in PACKAGED.glob("*.json")}
-    assert "smollm2" in models
-    for m in models:
-        assert (ROUTERS / f"{m}-fill").is_dir(), f"calibration for {m} ships without a router"
+    names = {p.stem for p in PACKAGED.glob("*.json")}
+    assert {"smollm2-sotu", "smollm2-mix"} <= names
+    for name in names:
+        model, data = name.rsplit("-", 1)
+        assert data in ("sotu", "mix")
+        cal = _calibration(model, data)
+        assert cal["model"] == model and cal.get("calibration_data", "sotu") == data
+        assert (ROUTERS / f"{model}-fill").is_dir(), f"calibration for {model} ships without a router"
 
 
 @pytest.mark.parametrize("d", ROUTER_DIRS, ids=lambda p: p.name)
 def test_shipped_router_matches_its_calibration(d):
     module, meta = load_router(d)
-    cal = _calibration(meta.model)
+    cal = _calibration(meta.model, meta.calibration)
     assert d.name == f"{meta.model}-{meta.kv_policy}"
     assert meta.checksum == cal["checksum"] and meta.n_layers == cal["n_layers"]
     assert meta.prior_order == cal["orders"][meta.prior]

@@ -45,8 +45,9 @@ def test_generate_trace_jsonl(tiny_ckpt, tmp_path):
     lines = [json.loads(x) for x in trace.read_text().splitlines()]
     assert 1 <= len(lines) <= 5
     for x in lines:
-        assert set(x) == {"token", "text", "layers", "k", "n_layers", "budget", "ms"}
-        assert x["layers"] == list(range(6)) and x["k"] == x["n_layers"] == 6 and x["budget"] == "1" and x["ms"] > 0
+        assert set(x) == {"token", "text", "executed_layers", "budget", "layers", "k", "n_layers", "ms"}
+        assert x["executed_layers"] == list(range(6)) and x["k"] == x["n_layers"] == 6 and x["ms"] > 0
+        assert x["budget"] == 1.0 and x["layers"] is None
     assert f"tokens={len(lines)}" in r.stdout and "layers/token=6.00" in r.stdout
 
 

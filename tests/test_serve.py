@@ -56,7 +56,8 @@ def client(server):
 
 
 def complete(client, prompt, budget, n=12, stream=False):
-    kw = dict(model="smollm2", prompt=prompt, max_tokens=n, temperature=0, extra_body={"budget": budget})
+    extra = {"layers": budget} if isinstance(budget, int) and budget > 1 else {"budget": budget}
+    kw = dict(model="smollm2", prompt=prompt, max_tokens=n, temperature=0, extra_body=extra)
     if not stream:
         return client.completions.create(**kw).choices[0].text
     return "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices)
@@ -76,7 +77,8 @@ def test_completion_and_chat_equal_buddy_generate(client):
                                   extra_body={"budget": 0.5})
     assert r.choices[0].text == buddy_generate(PROMPTS[0], 0.5, 12)
     u = r.usage.model_dump()
-    assert u["completion_tokens"] == 12 and u["layers_per_token"] == 15 and u["budget"] == "0.5"
+    assert u["completion_tokens"] == 12 and u["layers_per_token"] == 15 and u["budget"] == 0.5
+    assert u["layers"] is None and u["k"] == 15
     msgs = [{"role": "user", "content": "Name a color."}]
     c = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=10, temperature=0,
                                        extra_body={"budget": 0.75})
@@ -127,7 +129,9 @@ def test_disconnect_frees_the_row(server):
 
 @pytest.mark.parametrize("payload,status,param", [
     ({"prompt": "hi", "budget": 1.5}, 400, "budget"), ({"prompt": "hi", "budget": 0}, 400, "budget"),
-    ({"prompt": "hi", "budget": 31}, 400, "budget"), ({"prompt": "hi", "budget": "half"}, 400, "budget"),
+    ({"prompt": "hi", "budget": 31}, 400, "budget"), ({"prompt": "hi", "budget": 20}, 400, "budget"),
+    ({"prompt": "hi", "layers": 31}, 400, "layers"), ({"prompt": "hi", "budget": 0.5, "layers": 20}, 400, "budget"),
+    ({"prompt": "hi", "budget": "half"}, 400, "budget"),
     ({"prompt": "hi", "budget": True}, 400, "budget"), ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ({"prompt": "hi", "max_tokens": 513}, 400, "max_tokens"), ({"prompt": "hi", "model": "gpt-9"}, 404, "model"),
     ({"prompt": "hi", "kv_policy": "keep"}, 400, "kv_policy"), ({"prompt": ""}, 400, "prompt"),

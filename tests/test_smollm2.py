@@ -45,7 +45,8 @@ def test_cli_budget_half_traces_15_layers(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in trace.read_text().splitlines()]
-    assert lines and all(len(x["layers"]) == 15 and 0 in x["layers"] and 29 in x["layers"] for x in lines)
+    assert lines and all(len(x["executed_layers"]) == 15 and 0 in x["executed_layers"] and 29 in x["executed_layers"]
+                         for x in lines)
     assert "layers/token=15.00" in r.stdout
 
 

@@ -65,11 +65,21 @@ MODELS: dict[str, PackagedGGUF] = {
 }
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX or AVX512-BF16). Without it, PyTorch emulates
+    bfloat16 matmuls: measured about 15x slower than float32 on a 2-core AVX2 machine."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        flags = []
+    return bool({"amx_bf16", "avx512_bf16"} & set(flags)) or "AMX" in torch.backends.cpu.get_cpu_capability()
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto` is bfloat16: measured faster than float32 for batch-1 decode on this project's AMX CPU
-    (docs/performance.md) and the usual choice on GPUs; pass float32 to compare with a float32 reference."""
+    """`auto` is bfloat16 on GPUs and on CPUs with native bfloat16 (AMX: measured faster than float32 there,
+    docs/performance.md), float32 on other CPUs; pass float32 to compare with a float32 reference."""
     if dtype == "auto":
-        return torch.bfloat16
+        return torch.bfloat16 if device.type != "cpu" or cpu_has_bf16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 

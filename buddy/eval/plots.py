@@ -107,12 +107,13 @@ def read_trace(path: str | Path) -> list[dict]:
             continue
         try:
             d = json.loads(line)
-            if isinstance(d.get("layers"), list):
-                steps.append(d)
+            executed = d.get("executed_layers", d.get("layers"))  # traces before the budget echo named it `layers`
+            if isinstance(executed, list):
+                steps.append({**d, "layers": executed})
                 continue
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, AttributeError):
             pass
-        raise TaskError(f"{path}:{n}: not a trace line (expected JSON with a 'layers' list)")
+        raise TaskError(f"{path}:{n}: not a trace line (expected JSON with an 'executed_layers' list)")
     if not steps:
         raise TaskError(f"trace file {path} holds no generated tokens")
     return steps

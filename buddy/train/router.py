@@ -43,8 +43,13 @@ class TrainConfig:
     ce_weight: weight of the LM cross-entropy added to the KL loss.
     width: hidden width of the Decision Module.
     budget_onehot: give the Decision Module a one-hot encoding of k besides the Fourier features.
-    val_every: validate (and checkpoint) every N steps.
-    val_windows: SOTU validation windows of seq_len tokens.
+    data: training text: `mix` (the cross-domain mix of buddy/corpus.py; validation is the mean over its
+        domains) or `sotu` (SOTU training years; validation on SOTU 2001-2010).
+    train_per_domain: `mix`: at most this many evenly spaced training windows per domain (balances the mix).
+    calibration: the calibration whose static order is the prior (`mix`, `sotu` or a JSON path).
+    val_every: validate (and write the best router so far) every N steps.
+    save_every: write the resumable training state every N steps (and at every validation).
+    val_windows: validation windows of seq_len tokens (per domain for `mix`).
     val_layers: layer counts validated at (comma list; empty = 0.5, 0.7, 0.9 of L).
     prior: calibration order used as the prior (static-greedy or static-bi).
     estimator: `swap` (measure swapping a kept and a dropped layer near the top-k threshold, per token,
@@ -63,7 +68,11 @@ class TrainConfig:
     ce_weight: float = 0.0
     width: int = 256
     budget_onehot: bool = True
+    data: str = "mix"
+    train_per_domain: int = 1000
+    calibration: str = "mix"
     val_every: int = 25
+    save_every: int = 25
     val_windows: int = 8
     val_layers: str = ""
     prior: str = "static-greedy"
@@ -84,7 +93,10 @@ class TrainConfig:
             raise ConfigError(f"invalid prior {self.prior!r}: must be static-greedy or static-bi")
         if self.estimator not in ("swap", "st"):
             raise ConfigError(f"invalid estimator {self.estimator!r}: must be swap or st")
-        for name in ("steps", "batch", "seq_len", "val_every", "val_windows", "width", "band"):
+        if self.data not in ("mix", "sotu"):
+            raise ConfigError(f"invalid data {self.data!r}: must be mix or sotu")
+        for name in ("steps", "batch", "seq_len", "val_every", "save_every", "val_windows", "width", "band",
+                     "train_per_domain"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"invalid {name} {getattr(self, name)}: must be >= 1")
 
@@ -235,7 +247,7 @@ class RouterTrainer:
     """Holds the frozen backbone, the module, data and optimizer; `run()` trains with checkpoints."""
 
     def __init__(self, bb: Backbone, cfg: TrainConfig, order: list[int], train_windows: torch.Tensor,
-                 val_windows: torch.Tensor, out: Path, command: str = "", data: str = ""):
+                 val_windows: torch.Tensor | dict[str, torch.Tensor], out: Path, command: str = "", data: str = ""):
         self.bb, self.cfg, self.out = bb, cfg, Path(out)
         for p in bb.model.parameters():
             p.requires_grad_(False)
@@ -255,7 +267,9 @@ class RouterTrainer:
         self.order = order
         self.prior = prior_scores(order, bb.n_layers).to(bb.device)
         self.opt = torch.optim.AdamW(self.module.parameters(), lr=cfg.lr, weight_decay=0.0)
-        self.train_windows, self.val_windows = train_windows, val_windows
+        # validation windows by domain; the validation score is the mean over domains (each domain counts once)
+        self.val_windows = val_windows if isinstance(val_windows, dict) else {"validation": val_windows}
+        self.train_windows = train_windows
         self.step = 0
         self.history: list[dict] = []
         self.best: dict | None = None
@@ -264,7 +278,7 @@ class RouterTrainer:
         self.meta = RouterMeta(model=bb.name, checksum=bb.checksum, n_layers=bb.n_layers, kv_policy=cfg.kv_policy,
                                budgets=tuple(float(x) for x in cfg.budgets.split(":")), prior=cfg.prior,
                                prior_order=list(order), config=asdict(rcfg), command=command, data=data,
-                               git_commit=_git_commit())
+                               git_commit=_git_commit(), calibration=cfg.calibration)
 
     # --- deterministic data and budgets per step (so a resumed run repeats exactly) ----------------------
     def shard(self) -> slice:
@@ -322,16 +336,18 @@ class RouterTrainer:
         return loss, kl
 
     def validate(self, use_router: bool = True) -> dict:
+        """Validation NLL per domain and layer count; `nll` per k and `mean_nll` average the domains."""
         from ..engine import Engine
         from ..eval.ppl import evaluate_windows
 
         planner = RouterPlanner(self.module, self.prior, use_router=use_router)
         eng = Engine(self.bb, planner, self.cfg.kv_policy)
-        res = {}
-        for k in self.cfg.val_ks(self.bb.n_layers):
-            res[k] = evaluate_windows(eng, self.val_windows, layers=k, batch_size=self.cfg.batch).nll
+        ks = self.cfg.val_ks(self.bb.n_layers)
+        domains = {d: {k: evaluate_windows(eng, w, layers=k, batch_size=self.cfg.batch).nll for k in ks}
+                   for d, w in self.val_windows.items()}
+        res = {k: sum(v[k] for v in domains.values()) / len(domains) for k in ks}
         self.module.train()
-        return {"nll": res, "mean_nll": sum(res.values()) / len(res)}
+        return {"nll": res, "mean_nll": sum(res.values()) / len(res), "domains": domains}
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def save_state(self) -> None:
@@ -359,9 +375,16 @@ class RouterTrainer:
         self.meta.steps = self.step
         self.meta.best_step = self.best["step"]
         self.meta.train_seconds = round(self.train_seconds, 1)
-        self.meta.validation = {"prior_only_ppl": {str(k): math.exp(v) for k, v in self.baseline["nll"].items()},
-                                "router_ppl": {str(k): math.exp(v) for k, v in self.best["nll"].items()},
-                                "split": "SOTU validation years 2001-2010"}
+        self.meta.validation = {
+            "prior_only_ppl": {str(k): math.exp(v) for k, v in self.baseline["nll"].items()},
+            "router_ppl": {str(k): math.exp(v) for k, v in self.best["nll"].items()},
+            "split": ("SOTU validation years 2001-2010" if self.cfg.data == "sotu" else
+                      "validation split of the training mix; ppl = exp(mean over domains of the mean NLL)"),
+        }
+        if "domains" in self.best:
+            self.meta.validation["router_over_prior"] = {
+                d: {str(k): round(math.exp(v - self.baseline["domains"][d][k]), 4) for k, v in per.items()}
+                for d, per in self.best["domains"].items()}
         module = DecisionModule(self.module.cfg)
         module.load_state_dict(self.best["module"])
         save_router(module, self.meta, self.out)
@@ -373,7 +396,7 @@ class RouterTrainer:
         if self.baseline is None and main:
             self.baseline = self.validate(use_router=False)
             self.best = {"step": 0, "mean_nll": self.baseline["mean_nll"], "nll": self.baseline["nll"],
-                         "module": {k: v.clone() for k, v in self.module.state_dict().items()}}
+                         "domains": self.baseline["domains"], "module": {k: v.clone() for k, v in self.module.state_dict().items()}}
         self.module.train()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train router", unit="step", disable=not progress)
         tokens = cfg.batch * cfg.seq_len
@@ -401,13 +424,18 @@ class RouterTrainer:
                 v = self.validate()
                 self.train_seconds += time.perf_counter() - t1
                 self.history[-1]["val_mean_nll"] = v["mean_nll"]
+                self.history[-1]["val_domains"] = v["domains"]
                 if v["mean_nll"] < self.best["mean_nll"]:
                     self.best = {"step": self.step, "mean_nll": v["mean_nll"], "nll": v["nll"],
-                                 "module": {k: t.clone() for k, t in self.module.state_dict().items()}}
+                                 "domains": v["domains"], "module": {k: t.clone() for k, t in self.module.state_dict().items()}}
+                worst = max((math.exp(x - self.baseline["domains"][d][k]), d, k)
+                            for d, per in v["domains"].items() for k, x in per.items())
                 bar.write(f"step {self.step}: val ppl " + " ".join(
                     f"k={k}:{math.exp(x):.2f}(prior {math.exp(self.baseline['nll'][k]):.2f})"
-                    for k, x in v["nll"].items()))
+                    for k, x in v["nll"].items()) + f"; worst router/prior {worst[0]:.3f} ({worst[1]}, k={worst[2]})")
                 self._write_best()
+                self.save_state()
+            elif main and self.step % cfg.save_every == 0:
                 self.save_state()
         bar.close()
         if main:
