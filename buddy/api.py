@@ -23,6 +23,7 @@ ROUTER_PLANNERS = {  # name -> RouterPlanner options (ablations of the trained r
     "router-frozen": {"reroute_every": 0},
     "router-noprior": {"use_prior": False},
     "prior": {"use_router": False},
+    "router-nogate": {"use_gate": False},
 }
 PLANNERS = ("full", *STATIC_PLANNERS, *ROUTER_PLANNERS)
 ROUTERS = Path(__file__).parent / "data" / "routers"
@@ -54,7 +55,7 @@ class PlannerError(ValueError):
 
 
 def make_planner(name: str | None, bb: Backbone, kv_policy: str = LoadConfig.kv_policy, router: str | None = None,
-                 reroute_every: int | None = None, calibration: str = LoadConfig.calibration) -> Planner:
+                 reroute_every: int | None = None, calibration: str | None = LoadConfig.calibration) -> Planner:
     """Build a planner by name; None picks the best available: the trained router, else static-greedy."""
     from .prior import calibration_path, load_calibration
 

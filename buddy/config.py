@@ -42,7 +42,8 @@ class LoadConfig:
     reroute_every: router planners re-plan every N decode tokens (1 = every token, 0 = frozen after prefill).
     predictor: a budget predictor directory for budget="auto"; default: the one shipped for the model.
     calibration: the layer calibration behind the static planners: `mix` (measured on the training mix),
-        `sotu` (on SOTU speeches, the earlier default), or a JSON file from `buddy calibrate`.
+        `sotu` (on SOTU speeches, the earlier default), or a JSON file from `buddy calibrate`; default: the
+        shipped `mix` calibration, else the shipped `sotu` one.
     """
 
     model: str = "smollm2"
@@ -53,7 +54,7 @@ class LoadConfig:
     router: str | None = None
     reroute_every: int = 1
     predictor: str | None = None
-    calibration: str = "mix"
+    calibration: str | None = None
 
     def __post_init__(self):
         if isinstance(self.reroute_every, bool) or not isinstance(self.reroute_every, int) or self.reroute_every < 0:

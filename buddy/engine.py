@@ -21,6 +21,7 @@ from .budget import AUTO, BudgetError, request_budget
 from .config import GenerateConfig
 from .kv_cache import ContextOverflowError, KVCache
 from .planner import Planner
+from .sampling import Detokenizer, sample
 
 
 @dataclass(frozen=True)
@@ -186,12 +187,12 @@ class Engine:
         valid = None if valid.all() else valid
         gen = torch.Generator(device=dev).manual_seed(cfg.seed)
         stops = set() if cfg.ignore_eos else self.stop_ids()
-        detok = [_Detokenizer(self.bb.tokenizer) for _ in rows]
+        detok = [Detokenizer(self.bb.tokenizer) for _ in rows]
         done = [False] * B
         for _ in range(cfg.max_new_tokens):
             t0 = time.perf_counter()
             h, plan = self._forward(x, cache, ks, valid)
-            tokens = _sample(self.bb.head(h[:, -1]), cfg.temperature, cfg.top_p, gen)
+            tokens = sample(self.bb.head(h[:, -1]), cfg.temperature, cfg.top_p, gen)
             ids, paths = tokens.tolist(), plan[:, -1].cpu()
             ms = (time.perf_counter() - t0) * 1e3
             out: list[Step | None] = []
@@ -206,32 +207,3 @@ class Engine:
             if all(done):
                 return
             x, valid = tokens.view(B, 1), None
-
-
-class _Detokenizer:
-    """Incremental text of a growing token list (holds back incomplete UTF-8 sequences)."""
-
-    def __init__(self, tokenizer):
-        self.tok, self.ids, self.text = tokenizer, [], ""
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        full = self.tok.decode(self.ids, skip_special_tokens=True)
-        if full.endswith("\ufffd"):
-            return ""
-        piece, self.text = full[len(self.text):], full
-        return piece
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
-    """Next token [1] from logits [1, V]: greedy at temperature 0, else nucleus sampling."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        cut = sorted_p.cumsum(-1) - sorted_p > top_p
-        sorted_p = sorted_p.masked_fill(cut, 0)
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-    return torch.multinomial(probs, 1, generator=gen).view(-1)
-

@@ -129,13 +129,22 @@ def user_calibration_path(bb, data: str = CALIBRATION_DATA[0]) -> Path:
 def calibration_path(bb, calibration: str | None = None) -> Path:
     """The calibration file to use. `calibration`: `mix` or `sotu` (the shipped calibration of that text
     for a shipped model, else the user's own from `buddy calibrate --data ...`), or a JSON file path.
-    None is `mix`. The shipped files are never written; a user calibration is read only when no shipped
+    None: the shipped `mix` calibration, else the shipped `sotu` one, else the user's `mix`. The shipped files are never written; a user calibration is read only when no shipped
     one exists for the model or when its path is given."""
-    calibration = calibration or CALIBRATION_DATA[0]
+    if calibration is None:  # the first shipped calibration in CALIBRATION_DATA order, else the user's `mix`
+        shipped = [PACKAGED / f"{bb.name}-{d}.json" for d in CALIBRATION_DATA]
+        return next((p for p in shipped if p.is_file()), user_calibration_path(bb, CALIBRATION_DATA[0]))
     if calibration not in CALIBRATION_DATA:
         return Path(calibration)
     packaged = PACKAGED / f"{bb.name}-{calibration}.json"
     return packaged if packaged.is_file() else user_calibration_path(bb, calibration)
+
+
+def calibration_label(bb, calibration: str | None = None) -> str:
+    """`mix` or `sotu` for the calibration `calibration_path` picks, or the path of a user's JSON file."""
+    if calibration is None:
+        return calibration_path(bb).stem.rsplit("-", 1)[-1]
+    return calibration if calibration in CALIBRATION_DATA else str(calibration_path(bb, calibration))
 
 
 def save_calibration(result: dict, path: Path) -> None:

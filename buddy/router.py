@@ -33,6 +33,9 @@ class RouterConfig:
     width: the MLP's hidden width.
     budget_features: number of Fourier features encoding the budget fraction.
     budget_onehot: also encode the exact layer count k one-hot (lets each budget learn its own layer set).
+    gate: a second head on the same hidden layer: per token and budget, whether the router's plan is
+        expected to beat the prior's plan; where it is not, the token runs the prior's plan (trained after
+        the scores, with `buddy train router --estimator gate --init DIR`).
     """
 
     n_layers: int
@@ -41,6 +44,7 @@ class RouterConfig:
     width: int = 256
     budget_features: int = 8
     budget_onehot: bool = False
+    gate: bool = False
 
 
 class DecisionModule(nn.Module):
@@ -54,6 +58,8 @@ class DecisionModule(nn.Module):
         self.fc2 = nn.Linear(cfg.width, cfg.n_layers - 2)
         nn.init.zeros_(self.fc2.weight)  # starts as the prior: training moves away from it only if it helps
         nn.init.zeros_(self.fc2.bias)
+        if cfg.gate:
+            self.fc_gate = nn.Linear(cfg.width, 1)
         self.register_buffer("freqs", math.pi * torch.arange(1, cfg.budget_features + 1, dtype=torch.float32))
 
     def budget_encoding(self, frac: torch.Tensor) -> torch.Tensor:
@@ -66,13 +72,22 @@ class DecisionModule(nn.Module):
             parts.append(nn.functional.one_hot(k, self.cfg.n_layers + 1).float())
         return torch.cat(parts, dim=-1)
 
-    def forward(self, kv0_mean: torch.Tensor, h0: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
-        """kv0_mean [B, T, kv_dim], h0 [B, T, hidden], frac [B] -> scores [B, T, L-2]."""
+    def hidden(self, kv0_mean: torch.Tensor, h0: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
+        """kv0_mean [B, T, kv_dim], h0 [B, T, hidden], frac [B] -> the MLP's hidden layer [B, T, width]."""
         B, T = h0.shape[:2]
         dtype = self.fc1.weight.dtype
         b = self.budget_encoding(frac)[:, None].expand(B, T, -1)
         x = torch.cat([self.norm_kv(kv0_mean.to(dtype)), self.norm_h(h0.to(dtype)), b.to(dtype)], dim=-1)
-        return self.fc2(nn.functional.gelu(self.fc1(x))).float()
+        return nn.functional.gelu(self.fc1(x))
+
+    def forward(self, kv0_mean: torch.Tensor, h0: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
+        """kv0_mean [B, T, kv_dim], h0 [B, T, hidden], frac [B] -> scores [B, T, L-2]."""
+        return self.fc2(self.hidden(kv0_mean, h0, frac)).float()
+
+    def heads(self, kv0_mean, h0, frac) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scores [B, T, L-2], gate logits [B, T] or None): > 0 means "use the router's plan"."""
+        x = self.hidden(kv0_mean, h0, frac)
+        return self.fc2(x).float(), (self.fc_gate(x)[..., 0].float() if self.cfg.gate else None)
 
 
 def prior_scores(order: list[int], n_layers: int) -> torch.Tensor:
@@ -91,13 +106,13 @@ class RouterPlanner(Planner):
     """Per-token top-k of router + prior scores, rerouted every `reroute_every` decode steps.
 
     reroute_every: 1 = every token; N = every N-th decode token; 0 = frozen after prefill.
-    use_router / use_prior: ablations (prior only, router without prior).
+    use_router / use_prior / use_gate: ablations (prior only, router without prior, router without its gate).
     """
 
     needs_kv0 = True
 
     def __init__(self, module: DecisionModule, prior: torch.Tensor, reroute_every: int = 1,
-                 use_router: bool = True, use_prior: bool = True, name: str = "router"):
+                 use_router: bool = True, use_prior: bool = True, use_gate: bool = True, name: str = "router"):
         if reroute_every < 0:
             raise ValueError(f"invalid reroute_every {reroute_every}: must be >= 0 (0 = frozen after prefill)")
         self.module = module.eval()
@@ -105,22 +120,33 @@ class RouterPlanner(Planner):
         self.reroute_every = reroute_every
         self.use_router = use_router
         self.use_prior = use_prior
+        self.use_gate = use_gate and use_prior and module.cfg.gate
         self.name = name
         self.n_layers = module.cfg.n_layers
 
     def scores(self, h0: torch.Tensor, cache, k) -> torch.Tensor:
+        return self._scores(h0, cache, k)[0]
+
+    def _scores(self, h0, cache, k):
+        """(router + prior scores [B, T, L-2], gate logits [B, T] or None)."""
         B, T = h0.shape[:2]
-        s = torch.zeros(B, T, self.n_layers - 2, device=h0.device)
+        s, gate = torch.zeros(B, T, self.n_layers - 2, device=h0.device), None
         if self.use_router:
             frac = as_row_budgets(k, B, h0.device).float() / self.n_layers
-            s = s + self.module(cache.kv0_mean, h0, frac)
+            r, gate = self.module.heads(cache.kv0_mean, h0, frac)
+            s = s + r
         if self.use_prior:
             s = s + self.prior.to(h0.device)
-        return s
+        return s, (gate if self.use_gate else None)
 
     def plan(self, h0, cache, k):
         B = h0.shape[0]
-        plan = topk_plan(self.scores(h0, cache, k), as_row_budgets(k, B, h0.device))
+        ks = as_row_budgets(k, B, h0.device)
+        s, gate = self._scores(h0, cache, k)
+        plan = topk_plan(s, ks)
+        if gate is not None:  # tokens whose gate is closed run the prior's plan
+            prior_plan = topk_plan(self.prior.to(h0.device).expand_as(s), ks)
+            plan = torch.where(gate[..., None] > 0, plan, prior_plan)
         start, end = cache.slot
         if start == 0:  # prefill: every prompt token routed; remember where decoding starts
             cache.planner_state = {"prefill_end": end, "last": plan[:, -1]}

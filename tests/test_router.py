@@ -218,3 +218,58 @@ def test_artifact_commit_says_when_the_checkout_was_dirty(tmp_path):
     assert len(clean) == 40 and "+" not in clean
     (tmp_path / "f.py").write_text("a = 2\n")
     assert _git_commit(tmp_path) == clean + "+dirty"
+
+
+def gated_router(bb, bias: float, seed=0):
+    torch.manual_seed(seed)
+    cfg = RouterConfig(n_layers=bb.n_layers, kv_dim=2 * bb.shapes.n_kv_heads * bb.shapes.head_dim,
+                       hidden_dim=bb.shapes.hidden, width=32, gate=True)
+    m = DecisionModule(cfg)
+    torch.nn.init.normal_(m.fc2.weight, std=1.0)
+    torch.nn.init.normal_(m.fc_gate.weight, std=1.0 if bias == 0 else 0.0)
+    torch.nn.init.constant_(m.fc_gate.bias, bias)
+    return m
+
+
+def test_gate_chooses_per_token_between_router_and_prior_plans():
+    bb = tiny_backbone("llama", n_layers=8)
+    prior = prior_scores([3, 1, 5, 2, 6, 4], 8)
+    ids = torch.randint(0, 97, (2, 12))
+
+    def plan(module, **kw):
+        eng = Engine(bb, RouterPlanner(module, prior, **kw), "fill")
+        return eng.forward(ids, eng.new_cache(2, 12), [4, 6])[1]
+
+    prior_plan = plan(gated_router(bb, 0.0), use_router=False)
+    router_plan = plan(gated_router(bb, 0.0), use_gate=False)
+    assert not torch.equal(prior_plan, router_plan)
+    assert torch.equal(plan(gated_router(bb, -50.0)), prior_plan)  # closed gate: the prior's plan
+    assert torch.equal(plan(gated_router(bb, 50.0)), router_plan)  # open gate: the router's plan
+    mixed = plan(gated_router(bb, 0.0))  # a per-token choice, always exactly k layers
+    assert (mixed.sum(-1) == torch.tensor([4, 6])[:, None]).all()
+    per_token = (mixed == router_plan).all(-1) | (mixed == prior_plan).all(-1)
+    assert per_token.all()
+
+
+def test_gate_training_changes_only_the_gate_and_round_trips(tmp_path):
+    bb = tiny_backbone("llama", n_layers=8)
+    first = make_trainer(bb, tmp_path / "router", 1)
+    first.run(progress=False)
+    torch.manual_seed(0)  # a router whose plans differ from the prior's, so the gate has something to learn
+    torch.nn.init.normal_(first.best["module"]["fc2.weight"], std=2.0)
+    first._write_best()
+    cfg = TrainConfig(steps=3, batch=2, seq_len=12, val_every=3, val_windows=2, width=16, lr=1e-1,
+                      budgets="0.5:1.0", estimator="gate", init=str(tmp_path / "router"), select="safe")
+    g = torch.Generator().manual_seed(1)
+    t = RouterTrainer(bb, cfg, list(range(1, 7)), torch.randint(0, 97, (8, 12), generator=g),
+                      torch.randint(0, 97, (2, 12), generator=g), tmp_path / "gate", command="test", data="random")
+    before = {k: v.clone() for k, v in t.module.state_dict().items()}
+    assert (t.module.fc_gate.weight == 0).all()  # starts closed: exactly the prior
+    t.run(progress=False)
+    after = t.module.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]) == (not k.startswith("fc_gate")), k
+    module, meta = load_router(tmp_path / "gate", n_layers=8)
+    assert module.cfg.gate and meta.steps == 3
+    with pytest.raises(Exception, match="--init"):
+        TrainConfig(estimator="gate")

@@ -129,7 +129,7 @@ def cell_key(row: dict) -> tuple:
 
 def sweep(bb, methods: list[str], ks: list[int], tasks: list[str], out: str | Path, kv_policy: str = "fill",
           limit: int | None = None, router: str | None = None, predictor: str | None = None,
-          calibration: str = "mix", progress: bool = True) -> list[dict]:
+          calibration: str | None = None, progress: bool = True) -> list[dict]:
     """Run every missing (method, k, task) cell and append it to `out`; returns the new rows.
 
     `dense` runs once per task at k = L; other methods skip k = L (it is the dense model for every method)."""
@@ -152,6 +152,10 @@ def sweep(bb, methods: list[str], ks: list[int], tasks: list[str], out: str | Pa
         pdir = Path(predictor) if predictor else PREDICTORS / bb.name
         pred_module, meta = load_predictor(pdir, checksum=bb.checksum)
         pred_module, pred_name, pred_tradeoff = pred_module.to(bb.device), str(pdir), meta.tradeoff
+    if any(m in STATIC_METHODS for m in methods):
+        from ..prior import calibration_label
+
+        calibration = calibration_label(bb, calibration)
     done = {cell_key(r) for r in read_results(out)}
     todo = [c for c in cells if (bb.name, c[0], kv_policy, c[1], c[2], limit, pred_name if c[1] == AUTO else None,
                                  calibration if c[0] in STATIC_METHODS else None) not in done]

@@ -50,6 +50,14 @@ def parse_budget(body: dict, n_layers: int, auto_ok: bool = False) -> Budget | s
     return b
 
 
+def _check_text(text: str, param: str) -> None:
+    """Text a tokenizer can take: valid Unicode (JSON may carry lone surrogates such as "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{param} is not valid Unicode ({e.reason} at character {e.start})", param) from None
+
+
 class Server:
     """Validation, tokenization and response shaping; the Scheduler does the compute."""
 
@@ -81,6 +89,8 @@ class Server:
                 raise APIError(400, "messages must be a non-empty list of {\"role\": str, \"content\": str}", "messages")
             if not tok.chat_template:
                 raise APIError(400, f"model {self.model_name!r} has no chat template; use /v1/completions", "messages")
+            for m in msgs:
+                _check_text(m["content"], "messages")
             ids = tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in msgs],
                                           add_generation_prompt=True, tokenize=True)
             ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -90,6 +100,7 @@ class Server:
                 prompt = prompt[0]
             if not isinstance(prompt, str) or not prompt:
                 raise APIError(400, "prompt must be a non-empty string", "prompt")
+            _check_text(prompt, "prompt")
             ids = self.engine.encode(prompt)
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16 if not chat else 256))
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.max_tokens_limit:
@@ -100,7 +111,7 @@ class Server:
             raise APIError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
                                 f"context of {ctx} tokens", "prompt", code="context_length_exceeded")
         policy = body.get("kv_policy") or self.default_policy
-        if policy not in self.engines:
+        if not isinstance(policy, str) or policy not in self.engines:
             raise APIError(400, f"invalid kv_policy {policy!r}: this server serves {', '.join(self.engines)} "
                                 f"(of {', '.join(KV_POLICIES)})", "kv_policy")
         engine = self.engines[policy]
@@ -117,8 +128,8 @@ class Server:
         for name, v, lo, hi in (("temperature", temperature, 0, 2), ("top_p", top_p, 1e-9, 1)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
                 raise APIError(400, f"invalid {name} {v!r}: must be a number in [{lo:g}, {hi:g}]", name)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise APIError(400, f"invalid seed {seed!r}: must be an integer", "seed")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64:
+            raise APIError(400, f"invalid seed {seed!r}: must be an integer in [-2**63, 2**64)", "seed")
         if body.get("n", 1) != 1:
             raise APIError(400, "only n=1 is supported", "n")
         stop = body.get("stop") or []

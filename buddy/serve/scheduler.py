@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine import _Detokenizer, _sample
 from ..kv_cache import KVCache
+from ..sampling import Detokenizer, sample
 
 
 @dataclass
@@ -48,7 +48,7 @@ class Request:
 @dataclass
 class _Row:
     req: Request
-    detok: _Detokenizer
+    detok: Detokenizer
     gen: torch.Generator
     last: int = 0
     index: int = 0  # this row's index in its group's batch cache
@@ -131,7 +131,7 @@ class Scheduler:
         try:
             cache = engine.new_cache(1, len(req.prompt) + req.max_tokens)
             h, plan = engine.forward(torch.tensor([req.prompt], device=engine.bb.device), cache, req.k)
-            row = _Row(req, _Detokenizer(engine.tokenizer), torch.Generator(device=engine.bb.device).manual_seed(req.seed))
+            row = _Row(req, Detokenizer(engine.tokenizer), torch.Generator(device=engine.bb.device).manual_seed(req.seed))
             if self._emit(row, engine.bb.head(h[:, -1]), plan[0, -1]):
                 self.groups[req.kv_policy].pending.append((row, cache))
                 self.groups[req.kv_policy].dirty = True
@@ -141,7 +141,7 @@ class Scheduler:
     def _emit(self, row: _Row, logits: torch.Tensor, path: torch.Tensor) -> bool:
         """Sample the row's next token, hand it over; True while the row goes on."""
         req = row.req
-        tok = int(_sample(logits.view(1, -1), req.temperature, req.top_p, row.gen)[0])
+        tok = int(sample(logits.view(1, -1), req.temperature, req.top_p, row.gen)[0])
         req.tokens.append(tok)
         req.layer_sum += int(path.sum())
         row.last = tok
@@ -156,6 +156,14 @@ class Scheduler:
             req.on_event("done", "length")
             return False
         return True
+
+    def _emit_alone(self, row: _Row, logits: torch.Tensor, path: torch.Tensor) -> bool:
+        """`_emit` for one row of a batch: a row that fails ends alone; its neighbours go on."""
+        try:
+            return self._emit(row, logits, path)
+        except Exception as e:  # noqa: BLE001 - fault isolation per row
+            row.req.on_event("done", f"error: {e}")
+            return False
 
     @torch.inference_mode()
     def _step(self, policy: str, g: _Group) -> None:
@@ -173,7 +181,7 @@ class Scheduler:
         x = torch.tensor([[r.last] for r in g.rows], device=engine.bb.device)
         h, plan = engine.forward(x, g.cache, [r.req.k for r in g.rows])
         logits = engine.bb.head(h[:, -1])
-        keep = [self._emit(r, logits[i], plan[i, -1]) for i, r in enumerate(g.rows)]
+        keep = [self._emit_alone(r, logits[i], plan[i, -1]) for i, r in enumerate(g.rows)]
         self.steps += 1
         if not all(keep):
             g.rows = [r for r, kp in zip(g.rows, keep) if kp]

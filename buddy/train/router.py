@@ -53,7 +53,13 @@ class TrainConfig:
     val_layers: layer counts validated at (comma list; empty = 0.5, 0.7, 0.9 of L).
     prior: calibration order used as the prior (static-greedy or static-bi).
     estimator: `swap` (measure swapping a kept and a dropped layer near the top-k threshold, per token,
-        and train the scores to rank the better one higher) or `st` (straight-through gates).
+        and train the scores to rank the better one higher), `st` (straight-through gates), or `gate`
+        (keep the scores of the router in `init`; train only its gate: per token, measure the router's
+        plan against the prior's plan and learn where the router's plan wins).
+    init: a router directory to start from (required for `gate`).
+    select: which validated checkpoint is kept: `mean` (lowest mean NLL over domains and layer counts) or
+        `safe` (the lowest mean among checkpoints no worse than the prior, by more than 0.002 nats, on any
+        validation domain and layer count; the prior itself if none is).
     band: `swap` picks the swapped layers among this many ranks on each side of the threshold.
     seed: seed for data order, budgets and initialisation.
     """
@@ -77,6 +83,8 @@ class TrainConfig:
     val_layers: str = ""
     prior: str = "static-greedy"
     estimator: str = "swap"
+    init: str = ""
+    select: str = "mean"
     band: int = 3
     seed: int = 0
 
@@ -91,8 +99,12 @@ class TrainConfig:
             raise ConfigError(f"invalid budgets {self.budgets!r}: need 0 < lo <= hi <= 1")
         if self.prior not in ("static-greedy", "static-bi"):
             raise ConfigError(f"invalid prior {self.prior!r}: must be static-greedy or static-bi")
-        if self.estimator not in ("swap", "st"):
-            raise ConfigError(f"invalid estimator {self.estimator!r}: must be swap or st")
+        if self.estimator not in ("swap", "st", "gate"):
+            raise ConfigError(f"invalid estimator {self.estimator!r}: must be swap, st or gate")
+        if self.estimator == "gate" and not self.init:
+            raise ConfigError("estimator gate trains the gate of a trained router: give --init ROUTER_DIR")
+        if self.select not in ("mean", "safe"):
+            raise ConfigError(f"invalid select {self.select!r}: must be mean or safe")
         if self.data not in ("mix", "sotu"):
             raise ConfigError(f"invalid data {self.data!r}: must be mix or sotu")
         for name in ("steps", "batch", "seq_len", "val_every", "save_every", "val_windows", "width", "band",
@@ -254,9 +266,27 @@ class RouterTrainer:
         torch.manual_seed(cfg.seed)
         rcfg = RouterConfig(n_layers=bb.n_layers, kv_dim=2 * bb.shapes.n_kv_heads * bb.shapes.head_dim,
                             hidden_dim=bb.shapes.hidden, width=cfg.width,
-                            budget_onehot=cfg.budget_onehot)
+                            budget_onehot=cfg.budget_onehot, gate=cfg.estimator == "gate")
+        self.init_meta = None
+        if cfg.init:  # start from a trained router (its shape and prior win over the settings above)
+            from ..router import load_router
+
+            init, self.init_meta = load_router(Path(cfg.init), checksum=bb.checksum, n_layers=bb.n_layers)
+            if list(self.init_meta.prior_order) != list(order):
+                raise ConfigError(f"router {cfg.init} was trained with another prior order than calibration "
+                                  f"{cfg.calibration!r} gives: pass the calibration it was trained with")
+            rcfg = RouterConfig(**{**asdict(init.cfg), "gate": rcfg.gate or init.cfg.gate})
         self.module = DecisionModule(rcfg).to(bb.device)
+        if cfg.init:
+            self.module.load_state_dict(init.state_dict(), strict=False)
+        if rcfg.gate and cfg.estimator == "gate":  # only the gate trains; it starts closed (= the prior's plan)
+            for name, p in self.module.named_parameters():
+                p.requires_grad_(name.startswith("fc_gate"))
+            torch.nn.init.zeros_(self.module.fc_gate.weight)
+            torch.nn.init.zeros_(self.module.fc_gate.bias)
         self.rank, self.world = _dist()
+        if cfg.estimator == "gate" and self.world > 1:
+            raise ConfigError("estimator gate runs in one process (it is small): launch it without torchrun")
         if cfg.batch % self.world:
             raise ConfigError(f"batch {cfg.batch} must be divisible by the {self.world} distributed processes")
         self.net = self.module  # what training calls: the module, or its DDP wrapper across processes
@@ -266,7 +296,8 @@ class RouterTrainer:
             self.net = DistributedDataParallel(self.module)
         self.order = order
         self.prior = prior_scores(order, bb.n_layers).to(bb.device)
-        self.opt = torch.optim.AdamW(self.module.parameters(), lr=cfg.lr, weight_decay=0.0)
+        self.opt = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad], lr=cfg.lr,
+                                     weight_decay=0.0)
         # validation windows by domain; the validation score is the mean over domains (each domain counts once)
         self.val_windows = val_windows if isinstance(val_windows, dict) else {"validation": val_windows}
         self.train_windows = train_windows
@@ -321,11 +352,27 @@ class RouterTrainer:
         loss = (w * torch.nn.functional.softplus(-torch.sign(gain) * margin)).sum() / _all_sum(w.sum()).clamp_min(1e-9)
         return loss * self.world, kl.mean()
 
+    def gate_loss(self, ids, k, dense):
+        """Per token, the measured gain of the router's plan over the prior's plan -> logistic loss on the gate."""
+        kv0, h0 = router_features(self.bb, ids, self.cfg.kv_policy)
+        scores, gate = self.module.heads(kv0, h0, k.float() / self.bb.n_layers)
+        with torch.no_grad():
+            routed = topk_plan(scores + self.prior, k)
+            prior = topk_plan(self.prior.expand_as(scores), k)
+            kl_router = self._kl(dense, routed, ids, k)
+            gain = self._kl(dense, prior, ids, k) - kl_router  # > 0: the router's plan is better for this token
+            same = (routed == prior).all(-1)  # identical plans teach the gate nothing
+            w = gain.abs() * ~same
+        loss = (w * torch.nn.functional.softplus(-torch.sign(gain) * gate)).sum() / w.sum().clamp_min(1e-9)
+        return loss, kl_router.mean()
+
     def loss(self, ids, k):
         with torch.no_grad():
             dense = torch.log_softmax(self.bb.model(ids).logits.float(), dim=-1)
         if self.cfg.estimator == "swap":
             return self.swap_loss(ids, k, dense)
+        if self.cfg.estimator == "gate":
+            return self.gate_loss(ids, k, dense)
         logits, _ = routed_train_forward(self.bb, self.net, self.prior, ids, k, self.cfg.kv_policy, self.cfg.tau)
         logq = torch.log_softmax(logits, dim=-1)
         kl = (dense.exp() * (dense - logq)).sum(-1).mean()
@@ -348,6 +395,18 @@ class RouterTrainer:
         res = {k: sum(v[k] for v in domains.values()) / len(domains) for k in ks}
         self.module.train()
         return {"nll": res, "mean_nll": sum(res.values()) / len(res), "domains": domains}
+
+    SAFE_TOLERANCE = 0.002  # nats of validation NLL: `select=safe` treats smaller losses as noise
+
+    def _safe(self, v: dict) -> bool:
+        base = self.baseline["domains"]
+        return all(x <= base[d][k] + self.SAFE_TOLERANCE for d, per in v["domains"].items() for k, x in per.items())
+
+    def _better(self, v: dict) -> bool:
+        """Whether validation result v beats the best checkpoint so far (by `select`)."""
+        if self.cfg.select == "safe" and self._safe(v) != self._safe(self.best):
+            return self._safe(v)
+        return v["mean_nll"] < self.best["mean_nll"]
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def save_state(self) -> None:
@@ -409,7 +468,7 @@ class RouterTrainer:
             loss.backward()
             kl = float(_all_sum(kl.detach())) / self.world
             loss_value = float(_all_sum(loss.detach())) / self.world
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], 1.0)
             self.opt.step()
             self.step += 1
             dt = time.perf_counter() - t0
@@ -425,7 +484,7 @@ class RouterTrainer:
                 self.train_seconds += time.perf_counter() - t1
                 self.history[-1]["val_mean_nll"] = v["mean_nll"]
                 self.history[-1]["val_domains"] = v["domains"]
-                if v["mean_nll"] < self.best["mean_nll"]:
+                if self._better(v):
                     self.best = {"step": self.step, "mean_nll": v["mean_nll"], "nll": v["nll"],
                                  "domains": v["domains"], "module": {k: t.clone() for k, t in self.module.state_dict().items()}}
                 worst = max((math.exp(x - self.baseline["domains"][d][k]), d, k)
