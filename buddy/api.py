@@ -14,6 +14,7 @@ from pathlib import Path
 from .backbone import Backbone, load_backbone
 from .config import LoadConfig
 from .engine import Engine
+from .errors import BuddyError
 from .planner import FullPlanner, Planner, StaticPlanner
 
 STATIC_PLANNERS = ("static-bi", "static-greedy", "random")
@@ -50,7 +51,7 @@ def router_dir(bb: Backbone, kv_policy: str) -> Path | None:
     return None
 
 
-class PlannerError(ValueError):
+class PlannerError(BuddyError):
     """Unknown planner, or one this model cannot use yet."""
 
 

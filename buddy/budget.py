@@ -9,11 +9,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .errors import BuddyError
+
 ALWAYS_ON_MIN = 2  # layer 0 and layer L-1
 AUTO = "auto"  # budget="auto": the budget predictor chooses a level per prompt (buddy/predictor.py)
 
 
-class BudgetError(ValueError):
+class BudgetError(BuddyError):
     """A budget the user gave is not valid; the message names the value and the valid range."""
 
 
@@ -80,6 +82,7 @@ def request_budget(budget=None, layers=None) -> Budget | str:
         return Budget(fraction=1.0)
     if isinstance(budget, Budget):
         return budget
+    given = budget  # error messages name the value as given
     if isinstance(budget, str):
         text = budget.strip()
         if text.lower() == AUTO:
@@ -87,14 +90,14 @@ def request_budget(budget=None, layers=None) -> Budget | str:
         try:
             budget = float(text)
         except ValueError:
-            raise BudgetError(f"invalid budget {budget!r}: {BUDGET_RULE}") from None
+            raise BudgetError(f"invalid budget {given!r}: {BUDGET_RULE}") from None
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget):
-        raise BudgetError(f"invalid budget {budget!r}: {BUDGET_RULE}")
+        raise BudgetError(f"invalid budget {given!r}: {BUDGET_RULE}")
     if budget > 1 and float(budget).is_integer():
         raise BudgetError(f"invalid budget {budget!r}: budget is a fraction in (0, 1]; for an exact count of "
                           f"{int(budget)} layers use layers={int(budget)} (--layers {int(budget)})")
     if not 0 < budget <= 1:
-        raise BudgetError(f"invalid budget {budget!r}: must be a fraction of layers in (0, 1] (or \"auto\")")
+        raise BudgetError(f"invalid budget {given!r}: must be a fraction of layers in (0, 1] (or \"auto\")")
     return Budget(fraction=float(budget))
 
 

@@ -19,20 +19,34 @@ import sys
 import time
 from dataclasses import fields
 
-from .budget import AUTO, Budget, BudgetError, budget_echo, request_budget
-from .config import DTYPES, KV_POLICIES, ConfigError, GenerateConfig, LoadConfig
+from .budget import AUTO, Budget, budget_echo, request_budget
+from .config import (
+    DTYPES,
+    KV_POLICIES,
+    GenerateConfig,
+    LoadConfig,
+    ServeConfig,
+)
+from .errors import BuddyError
 
 
-class UsageError(Exception):
-    """Reported as `buddy: error: ...` with exit code 2."""
+class UsageError(BuddyError):
+    """A bad command-line value; reported as `buddy: error: ...` with exit code 2."""
 
 
 def _doc_of(cls, name: str) -> str:
-    """The help text of a dataclass field, taken from the class docstring (`name: text`)."""
-    for line in (cls.__doc__ or "").splitlines():
-        line = line.strip()
-        if line.startswith(f"{name}:"):
-            return line.split(":", 1)[1].strip()
+    """The help text of a dataclass field, taken from the class docstring (`name: text`, with its
+    more-indented continuation lines)."""
+    lines = (cls.__doc__ or "").splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith(f"{name}:"):
+            indent = len(line) - len(line.lstrip())
+            text = [line.strip().split(":", 1)[1].strip()]
+            for nxt in lines[i + 1:]:
+                if not nxt.strip() or len(nxt) - len(nxt.lstrip()) <= indent:
+                    break
+                text.append(nxt.strip())
+            return " ".join(text)
     return ""
 
 
@@ -106,7 +120,12 @@ def cmd_calibrate(args) -> int:
     import torch
 
     from .backbone import load_backbone
-    from .prior import CALIBRATION_DATA, calibrate, save_calibration, user_calibration_path
+    from .prior import (
+        CALIBRATION_DATA,
+        calibrate,
+        save_calibration,
+        user_calibration_path,
+    )
 
     if args.data not in CALIBRATION_DATA:
         raise UsageError(f"invalid --data {args.data!r}: use one of {', '.join(CALIBRATION_DATA)}")
@@ -248,25 +267,20 @@ def cmd_serve(args) -> int:
 
     from .api import make_planner, make_predictor
     from .backbone import load_backbone
+    from .config import ServeConfig
     from .engine import Engine
     from .serve.app import Server, create_app
 
-    if args.max_batch < 1 or args.max_tokens_limit < 1:
-        raise UsageError("--max-batch and --max-tokens-limit must be >= 1")
-    policies = list(args.kv_policies)
-    for p in policies:
-        if p not in KV_POLICIES:
-            raise UsageError(f"invalid kv policy {p!r}: must be one of {', '.join(KV_POLICIES)}")
+    cfg = ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig)})
     bb = load_backbone(args.model, args.device, args.dtype)
     predictor = make_predictor(bb, args.predictor)
     engines = {p: Engine(bb, make_planner(args.planner, bb, p, args.router, calibration=args.calibration), p, predictor)
-               for p in policies}
-    server = Server(engines, bb.name, api_key=args.api_key, max_batch=args.max_batch,
-                    max_tokens_limit=args.max_tokens_limit)
-    planner = engines[policies[0]].planner.name
-    print(f"buddy: serving {bb.name} (planner {planner}, kv policies {','.join(policies)}) on "
-          f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
+               for p in cfg.policies}
+    server = Server(engines, bb.name, cfg)
+    planner = engines[cfg.policies[0]].planner.name
+    print(f"buddy: serving {bb.name} (planner {planner}, kv policies {','.join(cfg.policies)}) on "
+          f"http://{cfg.host}:{cfg.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(create_app(server), host=cfg.host, port=cfg.port, log_level=cfg.log_level)
     return 0
 
 
@@ -279,7 +293,8 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                            help=f"{_doc_of(cls, f.name)} (default {default!r})")
         else:
-            p.add_argument(flag, type=type(default), default=default, help=f"{_doc_of(cls, f.name)} (default {default!r})")
+            kind = str if default is None else type(default)
+            p.add_argument(flag, type=kind, default=default, help=f"{_doc_of(cls, f.name)} (default {default!r})")
 
 
 def cmd_train_router(args) -> int:
@@ -507,14 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--router", default=None, help=_doc_of(LoadConfig, "router"))
     sv.add_argument("--predictor", default=None, help=_doc_of(LoadConfig, "predictor"))
     sv.add_argument("--calibration", default=LoadConfig.calibration, help=_doc_of(LoadConfig, "calibration"))
-    sv.add_argument("--kv-policies", type=_csv(str), default=KV_POLICIES,
-                    help="KV policies requests may ask for; the first is the default (default fill,mask,zero)")
-    sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/ routes")
-    sv.add_argument("--max-batch", type=int, default=16, help="concurrent requests decoding together (default 16)")
-    sv.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
-    sv.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    _add_dataclass_args(sv, ServeConfig)
     sv.set_defaults(func=cmd_serve)
 
     from .export import EXPORT_PLANNERS
@@ -541,21 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .api import PlannerError
-    from .backbone import ModelNotFoundError, UnsupportedModelError
-    from .kv_cache import ContextOverflowError
-    from .prior import CalibrationError
-    from .data import DataError
-    from .router import RouterFileError
-    from .eval.tasks import TaskError
-    from .export import ExportError
-    from .predictor import PredictorFileError
-
     try:
         return args.func(args)
-    except (UsageError, BudgetError, ConfigError, PlannerError, ModelNotFoundError, UnsupportedModelError,
-            ContextOverflowError, CalibrationError, RouterFileError, DataError, TaskError,
-            ExportError, PredictorFileError) as e:
+    except BuddyError as e:  # every bad value, file or model: one line, exit code 2
         print(f"buddy: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

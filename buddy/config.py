@@ -9,11 +9,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import BuddyError
+
 KV_POLICIES = ("fill", "mask", "zero")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+class ConfigError(BuddyError):
     """A setting is not valid; the message names the value and what is allowed."""
 
 
@@ -91,3 +93,45 @@ class GenerateConfig:
             raise ConfigError(f"invalid temperature {self.temperature!r}: must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"invalid top_p {self.top_p!r}: must be in (0, 1]")
+
+
+@dataclass
+class ServeConfig:
+    """Settings of `buddy serve` (the HTTP layer and the continuous-batching scheduler).
+
+    host: bind address; a loopback address (the default) serves this machine only and checks the Host header.
+    port: TCP port.
+    api_key: require `Authorization: Bearer KEY` on /v1/ routes (None: no key).
+    kv_policies: KV policies requests may ask for, comma-separated; the first is the default.
+    max_batch: concurrent requests decoding together.
+    max_tokens_limit: the largest max_tokens a request may ask for.
+    max_body_bytes: larger request bodies get HTTP 413 before they are read.
+    log_level: uvicorn's log level.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    kv_policies: str = ",".join(KV_POLICIES)
+    max_batch: int = 16
+    max_tokens_limit: int = 1024
+    max_body_bytes: int = 2**21
+    log_level: str = "warning"
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_tokens_limit", "max_body_bytes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"invalid {name} {v!r}: must be an integer >= 1")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"invalid port {self.port!r}: must be in [0, 65535]")
+        bad = [p for p in self.policies if p not in KV_POLICIES] or ([] if self.policies else [""])
+        if bad:
+            raise ConfigError(f"invalid kv policy {bad[0]!r}: must be one of {', '.join(KV_POLICIES)}")
+        levels = ("critical", "error", "warning", "info", "debug")
+        if self.log_level not in levels:
+            raise ConfigError(f"invalid log_level {self.log_level!r}: must be one of {', '.join(levels)}")
+
+    @property
+    def policies(self) -> list[str]:
+        return [p.strip() for p in self.kv_policies.split(",") if p.strip()]

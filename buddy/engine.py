@@ -24,6 +24,30 @@ from .planner import Planner
 from .sampling import Detokenizer, sample
 
 
+def prologue(bb: Backbone, ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None):
+    """embed -> rotary -> layer 0 for the new tokens ids [B, T]: (hidden after layer 0, rope). Layer 0 always
+    runs, so its output and K/V are what the planners see."""
+    cache.begin(ids.shape[1], valid)
+    h = bb.embed(ids)
+    rope = bb.rope(h, cache.positions)
+    return bb.layer(0, h, cache.mask(0), rope, cache), rope
+
+
+def layer0(bb: Backbone, ids: torch.Tensor, policy: str):
+    """A non-storing cache with layer 0 run for ids [B, T] (no grad): (cache, layer-0 output, rope)."""
+    cache = KVCache(bb.shapes, ids.shape[0], ids.shape[1], policy, bb.dtype, bb.device, pool_kv0=True, store=False)
+    with torch.no_grad():
+        h, rope = prologue(bb, ids, cache)
+    return cache, h, rope
+
+
+def router_features(bb: Backbone, ids: torch.Tensor, policy: str):
+    """(pooled layer-0 K/V prefix means [B, T, kv_dim], layer-0 output [B, T, hidden]) for ids [B, T]: the
+    inputs of the Decision Module and the budget predictor, no grad."""
+    cache, h, _ = layer0(bb, ids, policy)
+    return cache.kv0_mean, h
+
+
 @dataclass(frozen=True)
 class Step:
     """One generated token: its id, its text piece, the layers of the forward that produced it, and time."""
@@ -65,10 +89,7 @@ class Engine:
 
     def _forward(self, input_ids, cache, k, valid=None):
         bb = self.bb
-        cache.begin(input_ids.shape[1], valid)
-        h = bb.embed(input_ids)
-        rope = bb.rope(h, cache.positions)
-        h = bb.layer(0, h, cache.mask(0), rope, cache)
+        h, rope = prologue(bb, input_ids, cache, valid)
         plan = self.planner.plan(h, cache, k)
         cache.route(plan)
         runs_all, runs_any = plan.all(dim=(0, 1)).tolist(), plan.any(dim=(0, 1)).tolist()  # one host sync
@@ -143,10 +164,8 @@ class Engine:
 
     def choose_k(self, prompts: list[list[int]]) -> list[int]:
         """budget="auto": the predictor's layer count for each prompt (token ids)."""
-        from .predictor import choose_budgets
-
         self.resolve_k(AUTO)
-        return [self.resolve_k(b) for b in choose_budgets(self.predictor, self.bb, prompts, self.kv_policy)]
+        return [self.resolve_k(b) for b in self.predictor.choose_budgets(self.bb, prompts, self.kv_policy)]
 
     def stop_ids(self) -> set[int]:
         ids = set()

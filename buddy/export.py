@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
+from .errors import BuddyError
 from .planner import plan_table
 
 EXPORT_PLANNERS = ("static-greedy", "static-bi", "router-prior")
 
 
-class ExportError(ValueError):
+class ExportError(BuddyError):
     """The export cannot be made (unknown planner, no calibration, existing output)."""
 
 

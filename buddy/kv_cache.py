@@ -16,9 +16,10 @@ import torch
 
 from .backbone.adapter import Shapes
 from .config import KV_POLICIES
+from .errors import BuddyError
 
 
-class ContextOverflowError(ValueError):
+class ContextOverflowError(BuddyError):
     """More tokens than the cache (or the model's context) holds."""
 
 

@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from .budget import Budget
+from .engine import router_features
+from .errors import BuddyError
 
 DEFAULT_LEVELS = (0.5, 0.625, 0.75, 0.875, 1.0)
 
 
-class PredictorFileError(ValueError):
+class PredictorFileError(BuddyError):
     """A predictor file is missing, corrupt, or made for another model."""
 
 
@@ -62,21 +64,18 @@ class BudgetPredictor(nn.Module):
         """The most likely level for each row of features."""
         return [self.cfg.levels[i] for i in self(feats).argmax(dim=-1).tolist()]
 
+    def choose_budgets(self, bb, prompts: list[list[int]], policy: str) -> list[Budget]:
+        """One Budget per prompt (token ids), each prompt featurized alone (no padding)."""
+        feats = torch.cat([prompt_features(bb, torch.tensor([p]), policy) for p in prompts])
+        return [Budget(fraction=x) for x in self.choose(feats)]
+
 
 @torch.no_grad()
 def prompt_features(bb, ids: torch.Tensor, policy: str = "fill") -> torch.Tensor:
     """[B, T] prompts (same length) -> [B, kv_dim + 2 * hidden]: pooled layer-0 K/V after the last token,
     mean and last layer-0 state."""
-    from .train.router import router_features
-
     kv0_mean, h = router_features(bb, ids.to(bb.device), policy)
     return torch.cat([kv0_mean[:, -1].float(), h.float().mean(dim=1), h[:, -1].float()], dim=-1).cpu()
-
-
-def choose_budgets(predictor: BudgetPredictor, bb, prompts: list[list[int]], policy: str = "fill") -> list[Budget]:
-    """One Budget per prompt (token ids), each prompt featurized alone (no padding)."""
-    feats = torch.cat([prompt_features(bb, torch.tensor([p]), policy) for p in prompts])
-    return [Budget(fraction=x) for x in predictor.choose(feats)]
 
 
 # --- predictor files: safetensors weights + JSON metadata -------------------------------------------
@@ -100,7 +99,7 @@ class PredictorMeta:
 
 def save_predictor(module: BudgetPredictor, meta: PredictorMeta, out_dir: Path) -> None:
     """Write predictor.safetensors and predictor.json atomically into out_dir."""
-    from .router import write_artifact
+    from .artifacts import write_artifact
 
     write_artifact(module, meta, out_dir, "predictor")
 

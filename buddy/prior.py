@@ -18,13 +18,14 @@ import torch
 from tqdm import tqdm
 
 from .config import cache_dir
+from .errors import BuddyError
 from .eval.ppl import evaluate_windows
 from .planner import Planner
 
 PACKAGED = Path(__file__).parent / "data" / "calibration"
 
 
-class CalibrationError(ValueError):
+class CalibrationError(BuddyError):
     """Missing calibration, or calibration made for another model."""
 
 

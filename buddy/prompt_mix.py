@@ -82,7 +82,7 @@ def mix_items(tokenizer, split: str, per_domain: int, prompt_len: int = 128, con
               domains=DOMAINS) -> list[MixItem]:
     """Up to `per_domain` items of every domain for one split, evenly spread over that split's documents."""
     from .data import sotu_texts, token_windows
-    from .eval.tasks import task_requests, load_mc
+    from .eval.tasks import load_mc, task_requests
     from .eval.zeroshot import tokenize_pair
 
     if split not in RANGES:

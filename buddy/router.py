@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .errors import BuddyError
 from .planner import Planner, as_row_budgets, topk_plan
 
 
-class RouterFileError(ValueError):
+class RouterFileError(BuddyError):
     """A router file is missing, corrupt, or made for another model."""
 
 
@@ -184,24 +185,10 @@ class RouterMeta:
     calibration: str = "sotu"  # the calibration whose order is the prior (routers made before `mix` name none)
 
 
-def write_artifact(module: nn.Module, meta, out_dir: Path, stem: str, skip: tuple[str, ...] = ()) -> None:
-    """Write `<stem>.safetensors` (float32 weights) and `<stem>.json` (the metadata dataclass) atomically."""
-    import os
-
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items() if k not in skip}
-    tmp_w, tmp_j = out_dir / f"{stem}.safetensors.tmp", out_dir / f"{stem}.json.tmp"
-    save_file(state, tmp_w)
-    tmp_j.write_text(json.dumps(asdict(meta), indent=1) + "\n")
-    os.replace(tmp_w, out_dir / f"{stem}.safetensors")
-    os.replace(tmp_j, out_dir / f"{stem}.json")
-
-
 def save_router(module: DecisionModule, meta: RouterMeta, out_dir: Path) -> None:
     """Write router.safetensors and router.json atomically into out_dir."""
+    from .artifacts import write_artifact
+
     write_artifact(module, meta, out_dir, "router", skip=("freqs",))
 
 

@@ -3,13 +3,12 @@ gives the same greedy tokens and paths as when decoded alone."""
 
 import pytest
 import torch
+from test_router import random_router
 
 from buddy.backbone import load_backbone
 from buddy.config import KV_POLICIES
 from buddy.engine import Engine
 from buddy.router import RouterPlanner, prior_scores
-
-from test_router import random_router
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,13 @@ def test_full_planner_refuses_partial_budget():
 
 
 def test_cost_model_against_hand_counts():
-    from buddy.budget import CostShapes, decode_cost, ideal_speedup, kv_only_params, layer_params
+    from buddy.budget import (
+        CostShapes,
+        decode_cost,
+        ideal_speedup,
+        kv_only_params,
+        layer_params,
+    )
 
     s = CostShapes(n_layers=4, hidden=8, intermediate=16, n_heads=2, n_kv_heads=1, head_dim=4, vocab=10)
     # q 8x8, k 8x4, v 8x4, o 8x8, mlp 3 x 8x16, 2 norms of 8

@@ -8,11 +8,10 @@ import sys
 
 import pytest
 import torch
+from conftest import save_tiny_checkpoint
 
 from buddy.backbone import load_backbone
 from buddy.prior import calibration_path, save_calibration
-
-from conftest import save_tiny_checkpoint
 
 
 @pytest.mark.parametrize("estimator", ["swap", "st"])

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from conftest import FixedPlanner, random_plans, tiny_backbone
 
 from buddy.config import KV_POLICIES
 from buddy.engine import Engine
 from buddy.planner import FullPlanner
-
-from conftest import FixedPlanner, random_plans, tiny_backbone
 
 TOL = 1e-4
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_backbone
 
 from buddy.engine import Engine
 from buddy.eval.generation import gsm8k_number, is_correct, lambada_word
@@ -14,8 +15,6 @@ from buddy.eval.sweep import parse_layers_spec
 from buddy.eval.tasks import TaskError, load_mc, load_mc_file
 from buddy.eval.zeroshot import score_requests
 from buddy.planner import FullPlanner, Planner
-
-from conftest import tiny_backbone
 
 PAIRS = [  # (context ids, continuation ids): shared contexts, different lengths, one-token continuations
     ([5, 6, 7, 8], [9, 10, 11]), ([5, 6, 7, 8], [12]), ([5, 6, 7, 8], [13, 14, 15, 16, 17]),

@@ -6,13 +6,12 @@ import sys
 
 import pytest
 import torch
+from conftest import save_tiny_checkpoint
 
 from buddy.backbone import load_backbone
 from buddy.engine import Engine
 from buddy.export import ExportError, export_checkpoint, kept_layers
 from buddy.planner import StaticPlanner
-
-from conftest import save_tiny_checkpoint
 
 ORDER = [3, 1, 4, 2]  # intermediate layers of a 6-layer model, most important first
 
@@ -45,8 +44,9 @@ def test_export_logits_equal_static_plan(tmp_path, model_type, k):
 
 @pytest.mark.integration
 def test_cli_export_smollm2(tmp_path):
-    import buddy
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import buddy
 
     out = tmp_path / "k20"
     r = subprocess.run([sys.executable, "-m", "buddy", "export", "--layers", "20", "--dtype", "float32", "--out",

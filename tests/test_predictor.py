@@ -4,15 +4,26 @@ import zlib
 
 import pytest
 import torch
+from conftest import tiny_backbone
 
 from buddy.budget import AUTO, BudgetError
 from buddy.engine import Engine
 from buddy.planner import StaticPlanner
-from buddy.predictor import (BudgetPredictor, PredictorConfig, PredictorFileError, PredictorMeta, load_predictor,
-                             prompt_features, save_predictor)
-from buddy.train.predictor import PredictorTrainConfig, PredictorTrainer, grpo_step, rewards
-
-from conftest import tiny_backbone
+from buddy.predictor import (
+    BudgetPredictor,
+    PredictorConfig,
+    PredictorFileError,
+    PredictorMeta,
+    load_predictor,
+    prompt_features,
+    save_predictor,
+)
+from buddy.train.predictor import (
+    PredictorTrainConfig,
+    PredictorTrainer,
+    grpo_step,
+    rewards,
+)
 
 
 def tiny_engine(predictor=None):

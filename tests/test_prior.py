@@ -4,12 +4,18 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_backbone
 
 from buddy.engine import Engine
 from buddy.eval.ppl import evaluate_windows
-from buddy.prior import CalibrationError, LayerSetPlanner, block_influence, calibrate, greedy_removal, load_calibration
-
-from conftest import tiny_backbone
+from buddy.prior import (
+    CalibrationError,
+    LayerSetPlanner,
+    block_influence,
+    calibrate,
+    greedy_removal,
+    load_calibration,
+)
 
 
 def test_block_influence_matches_hidden_state_cosines():

@@ -5,14 +5,21 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_backbone
 
 from buddy.config import KV_POLICIES
 from buddy.engine import Engine
-from buddy.router import (DecisionModule, RouterConfig, RouterFileError, RouterMeta, RouterPlanner, load_router,
-                          prior_scores, save_router)
+from buddy.router import (
+    DecisionModule,
+    RouterConfig,
+    RouterFileError,
+    RouterMeta,
+    RouterPlanner,
+    load_router,
+    prior_scores,
+    save_router,
+)
 from buddy.train.router import RouterTrainer, TrainConfig, routed_train_forward
-
-from conftest import tiny_backbone
 
 TOL = 1e-4
 
@@ -206,7 +213,7 @@ def test_straight_through_estimator_training_runs(tmp_path):
 def test_artifact_commit_says_when_the_checkout_was_dirty(tmp_path):
     import subprocess
 
-    from buddy.train.router import _git_commit
+    from buddy.artifacts import git_commit as _git_commit
 
     assert _git_commit(tmp_path) == ""  # not a checkout
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]

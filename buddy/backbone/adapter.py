@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import BuddyError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(BuddyError):
     """The checkpoint's architecture is not one Buddy can route."""
 
 

@@ -22,10 +22,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # Buddy never reaches a model hub
 import torch  # noqa: E402
 
 from ..config import ConfigError, cache_dir  # noqa: E402
-from .adapter import SUPPORTED_MODEL_TYPES, Backbone, UnsupportedModelError  # noqa: E402
+from ..errors import BuddyError  # noqa: E402
+from .adapter import (  # noqa: E402
+    SUPPORTED_MODEL_TYPES,
+    Backbone,
+    UnsupportedModelError,
+)
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(BuddyError):
     """The model name is unknown, or its package is not installed."""
 
 
@@ -175,7 +180,6 @@ def checksum(path: Path) -> str:
 def load_backbone(model: str = "smollm2", device: str = "auto", dtype: str = "auto") -> Backbone:
     """Load a model through transformers' own classes and wrap it in a Backbone."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # Buddy's own loads take well under a second

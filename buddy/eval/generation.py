@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from tqdm import tqdm
 
 from ..budget import AUTO, Budget
-
 from .tasks import GenDoc
 
 MAX_NEW = {"lambada": 8, "gsm8k": 192}

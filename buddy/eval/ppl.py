@@ -13,7 +13,6 @@ from tqdm import tqdm
 
 from ..budget import AUTO
 
-
 AUTO_PROMPT = 128  # budget="auto" with prefill=0: the predictor sees this many leading tokens of a window
 
 

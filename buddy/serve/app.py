@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hmac
 import json
 import time
 import uuid
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..budget import AUTO, Budget, BudgetError, budget_echo, request_budget
-from ..config import KV_POLICIES
+from ..config import KV_POLICIES, ServeConfig
 from .scheduler import Request, Scheduler
 
 
@@ -50,6 +53,9 @@ def parse_budget(body: dict, n_layers: int, auto_ok: bool = False) -> Budget | s
     return b
 
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
 def _check_text(text: str, param: str) -> None:
     """Text a tokenizer can take: valid Unicode (JSON may carry lone surrogates such as "\\ud800")."""
     try:
@@ -61,18 +67,33 @@ def _check_text(text: str, param: str) -> None:
 class Server:
     """Validation, tokenization and response shaping; the Scheduler does the compute."""
 
-    def __init__(self, engines: dict, model_name: str, api_key: str | None = None, max_batch: int = 16,
-                 max_tokens_limit: int = 1024):
+    def __init__(self, engines: dict, model_name: str, cfg: ServeConfig | None = None):
+        """engines: {kv_policy: Engine} sharing one backbone; cfg: ServeConfig (its defaults when None).
+        Bound to a loopback host, requests must name this machine in `Host` (a DNS-rebinding page cannot)."""
+        cfg = cfg or ServeConfig()
+        self.cfg = cfg
+        self.api_key, self.max_tokens_limit, self.max_body_bytes = cfg.api_key, cfg.max_tokens_limit, cfg.max_body_bytes
+        self.loopback_only = cfg.host in LOOPBACK_NAMES
         self.engines = engines
         self.default_policy = next(iter(engines))  # the first policy served is the default
         self.engine = engines[self.default_policy]
         self.model_name = model_name
-        self.api_key = api_key
-        self.max_tokens_limit = max_tokens_limit
-        self.scheduler = Scheduler(engines, max_batch=max_batch)
+        self.scheduler = Scheduler(engines, max_batch=cfg.max_batch)
         self.created = int(time.time())
 
     # --- request parsing ----------------------------------------------------------------------------
+    @functools.cached_property
+    def _max_chars(self) -> int:
+        """No text longer than this fits the context: every token covers at most the longest vocabulary entry."""
+        longest = max((len(t) for t in self.engine.tokenizer.get_vocab()), default=1)
+        return self.engine.bb.shapes.max_context * max(longest, 1)
+
+    def _check_chars(self, n: int, param: str) -> None:
+        """Refuse text that cannot fit the context before tokenizing it (cheap, on length alone)."""
+        if n > self._max_chars:
+            raise APIError(400, f"the {param} ({n} characters) cannot fit the model's context of "
+                                f"{self.engine.bb.shapes.max_context} tokens", param, code="context_length_exceeded")
+
     def parse(self, body: dict, chat: bool) -> tuple[list[int], dict]:
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
@@ -91,6 +112,7 @@ class Server:
                 raise APIError(400, f"model {self.model_name!r} has no chat template; use /v1/completions", "messages")
             for m in msgs:
                 _check_text(m["content"], "messages")
+            self._check_chars(sum(len(m["content"]) for m in msgs), "messages")
             ids = tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in msgs],
                                           add_generation_prompt=True, tokenize=True)
             ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -101,6 +123,7 @@ class Server:
             if not isinstance(prompt, str) or not prompt:
                 raise APIError(400, "prompt must be a non-empty string", "prompt")
             _check_text(prompt, "prompt")
+            self._check_chars(len(prompt), "prompt")
             ids = self.engine.encode(prompt)
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16 if not chat else 256))
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.max_tokens_limit:
@@ -201,12 +224,26 @@ def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="Buddy", docs_url=None, redoc_url=None, lifespan=lifespan)
 
     @app.middleware("http")
-    async def _auth(request: HTTPRequest, call_next):
+    async def _guard(request: HTTPRequest, call_next):
+        if server.loopback_only:
+            host = request.headers.get("host", "").rsplit(":", 1)[0].strip("[]").lower()
+            if host not in LOOPBACK_NAMES:
+                return APIError(421, f"this server answers only to this machine (Host {host!r} refused)",
+                                code="misdirected_request").response()
         if server.api_key and request.url.path.startswith("/v1/"):
-            got = request.headers.get("authorization", "")
-            if got != f"Bearer {server.api_key}":
+            got = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(got, f"Bearer {server.api_key}".encode()):
                 return APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
                                 code="invalid_api_key").response()
+        if request.method == "POST":
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return APIError(415, f"send the request body as application/json (got {ctype or 'no content type'!r})",
+                                code="unsupported_media_type").response()
+            size = request.headers.get("content-length")
+            if size is not None and (not size.isdigit() or int(size) > server.max_body_bytes):
+                return APIError(413, f"the request body is larger than {server.max_body_bytes} bytes",
+                                code="request_too_large").response()
         return await call_next(request)
 
     @app.exception_handler(APIError)
@@ -232,18 +269,34 @@ def create_app(server: Server) -> FastAPI:
                                             "owned_by": "buddy", "n_layers": server.engine.n_layers}]}
 
     async def body_of(request: HTTPRequest) -> dict:
+        raw = bytearray()
+        async for part in request.stream():  # also bounds bodies sent without a Content-Length
+            raw += part
+            if len(raw) > server.max_body_bytes:
+                raise APIError(413, f"the request body is larger than {server.max_body_bytes} bytes",
+                               code="request_too_large")
         try:
-            return json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON ({e})") from None
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise APIError(400, f"the request body is not valid JSON ({type(e).__name__})") from None
+
+    async def watch(request: HTTPRequest, req) -> None:
+        """Cancel a non-streaming request as soon as its client goes away."""
+        while not req.cancelled:
+            if await request.is_disconnected():
+                req.cancel()
+                return
+            await asyncio.sleep(0.25)
 
     async def complete(request: HTTPRequest, chat: bool):
-        ids, o = server.parse(await body_of(request), chat)
+        body = await body_of(request)
+        ids, o = await asyncio.to_thread(server.parse, body, chat)  # tokenizing stays off the event loop
         req, events = server.submit(ids, o)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if not o["stream"]:
             text, finish = [], "stop"
+            watcher = asyncio.create_task(watch(request, req))
             try:
                 async for p in server.pieces(req, events, o["stop"]):
                     if isinstance(p, tuple):
@@ -252,6 +305,7 @@ def create_app(server: Server) -> FastAPI:
                         text.append(p)
             finally:
                 req.cancel()
+                watcher.cancel()
             out = "".join(text)
             choice = ({"index": 0, "message": {"role": "assistant", "content": out}, "finish_reason": finish}
                       if chat else {"index": 0, "text": out, "logprobs": None, "finish_reason": finish})

@@ -65,8 +65,8 @@ class _Group:
 
 
 class Scheduler:
-    def __init__(self, engines: dict, max_batch: int = 16, stop_ids: set[int] | None = None):
-        """engines: {kv_policy: Engine} sharing one backbone."""
+    def __init__(self, engines: dict, max_batch: int, stop_ids: set[int] | None = None):
+        """engines: {kv_policy: Engine} sharing one backbone; max_batch: rows decoding together (ServeConfig)."""
         self.engines = engines
         self.max_batch = max_batch
         self.stop_ids = stop_ids if stop_ids is not None else next(iter(engines.values())).stop_ids()

@@ -29,9 +29,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..artifacts import git_commit, load_state, save_state
 from ..budget import Budget
 from ..config import ConfigError, cache_dir
-from ..predictor import BudgetPredictor, PredictorConfig, PredictorMeta, prompt_features, save_predictor
+from ..predictor import (
+    BudgetPredictor,
+    PredictorConfig,
+    PredictorMeta,
+    prompt_features,
+    save_predictor,
+)
 
 
 @dataclass
@@ -139,7 +146,7 @@ def _cached(path: Path, compute) -> dict[str, torch.Tensor]:
         return load_file(path)
     t = {k: v.contiguous() for k, v in compute().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     save_file(t, tmp)
     os.replace(tmp, path)
     return t
@@ -272,18 +279,15 @@ class PredictorTrainer:
         self.train, self.val, self.val_domain = tr[:2], va[:2], va[2]
 
     def save_state(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / "state.pt.tmp"
-        torch.save({"policy": self.policy.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
-                    "gen": self.gen.get_state(), "history": self.history, "seconds": self.seconds,
-                    "config": asdict(self.cfg)}, tmp)
-        os.replace(tmp, self.out / "state.pt")
+        save_state(self.out / "state.pt", {
+            "policy": self.policy.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+            "gen": self.gen.get_state(), "history": self.history, "seconds": self.seconds, "config": asdict(self.cfg)})
 
     def load_state(self) -> bool:
         f = self.out / "state.pt"
         if not f.is_file():
             return False
-        st = torch.load(f, weights_only=True)
+        st = load_state(f, "cpu")
         saved = {k: v for k, v in st["config"].items() if k != "steps"}
         mine = {k: v for k, v in asdict(self.cfg).items() if k != "steps"}
         if saved != mine:
@@ -323,12 +327,10 @@ class PredictorTrainer:
         return self.finish()
 
     def finish(self) -> dict:
-        from .router import _git_commit
-
         val = policy_report(self.policy, *self.val, self.levels, self.cfg.tradeoff)
         if getattr(self, "val_domain", None) is not None:
             val["domain_level"] = domain_levels(self.policy, self.val[0], self.val_domain, self.levels)
-        commit = _git_commit()
+        commit = git_commit()
         meta = PredictorMeta(
             model=self.bb.name, checksum=self.bb.checksum, config=asdict(self.policy.cfg), tradeoff=self.cfg.tradeoff,
             planner=self.engine.planner.name, kv_policy=self.engine.kv_policy, quality=self.cfg.quality,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,11 +21,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..artifacts import git_commit, load_state, save_state
 from ..backbone import Backbone
 from ..config import KV_POLICIES, ConfigError
-from ..kv_cache import KVCache
+from ..engine import layer0, router_features
 from ..planner import topk_plan
-from ..router import DecisionModule, RouterConfig, RouterMeta, RouterPlanner, prior_scores, save_router
+from ..router import (
+    DecisionModule,
+    RouterConfig,
+    RouterMeta,
+    RouterPlanner,
+    prior_scores,
+    save_router,
+)
 
 
 @dataclass
@@ -124,25 +131,13 @@ class TrainConfig:
         return sorted({max(2, math.floor(f * n_layers + 0.5)) for f in (0.5, 0.7, 0.9)})
 
 
-def _layer0(bb: Backbone, ids: torch.Tensor, policy: str):
-    """A non-storing cache with layer 0 run for ids [B, T] (no grad): (cache, layer-0 output, rope)."""
-    B, T = ids.shape
-    cache = KVCache(bb.shapes, B, T, policy, bb.dtype, bb.device, pool_kv0=True, store=False)
-    cache.begin(T)
-    with torch.no_grad():
-        h = bb.embed(ids)
-        rope = bb.rope(h, cache.positions)
-        h = bb.layer(0, h, cache.mask(0), rope, cache)
-    return cache, h, rope
-
-
 def routed_train_forward(bb: Backbone, module: DecisionModule, prior: torch.Tensor, ids: torch.Tensor,
                          k: torch.Tensor, policy: str, tau: float):
     """Routed logits [B, T, V] of one parallel pass with per-token hard plans (decode semantics for
     `policy`) and straight-through gates; returns (logits, hard plan [B, T, L])."""
     B, T = ids.shape
     L = bb.n_layers
-    cache, h, rope = _layer0(bb, ids, policy)
+    cache, h, rope = layer0(bb, ids, policy)
     scores = module(cache.kv0_mean, h, k.float() / L) + prior.to(h.device)  # [B, T, L-2]
     plan = topk_plan(scores.detach(), k)
     ranked = scores.detach().sort(dim=-1, descending=True).values
@@ -174,12 +169,6 @@ class _GivenPlan:
 
     def check(self, k, n_layers):
         pass
-
-
-def router_features(bb: Backbone, ids: torch.Tensor, policy: str):
-    """(pooled layer-0 K/V prefix means, layer-0 output) for ids [B, T]: the router's inputs, no grad."""
-    cache, h, _ = _layer0(bb, ids, policy)
-    return cache.kv0_mean, h
 
 
 def swap_plans(scores: torch.Tensor, k: torch.Tensor, band: int, gen: torch.Generator, rows: slice = slice(None),
@@ -240,21 +229,6 @@ def init_distributed() -> bool:
     return True
 
 
-def _git_commit(here: Path | None = None) -> str:
-    """HEAD of the checkout Buddy runs from (or of `here`), with "+dirty" when its tracked files have
-    uncommitted changes (then the commit alone does not reproduce an artifact); "" outside a checkout."""
-    here = here or Path(__file__).parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=here).stdout.strip()
-        if head and subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                   text=True, timeout=5, cwd=here).stdout.strip():
-            head += "+dirty"
-        return head
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 class RouterTrainer:
     """Holds the frozen backbone, the module, data and optimizer; `run()` trains with checkpoints."""
 
@@ -309,7 +283,7 @@ class RouterTrainer:
         self.meta = RouterMeta(model=bb.name, checksum=bb.checksum, n_layers=bb.n_layers, kv_policy=cfg.kv_policy,
                                budgets=tuple(float(x) for x in cfg.budgets.split(":")), prior=cfg.prior,
                                prior_order=list(order), config=asdict(rcfg), command=command, data=data,
-                               git_commit=_git_commit(), calibration=cfg.calibration)
+                               git_commit=git_commit(), calibration=cfg.calibration)
 
     # --- deterministic data and budgets per step (so a resumed run repeats exactly) ----------------------
     def shard(self) -> slice:
@@ -410,19 +384,25 @@ class RouterTrainer:
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def save_state(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        state = {"step": self.step, "module": self.module.state_dict(), "opt": self.opt.state_dict(),
-                 "history": self.history, "best": self.best, "baseline": self.baseline,
-                 "train_seconds": self.train_seconds}
-        tmp = self.out / "state.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / "state.pt")
+        save_state(self.out / "state.pt", {
+            "step": self.step, "module": self.module.state_dict(), "opt": self.opt.state_dict(),
+            "history": self.history, "best": self.best, "baseline": self.baseline,
+            "train_seconds": self.train_seconds, "settings": self.settings()})
+
+    def settings(self) -> dict:
+        """The settings a resumed run must share with the run it continues (all but the step count)."""
+        return {k: v for k, v in asdict(self.cfg).items() if k not in ("steps", "val_every", "save_every")}
 
     def load_state(self) -> bool:
         path = self.out / "state.pt"
         if not path.is_file():
             return False
-        state = torch.load(path, map_location=self.bb.device, weights_only=True)
+        state = load_state(path, self.bb.device)
+        changed = {k: (v, state["settings"].get(k)) for k, v in self.settings().items()
+                   if "settings" in state and state["settings"].get(k) != v}
+        if changed:
+            raise ConfigError(f"{self.out} was trained with other settings: " + ", ".join(
+                f"{k} {old!r} (now {new!r})" for k, (new, old) in changed.items()) + "; resume with the same ones")
         self.module.load_state_dict(state["module"])
         self.opt.load_state_dict(state["opt"])
         self.step, self.history = state["step"], state["history"]

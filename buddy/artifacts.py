@@ -1,0 +1,78 @@
+"""Shared plumbing for the files Buddy writes: atomic writes, trained-module artifacts with their metadata,
+the commit that made them, and resumable training state.
+
+    write_artifact(module, meta, out_dir, "router")      # router.safetensors + router.json, atomically
+    atomic_write_text(path, text); save_state(path, state); state = load_state(path, device)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import BuddyError
+
+
+class StateFileError(BuddyError):
+    """A training state file is unreadable (truncated or corrupt)."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text so that readers see the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_artifact(module: nn.Module, meta, out_dir: Path, stem: str, skip: tuple[str, ...] = ()) -> None:
+    """Write `<stem>.safetensors` (float32 weights) and `<stem>.json` (the metadata dataclass) atomically."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items() if k not in skip}
+    tmp_w = out_dir / f"{stem}.safetensors.tmp"
+    save_file(state, tmp_w)
+    atomic_write_text(out_dir / f"{stem}.json", json.dumps(asdict(meta), indent=1) + "\n")
+    os.replace(tmp_w, out_dir / f"{stem}.safetensors")
+
+
+def save_state(path: Path, state: dict) -> None:
+    """Training state (tensors, numbers, lists, dicts) written atomically with torch.save."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, device) -> dict:
+    """Training state written by `save_state`; never unpickles code (weights_only=True)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise StateFileError(f"{path} is unreadable ({type(e).__name__}: {str(e)[:120]}); "
+                             "delete it to start the run again") from None
+
+
+def git_commit(here: Path | None = None) -> str:
+    """HEAD of the checkout Buddy runs from (or of `here`), with "+dirty" when its tracked files have
+    uncommitted changes (then the commit alone does not reproduce an artifact); "" outside a checkout."""
+    here = here or Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=here).stdout.strip()
+        if head and subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, timeout=5, cwd=here).stdout.strip():
+            head += "+dirty"
+        return head
+    except (OSError, subprocess.SubprocessError):
+        return ""

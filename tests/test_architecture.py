@@ -1,0 +1,70 @@
+"""Import direction: core modules never import training, evaluation, serving or the CLI (not even inside a
+function), and the package has no import cycles."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "buddy"
+CORE = ("config", "errors", "budget", "backbone", "kv_cache", "router", "planner", "engine", "sampling")
+OUTER = ("train", "eval", "serve", "cli", "harness", "api")
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def imports(path: Path) -> set[str]:
+    """Every buddy module `path` imports, at any depth of the file."""
+    me = module_name(path)
+    package = me if path.name == "__init__.py" else me.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("buddy")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("buddy"):
+                out.add(target)
+                out |= {f"{target}.{a.name}" for a in node.names}  # `from . import x` names modules too
+    return {m for m in out if _exists(m)}
+
+
+def _exists(name: str) -> bool:
+    p = PKG.parent / Path(*name.split("."))
+    return p.with_suffix(".py").is_file() or (p / "__init__.py").is_file()
+
+
+GRAPH = {module_name(p): imports(p) for p in PKG.rglob("*.py")}
+
+
+@pytest.mark.parametrize("core", CORE)
+def test_core_modules_import_no_outer_layer(core):
+    mods = [m for m in GRAPH if m == f"buddy.{core}" or m.startswith(f"buddy.{core}.")]
+    assert mods
+    for m in mods:
+        bad = sorted(t for t in GRAPH[m] if any(t == f"buddy.{o}" or t.startswith(f"buddy.{o}.") for o in OUTER))
+        assert not bad, f"{m} imports {bad}"
+
+
+def test_no_import_cycles():
+    def visit(node, stack, seen):
+        for nxt in GRAPH.get(node, ()):
+            if nxt == node:
+                continue
+            if nxt in stack:
+                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in seen:
+                seen.add(nxt)
+                visit(nxt, stack + [nxt], seen)
+
+    for start in GRAPH:
+        visit(start, [start], {start})
