@@ -59,3 +59,18 @@ def test_calibration_file_roundtrip_and_mismatch(tmp_path, monkeypatch):
     with pytest.raises(CalibrationError, match="not valid JSON"):
         load_calibration(bb)
     json.dumps(cal)  # serialisable
+
+
+def test_calibrate_writes_to_the_user_cache_never_into_the_package(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    from buddy.cli import main
+    from buddy.prior import PACKAGED
+
+    monkeypatch.setenv("BUDDY_CACHE", str(tmp_path / "cache"))
+    shipped = {p: p.read_bytes() for p in PACKAGED.glob("*.json")}
+    assert main(["calibrate", "--model", str(tiny_ckpt), "--data", "sotu", "--windows", "2", "--window", "16",
+                 "--dtype", "float32", "--device", "cpu"]) == 0
+    written = list((tmp_path / "cache" / "calibration").glob("*-sotu.json"))
+    assert len(written) == 1 and {p: p.read_bytes() for p in PACKAGED.glob("*.json")} == shipped
+    assert main(["calibrate", "--model", str(tiny_ckpt), "--data", "wiki"]) == 2
+    assert "invalid --data 'wiki'" in capsys.readouterr().err
+    assert main(["calibrate", "--model", str(tiny_ckpt), "--out", str(tmp_path)]) == 2  # a directory

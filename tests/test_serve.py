@@ -3,6 +3,7 @@
 One server (float32, an API key) is started on a free loopback port for the module."""
 
 import concurrent.futures as cf
+import json
 import socket
 import subprocess
 import sys
@@ -153,4 +154,34 @@ def test_malformed_json_auth_and_still_serving(server, client):
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         r = httpx.post(server + "/v1/completions", json={"prompt": "hi"}, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert complete(client, "Hello", 0.5, n=4)  # the server kept serving
+
+
+@pytest.mark.parametrize("payload,param", [
+    ({"prompt": "hi", "kv_policy": ["fill"]}, "kv_policy"), ({"prompt": "hi", "kv_policy": {"a": 1}}, "kv_policy"),
+    ({"prompt": "\ud800 hi"}, "prompt"), ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages"),
+    ({"prompt": "hi", "seed": 2**70}, "seed"), ({"prompt": "x" * 1_000_000}, "prompt"),
+])
+def test_hardening_bad_values_get_400(server, payload, param):
+    path = "/v1/chat/completions" if "messages" in payload else "/v1/completions"
+    body = json.dumps(payload).encode()  # json.dumps keeps a lone surrogate as "\ud800"
+    r = httpx.post(server + path, content=body, timeout=60,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_hardening_transport_limits(server, client):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(server + "/v1/completions", content=b'{"prompt": "hi"}', headers={**auth, "Content-Type": "text/plain"})
+    assert r.status_code == 415  # a cross-site form post cannot start a generation
+    big = json.dumps({"prompt": "x" * (3 * 2**20)}).encode()
+    r = httpx.post(server + "/v1/completions", content=big, headers={**auth, "Content-Type": "application/json"})
+    assert r.status_code == 413
+    r = httpx.get(server + "/health", headers={"Host": "evil.example"})
+    assert r.status_code == 421  # DNS rebinding: this server answers only to its own name
+    r = httpx.post(server + "/v1/completions", json={"prompt": "Count: 1, 2, 3,", "max_tokens": 8,
+                                                     "temperature": 8e-38}, headers=auth, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    assert httpx.get(server + "/health").status_code == 200
     assert complete(client, "Hello", 0.5, n=4)  # the server kept serving
