@@ -4,7 +4,9 @@ the resumable sweep, plots and the lm-eval model."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_backbone
@@ -249,3 +251,35 @@ def test_lm_eval_model_matches_buddy_eval(tmp_path):
                         "--mc-file", str(data), "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[0])["acc"] == pytest.approx(acc)
+
+
+def test_paired_bootstrap_interval_covers_the_mean_and_narrows_with_documents():
+    import numpy as np
+
+    from buddy.eval.stats import paired_bootstrap
+
+    rng = np.random.default_rng(1)
+    m, lo, hi = paired_bootstrap(rng.normal(0.5, 1.0, 400))
+    assert lo < m < hi and lo > 0.3 and hi < 0.7
+    m2, lo2, hi2 = paired_bootstrap(rng.normal(0.5, 1.0, 25))
+    assert hi2 - lo2 > hi - lo
+    assert paired_bootstrap([2.0, 2.0]) == (2.0, 2.0, 2.0)
+
+
+def test_router_vs_static_benchmark_reads_sweep_rows(tmp_path):
+    import subprocess
+    import sys
+
+    rows = []
+    for method, nll in (("router", [1.0, 1.1, 0.9]), ("static-bi", [1.2, 1.3, 1.0]), ("static-greedy", [1.1, 1.2, 1.0])):
+        for task in ("ppl:squad", "ppl:moby_dick"):
+            rows.append({"model": "m", "method": method, "kv_policy": "fill", "k": 15, "task": task,
+                         "ppl": float(np.exp(np.mean(nll))), "per_doc": {"nll": nll}})
+    f = tmp_path / "r.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run([sys.executable, "benchmarks/router_vs_static.py", str(f)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert out.returncode == 0, out.stderr
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last["cells"] == 2 and last["never_worse"] and last["worst"]["static"] == "static-greedy"
+    assert "| moby_dick | yes | 15 |" in out.stdout
