@@ -30,7 +30,7 @@ def test_two_processes_match_one(tmp_path, estimator, monkeypatch):
                      calibration_path(bb))
     common = ["train", "router", "--model", str(ckpt), "--dtype", "float32", "--device", "cpu", "--steps", "4",
               "--batch", "4", "--seq-len", "24", "--val-every", "100", "--val-windows", "2", "--val-layers", "4",
-              "--estimator", estimator, "--budgets", "0.5:0.9"]
+              "--estimator", estimator, "--budgets", "0.5:0.9", "--data", "sotu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "buddy", *common, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, timeout=600, env=env)
