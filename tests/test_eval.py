@@ -183,6 +183,11 @@ def test_sweep_is_resumable_and_plots(tmp_path):
         assert row["layers_per_token"] == row["k"] and row["wall_s"] > 0 and 0 <= row["acc"] <= 1
     r = subprocess.run([sys.executable, "-m", "buddy", *cmd], capture_output=True, text=True, timeout=600)
     assert "wrote 0 new cells" in r.stdout and len(out.read_text().splitlines()) == 5
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:-1]) + lines[-1][:40])  # an interrupted write left half a row, no newline
+    r = subprocess.run([sys.executable, "-m", "buddy", *cmd], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "wrote 1 new cells" in r.stdout, r.stderr
+    assert [json.loads(x) for x in out.read_text().splitlines()] and len(out.read_text().splitlines()) == 5
     png = tmp_path / "p.png"
     r = subprocess.run([sys.executable, "-m", "buddy", "plot", "pareto", str(out), "--out", str(png)],
                        capture_output=True, text=True, timeout=300)

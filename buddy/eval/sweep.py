@@ -122,6 +122,18 @@ def read_results(path: str | Path) -> list[dict]:
 STATIC_METHODS = ("static-bi", "static-greedy")  # the methods whose layers come from a calibration
 
 
+def _drop_partial_line(path: Path) -> None:
+    """A results file whose last line lacks its newline was cut by an interrupted write: that row never
+    finished, so drop it; later appends then keep the file valid JSONL."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+
+
 def cell_key(row: dict) -> tuple:
     return (row["model"], row["method"], row["kv_policy"], row["k"], row["task"], row.get("limit"), row.get("predictor"),
             row.get("calibration", "sotu") if row["method"] in STATIC_METHODS else None)
@@ -156,6 +168,7 @@ def sweep(bb, methods: list[str], ks: list[int], tasks: list[str], out: str | Pa
         from ..prior import calibration_label
 
         calibration = calibration_label(bb, calibration)
+    _drop_partial_line(Path(out))
     done = {cell_key(r) for r in read_results(out)}
     todo = [c for c in cells if (bb.name, c[0], kv_policy, c[1], c[2], limit, pred_name if c[1] == AUTO else None,
                                  calibration if c[0] in STATIC_METHODS else None) not in done]
