@@ -68,3 +68,11 @@ def test_no_import_cycles():
 
     for start in GRAPH:
         visit(start, [start], {start})
+
+
+@pytest.mark.parametrize("middle", ("predictor", "data", "artifacts"))
+def test_modules_around_the_core_import_no_outer_layer(middle):
+    outer = (*OUTER, "prior", "corpus", "export")
+    bad = sorted(t for t in GRAPH[f"buddy.{middle}"] if any(t == f"buddy.{o}" or t.startswith(f"buddy.{o}.")
+                                                           for o in outer))
+    assert not bad, f"buddy.{middle} imports {bad}"
