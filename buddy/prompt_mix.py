@@ -43,30 +43,15 @@ def _spread(xs: list, n: int) -> list:
     return [xs[i * len(xs) // n] for i in range(n)]
 
 
-def _unique(xs):
-    seen, out = set(), []
-    for x in xs:
-        if x and x not in seen:
-            seen.add(x)
-            out.append(x)
-    return out
-
-
 def _texts(domain: str) -> list[str]:
     """The documents of a prose domain, in file order (deduplicated)."""
+    from .corpus import _task_texts, _unique
     from .eval.tasks import task_requests
 
-    if domain == "lambada":
-        return [r["request"]["context"] + r["request"]["continuation"] for r in task_requests("lambada", "bpb_0shot")]
-    if domain == "squad":
-        # one item per paragraph (a paragraph's questions share it), without the question
-        return _unique(r["doc"]["query"].rsplit("\nQuestion:", 1)[0] for r in task_requests("squad", "bpb_5shot"))
-    if domain == "drop":
-        return _unique(r["doc"]["passage"] for r in task_requests("drop", "bpb_5shot"))
-    if domain == "coqa":
-        return _unique(r["doc"]["story"] for r in task_requests("coqa", "bpb_0shot"))
-    if domain == "qasper":
+    if domain == "qasper":  # the prompt mix uses the abstracts (the training mix: full texts, held out)
         return _unique(r["doc"]["abstract"] for r in task_requests("qasper_yesno", "rc_5shot"))
+    if domain in ("lambada", "squad", "drop", "coqa"):
+        return list(_task_texts(domain))
     raise ValueError(f"unknown prose domain {domain!r}")
 
 
