@@ -18,6 +18,7 @@ import shlex
 import sys
 import time
 from dataclasses import fields
+from pathlib import Path
 
 from .budget import AUTO, Budget, budget_echo, request_budget
 from .config import (
@@ -32,6 +33,39 @@ from .errors import BuddyError
 
 class UsageError(BuddyError):
     """A bad command-line value; reported as `buddy: error: ...` with exit code 2."""
+
+
+def _out_file(path: str, flag: str, suffixes: tuple[str, ...] = ()) -> Path:
+    """A file path the command will write: its directory exists and it is not a directory (checked before work)."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"invalid {flag} {path!r}: it is a directory; give a file path")
+    if not p.parent.is_dir():
+        raise UsageError(f"invalid {flag} {path!r}: directory {str(p.parent)!r} does not exist")
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise UsageError(f"invalid {flag} {path!r}: use one of {', '.join(suffixes)}")
+    return p
+
+
+def _out_dir(path: str, flag: str, empty: bool = False) -> Path:
+    """A directory the command will write into: not a file; with `empty`, absent or empty."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"invalid {flag} {path!r}: it is a file; give a directory")
+    if empty and p.is_dir() and any(p.iterdir()):
+        raise UsageError(f"invalid {flag} {path!r}: the directory is not empty")
+    return p
+
+
+def _in_text_file(path: str, flag: str) -> None:
+    """A UTF-8 text file the command will read (checked before loading the model)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"invalid {flag} {path!r}: no such file")
+    try:
+        p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"invalid {flag} {path!r}: not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 def _doc_of(cls, name: str) -> str:
@@ -85,6 +119,10 @@ def _load(args):
 
 def cmd_generate(args) -> int:
     budget = _budget(args)
+    if not args.prompt:
+        raise UsageError("the prompt is empty: give some text to continue")
+    if args.trace:
+        _out_file(args.trace, "--trace")
     gen = {f.name: getattr(args, f.name) for f in fields(GenerateConfig) if hasattr(args, f.name)}
     GenerateConfig(**gen)  # validate before loading anything
     m = _load(args)
@@ -206,6 +244,7 @@ def cmd_eval_zeroshot(args) -> int:
     budget = _budget(args)
     tasks = list(args.tasks or ())
     if args.mc_file:
+        _in_text_file(args.mc_file, "--mc-file")
         tasks.append(f"mc:{args.mc_file}")
     if not tasks:
         raise UsageError("give --tasks and/or --mc-file")
@@ -241,6 +280,7 @@ def cmd_eval_zeroshot(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    _out_file(args.out, "--out")
     from .backbone import load_backbone
     from .eval.sweep import parse_layers_spec, sweep
 
@@ -255,6 +295,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    _out_file(args.out, "--out", (".png", ".pdf", ".svg"))
     from .eval.plots import plot_pareto, plot_trace
 
     out = plot_pareto(args.file, args.out) if args.plot_command == "pareto" else plot_trace(args.file, args.out)
@@ -310,7 +351,7 @@ def cmd_train_router(args) -> int:
     from .train.router import RouterTrainer, TrainConfig, init_distributed
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    out = Path(args.out or f"runs/router-{Path(args.model).name}-{cfg.kv_policy}")
+    out = _out_dir(args.out or f"runs/router-{Path(args.model).name}-{cfg.kv_policy}", "--out")
     if (out / "state.pt").is_file() and not args.resume:
         raise UsageError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
     distributed = init_distributed()
@@ -358,7 +399,7 @@ def cmd_train_predictor(args) -> int:
     from .train.predictor import PredictorTrainConfig, PredictorTrainer
 
     cfg = PredictorTrainConfig(**{f.name: getattr(args, f.name) for f in fields(PredictorTrainConfig)})
-    out = Path(args.out or f"runs/predictor-{Path(args.model).name}")
+    out = _out_dir(args.out or f"runs/predictor-{Path(args.model).name}", "--out")
     if (out / "state.pt").is_file() and not args.resume:
         raise UsageError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
     m = load(args.model, planner=args.planner, kv_policy=args.kv_policy, device=args.device, dtype=args.dtype,
@@ -376,6 +417,7 @@ def cmd_train_predictor(args) -> int:
 
 
 def cmd_export(args) -> int:
+    _out_dir(args.out, "--out", empty=True)
     from .backbone import load_backbone
     from .export import export
 

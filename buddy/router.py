@@ -213,7 +213,15 @@ def load_router(path: Path, checksum: str | None = None, n_layers: int | None = 
             f"{path}: router was trained for model {meta.model!r} with other weights (checksum "
             f"{meta.checksum[:12]} != {checksum[:12]})"
         )
-    module = DecisionModule(RouterConfig(**meta.config))
+    if sorted(meta.prior_order) != list(range(1, meta.n_layers - 1)):
+        raise RouterFileError(f"{jf} is corrupt (prior_order must list each intermediate layer 1..{meta.n_layers - 2} "
+                              "exactly once)")
+    try:
+        module = DecisionModule(RouterConfig(**meta.config))
+        if module.cfg.n_layers != meta.n_layers:
+            raise ValueError(f"config n_layers {module.cfg.n_layers} != {meta.n_layers}")
+    except (TypeError, ValueError) as e:
+        raise RouterFileError(f"{jf} is corrupt (config: {e})") from None
     try:
         state = load_file(wf)
         module.load_state_dict(state, strict=False)

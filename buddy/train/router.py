@@ -112,6 +112,14 @@ class TrainConfig:
             raise ConfigError("estimator gate trains the gate of a trained router: give --init ROUTER_DIR")
         if self.select not in ("mean", "safe"):
             raise ConfigError(f"invalid select {self.select!r}: must be mean or safe")
+        if self.val_layers:
+            try:
+                ks = [int(x) for x in self.val_layers.split(",")]
+            except ValueError:
+                raise ConfigError(f"invalid val_layers {self.val_layers!r}: use a comma list of layer counts, "
+                                  "e.g. 15,21,27") from None
+            if any(k < 2 for k in ks):
+                raise ConfigError(f"invalid val_layers {self.val_layers!r}: every count must be >= 2")
         if self.data not in ("mix", "sotu"):
             raise ConfigError(f"invalid data {self.data!r}: must be mix or sotu")
         for name in ("steps", "batch", "seq_len", "val_every", "save_every", "val_windows", "width", "band",
