@@ -125,10 +125,7 @@ class RouterPlanner(Planner):
         self.name = name
         self.n_layers = module.cfg.n_layers
 
-    def scores(self, h0: torch.Tensor, cache, k) -> torch.Tensor:
-        return self._scores(h0, cache, k)[0]
-
-    def _scores(self, h0, cache, k):
+    def scores(self, h0: torch.Tensor, cache, k):
         """(router + prior scores [B, T, L-2], gate logits [B, T] or None)."""
         B, T = h0.shape[:2]
         s, gate = torch.zeros(B, T, self.n_layers - 2, device=h0.device), None
@@ -143,7 +140,7 @@ class RouterPlanner(Planner):
     def plan(self, h0, cache, k):
         B = h0.shape[0]
         ks = as_row_budgets(k, B, h0.device)
-        s, gate = self._scores(h0, cache, k)
+        s, gate = self.scores(h0, cache, k)
         plan = topk_plan(s, ks)
         if gate is not None:  # tokens whose gate is closed run the prior's plan
             prior_plan = topk_plan(self.prior.to(h0.device).expand_as(s), ks)
