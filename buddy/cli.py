@@ -61,7 +61,7 @@ def _in_text_file(path: str, flag: str) -> None:
     """A UTF-8 text file the command will read (checked before loading the model)."""
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"invalid {flag} {path!r}: no such file")
+        raise UsageError(f"invalid {flag} {path!r}: file not found")
     try:
         p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

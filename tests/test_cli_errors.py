@@ -36,7 +36,7 @@ def _cases(ckpt, tmp):
         (gen + ["--trace", str(tmp / "missing" / "t.jsonl"), "w1"], "does not exist"),
         (gen + ["--trace", str(tmp), "w1"], "is a directory"),
         (["eval", "zeroshot", "--model", str(ckpt), "--mc-file", str(tmp / "latin1.jsonl")], "not UTF-8"),
-        (["eval", "zeroshot", "--model", str(ckpt), "--mc-file", str(tmp / "nope.jsonl")], "no such file"),
+        (["eval", "zeroshot", "--model", str(ckpt), "--mc-file", str(tmp / "nope.jsonl")], "not found"),
         (["sweep", "--model", str(ckpt), "--tasks", "piqa", "--out", str(tmp)], "is a directory"),
         (["plot", "pareto", str(tmp / "file.txt"), "--out", str(tmp / "p.xyz")], ".png"),
         (["export", "--model", str(ckpt), "--layers", "4", "--out", str(tmp / "file.txt")], "is a file"),
