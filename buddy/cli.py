@@ -279,6 +279,43 @@ def cmd_eval_zeroshot(args) -> int:
     return 0
 
 
+def cmd_eval_code(args) -> int:
+    from .eval.code import evaluate_code, load_humaneval
+    from .eval.sandbox import Limits, require_sandbox
+
+    budget = _budget(args)
+    if args.samples_out:
+        _out_file(args.samples_out, "--samples-out", (".jsonl",))
+    for flag, v in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens),
+                    ("--batch-size", args.batch_size), ("--timeout", args.timeout)):
+        if v is not None and v < 1:
+            raise UsageError(f"invalid {flag} {v}: must be >= 1")
+    require_sandbox(args.weak_sandbox)
+    problems = load_humaneval(args.limit)
+    m = _load(args)
+    k = m.resolve_k(budget)
+    if k == AUTO:
+        raise UsageError("eval code needs a fixed budget or --layers (budget `auto` chooses per prompt; use the sweep)")
+    r, completions = evaluate_code(m, problems, layers=k, batch_size=args.batch_size,
+                                   max_new_tokens=args.max_new_tokens, weak_sandbox=args.weak_sandbox,
+                                   progress=not args.json, limits=Limits(timeout_s=args.timeout, cpu_s=args.timeout))
+    if args.samples_out:
+        from .artifacts import atomic_write_text
+
+        atomic_write_text(Path(args.samples_out), "".join(
+            json.dumps({"task_id": p.task_id, "completion": c, "passed": bool(ok)}) + "\n"
+            for p, c, ok in zip(problems, completions, r.per_doc["passed"])))
+    out = {"task": "humaneval", "pass_at_1": round(r.pass_at_1, 4), "docs": r.docs, "statuses": r.statuses,
+           "layers_per_token": round(r.layers_per_token, 3), "wall_s": round(r.wall_s, 1), "planner": m.planner.name,
+           "kv_policy": m.kv_policy, **budget_echo(budget, k), "model": m.bb.name}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"humaneval pass@1={r.pass_at_1:.3f} ({sum(r.per_doc['passed'])}/{r.docs}; {r.statuses}), "
+              f"{r.layers_per_token:.2f} layers/token (planner {m.planner.name}, kv {m.kv_policy}, k={k}/{m.n_layers})")
+    return 0
+
+
 def cmd_sweep(args) -> int:
     _out_file(args.out, "--out")
     from .backbone import load_backbone
@@ -542,6 +579,23 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("--limit", type=int, help="first N documents per task (default all)")
     zs.add_argument("--json", action="store_true", help="print one JSON line per task")
     zs.set_defaults(func=cmd_eval_zeroshot)
+
+    from .eval.code import MAX_NEW_TOKENS
+    from .eval.sandbox import Limits
+
+    co = esub.add_parser("code", help="HumanEval pass@1: greedy completions, tests run in a sandbox")
+    _add_load_args(co)
+    _add_budget_args(co)
+    co.add_argument("--limit", type=int, help="first N of the 164 problems (default all)")
+    co.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help=f"per completion (default {MAX_NEW_TOKENS})")
+    co.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
+    co.add_argument("--timeout", type=int, default=int(Limits.timeout_s),
+                    help=f"seconds of wall clock and of CPU per program (default {int(Limits.timeout_s)})")
+    co.add_argument("--weak-sandbox", action="store_true",
+                    help="run generated code without seccomp and Landlock where this machine lacks them")
+    co.add_argument("--samples-out", help="write each completion and its result to this JSONL file")
+    co.add_argument("--json", action="store_true", help="print one JSON line")
+    co.set_defaults(func=cmd_eval_code)
 
     sw = sub.add_parser("sweep", help="a resumable grid of methods x layer counts x tasks into JSONL")
     _add_load_args(sw, planner=False)

@@ -25,9 +25,11 @@ def _plt():
 
 
 def metric_of(row: dict) -> tuple[str, float]:
-    """The headline metric of a result row: acc for tasks, ppl for perplexity."""
+    """The headline metric of a result row: acc for tasks, ppl for perplexity, pass@1 for code."""
     if "ppl" in row:
         return "ppl", row["ppl"]
+    if "pass_at_1" in row:
+        return "pass@1", row["pass_at_1"]
     return "acc", row["acc"]
 
 

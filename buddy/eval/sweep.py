@@ -24,7 +24,8 @@ PPL_TASKS = {"ppl-sotu": "test", "ppl-sotu-val": "validation"}  # task name -> S
 PPL_WINDOWS, PPL_WINDOW, PPL_PREFILL = 16, 512, 128  # as in docs/results.md's perplexity table
 # per-domain perplexity on the test split of a corpus domain (buddy/corpus.py): `ppl:<domain>`
 DOMAIN_WINDOWS, DOMAIN_WINDOW, DOMAIN_PREFILL = 32, 256, 64
-ALL_TASKS = (*MC_TASKS, *GEN_TASKS, *PPL_TASKS, "ppl:<domain>")
+CODE_TASKS = ("humaneval",)  # pass@1, tests run in buddy.eval.sandbox
+ALL_TASKS = (*MC_TASKS, *GEN_TASKS, *CODE_TASKS, *PPL_TASKS, "ppl:<domain>")
 
 
 def parse_layers_spec(text: str, n_layers: int) -> list:
@@ -89,7 +90,12 @@ def run_task(engine, task: str, k, limit: int | None = None, progress: bool = Fa
         if r.chosen_k:
             out["chosen_k"] = r.chosen_k
         return out
-    if task in GEN_TASKS:
+    if task in CODE_TASKS:
+        from .code import evaluate_code, load_humaneval
+
+        r, _ = evaluate_code(engine, load_humaneval(limit), progress=progress, **kw)
+        out = r.as_dict()
+    elif task in GEN_TASKS:
         from .generation import evaluate_gen
         from .tasks import load_gen
 
