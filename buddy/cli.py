@@ -28,7 +28,7 @@ from .config import (
     LoadConfig,
     ServeConfig,
 )
-from .errors import BuddyError
+from .errors import BuddyError, require_extra
 
 
 class UsageError(BuddyError):
@@ -333,6 +333,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_plot(args) -> int:
     _out_file(args.out, "--out", (".png", ".pdf", ".svg"))
+    require_extra("matplotlib", "plot", "buddy plot")
     from .eval.plots import plot_pareto, plot_trace
 
     out = plot_pareto(args.file, args.out) if args.plot_command == "pareto" else plot_trace(args.file, args.out)
@@ -341,6 +342,8 @@ def cmd_plot(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    require_extra("fastapi", "serve", "buddy serve")
+    require_extra("uvicorn", "serve", "buddy serve")
     import uvicorn
 
     from .api import make_planner, make_predictor
@@ -388,13 +391,15 @@ def cmd_train_router(args) -> int:
     from .train.router import RouterTrainer, TrainConfig, init_distributed
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    if cfg.data not in ("mix", "sotu"):
+        _in_text_file(cfg.data, "--data")
     out = _out_dir(args.out or f"runs/router-{Path(args.model).name}-{cfg.kv_policy}", "--out")
     if (out / "state.pt").is_file() and not args.resume:
         raise UsageError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
     distributed = init_distributed()
     main = not distributed or dist.get_rank() == 0
     try:
-        if distributed:  # the first process fetches the corpus once; the others wait, then read the cache
+        if distributed and cfg.data in ("sotu", "mix"):  # the first process fetches SOTU once; the others wait
             if main:
                 sotu_texts("train")
             dist.barrier()
@@ -405,6 +410,17 @@ def cmd_train_router(args) -> int:
             val = token_windows(bb.tokenizer, sotu_texts("validation"), cfg.seq_len, cfg.val_windows)
             data = (f"SOTU train years <= 2000: {train.shape[0]} windows x {cfg.seq_len} tokens; validation: "
                     f"SOTU 2001-2010, {val.shape[0]} windows x {cfg.seq_len} tokens")
+        elif cfg.data != "mix":  # the user's own text file
+            from .data import text_file_split
+
+            train_text, val_text = text_file_split(cfg.data)
+            try:
+                train = token_windows(bb.tokenizer, [train_text], cfg.seq_len)
+                val = token_windows(bb.tokenizer, [val_text], cfg.seq_len, cfg.val_windows)
+            except ValueError as e:
+                raise UsageError(f"--data {cfg.data}: {e}") from None
+            data = (f"{cfg.data}: first 90% {train.shape[0]} windows x {cfg.seq_len} tokens; last 10% validation, "
+                    f"{val.shape[0]} windows")
         else:
             from .corpus import VERSION, describe, mix_windows
 

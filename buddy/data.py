@@ -80,6 +80,19 @@ def sotu_texts(split: str) -> list[str]:
     return [p.read_text(encoding="utf-8") for p in files]
 
 
+def text_file_split(path: str | Path, validation: float = 0.1) -> tuple[str, str]:
+    """A user's UTF-8 text file as (train, validation): the last `validation` share of its characters validates,
+    cut at the paragraph (else line) break nearest the boundary, so no paragraph is in both."""
+    text = Path(path).read_text(encoding="utf-8")
+    cut = int(len(text) * (1 - validation))
+    for sep in ("\n\n", "\n"):
+        i = text.rfind(sep, 0, cut)
+        if i > 0:
+            cut = i
+            break
+    return text[:cut], text[cut:]
+
+
 def sotu_file(split: str) -> Path:
     """One UTF-8 text file holding a split (for `buddy eval ppl --text-file`)."""
     path = cache_dir() / "data" / f"sotu-{split}.txt"

@@ -98,3 +98,17 @@ def test_resume_from_a_truncated_state_is_one_line(tiny_ckpt, tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "state.pt is unreadable" in err[-1] and "Traceback" not in "\n".join(err), err
     assert cache_dir() == tmp_path / "cache"
+
+
+def test_a_missing_extra_names_the_pip_command(monkeypatch, capsys):
+    import importlib.util
+
+    from buddy.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("fastapi", "matplotlib")
+                        else real(name, *a))
+    assert main(["serve", "--model", "smollm2"]) == 2
+    assert "pip install 'buddy[serve]'" in capsys.readouterr().err
+    assert main(["plot", "pareto", "x.jsonl", "--out", "x.png"]) == 2
+    assert "pip install 'buddy[plot]'" in capsys.readouterr().err

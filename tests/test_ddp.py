@@ -16,13 +16,11 @@ from buddy.prior import calibration_path, save_calibration
 
 @pytest.mark.parametrize("estimator", ["swap", "st"])
 def test_two_processes_match_one(tmp_path, estimator, monkeypatch):
-    from buddy.config import cache_dir
-
-    real_data = cache_dir() / "data"
     monkeypatch.setenv("BUDDY_CACHE", str(tmp_path / "cache"))  # the calibration written below stays in the test
-    if real_data.is_dir():  # reuse the corpus already fetched, instead of fetching it again
-        (tmp_path / "cache").mkdir()
-        (tmp_path / "cache" / "data").symlink_to(real_data)
+    text = tmp_path / "words.txt"  # the tiny checkpoint's word-level vocabulary; offline, no corpus to fetch
+    g = torch.Generator().manual_seed(0)
+    text.write_text("\n\n".join(" ".join(f"w{i}" for i in torch.randint(0, 95, (60,), generator=g).tolist())
+                                  for _ in range(20)))
     ckpt = save_tiny_checkpoint(tmp_path / "tiny")
     bb = load_backbone(str(ckpt), "cpu", "float32")
     save_calibration({"model": bb.name, "checksum": bb.checksum, "n_layers": bb.n_layers,
@@ -30,7 +28,7 @@ def test_two_processes_match_one(tmp_path, estimator, monkeypatch):
                      calibration_path(bb))
     common = ["train", "router", "--model", str(ckpt), "--dtype", "float32", "--device", "cpu", "--steps", "4",
               "--batch", "4", "--seq-len", "24", "--val-every", "100", "--val-windows", "2", "--val-layers", "4",
-              "--estimator", estimator, "--budgets", "0.5:0.9", "--data", "sotu"]
+              "--estimator", estimator, "--budgets", "0.5:0.9", "--data", str(text)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "buddy", *common, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, timeout=600, env=env)

@@ -27,7 +27,6 @@ from buddy.predictor import load_predictor
 from buddy.prompt_mix import DOMAINS, MC_DOMAINS
 from buddy.train.predictor import PredictorTrainConfig, split_table
 
-
 BOOT = 1000
 
 
