@@ -80,3 +80,52 @@ def save_tiny_checkpoint(path, model_type: str = "llama", n_layers: int = 6):
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
+
+
+KEY = "test-key"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server():
+    """`buddy serve` on the embedded model (float32, an API key) on a free loopback port, for the session."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx2 as httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "buddy", "serve", "--dtype", "float32", "--device", "cpu",
+                             "--port", str(port), "--api-key", KEY, "--max-batch", "32", "--max-tokens-limit", "512"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            pytest.fail("server exited: " + proc.stdout.read())
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)

@@ -1,59 +1,21 @@
 """The OpenAI-compatible server on the embedded model, driven by the official `openai` client.
 
-One server (float32, an API key) is started on a free loopback port for the module."""
+One server (float32, an API key, conftest's `server` fixture) is shared by the test session."""
 
 import concurrent.futures as cf
 import json
-import socket
 import subprocess
 import sys
 import time
 
 import httpx2 as httpx
 import pytest
+from conftest import KEY
 
 pytestmark = pytest.mark.integration
-KEY = "test-key"
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The best way to learn is",
            "In 1969, astronauts", "My favourite food is", "Water boils at", "The stock market"]
 BUDGETS = [0.5, 0.75, 1.0, 20]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server():
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "buddy", "serve", "--dtype", "float32", "--device", "cpu",
-                             "--port", str(port), "--api-key", KEY, "--max-batch", "32", "--max-tokens-limit", "512"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail("server exited: " + proc.stdout.read())
-        time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("server did not start")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
 
 
 def complete(client, prompt, budget, n=12, stream=False):

@@ -214,6 +214,41 @@ class Server:
                 "n_layers": self.engine.n_layers}
 
 
+class _Guard:
+    """Checks made on the headers before a request reaches a route: Host (loopback servers), API key, content
+    type and declared size. A plain ASGI middleware, so a client's disconnect still reaches the route."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    def refusal(self, request: HTTPRequest) -> APIError | None:
+        server = self.server
+        if server.loopback_only:
+            host = request.headers.get("host", "").rsplit(":", 1)[0].strip("[]").lower()
+            if host not in LOOPBACK_NAMES:
+                return APIError(421, f"this server answers only to this machine (Host {host!r} refused)",
+                                code="misdirected_request")
+        if server.api_key and request.url.path.startswith("/v1/"):
+            got = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(got, f"Bearer {server.api_key}".encode()):
+                return APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+        if request.method == "POST":
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return APIError(415, f"send the request body as application/json (got {ctype or 'no content type'!r})",
+                                code="unsupported_media_type")
+            size = request.headers.get("content-length")
+            if size is not None and (not size.isdigit() or int(size) > server.max_body_bytes):
+                return APIError(413, f"the request body is larger than {server.max_body_bytes} bytes",
+                                code="request_too_large")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (e := self.refusal(HTTPRequest(scope))) is not None:
+            return await e.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(server: Server) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_):
@@ -223,28 +258,7 @@ def create_app(server: Server) -> FastAPI:
 
     app = FastAPI(title="Buddy", docs_url=None, redoc_url=None, lifespan=lifespan)
 
-    @app.middleware("http")
-    async def _guard(request: HTTPRequest, call_next):
-        if server.loopback_only:
-            host = request.headers.get("host", "").rsplit(":", 1)[0].strip("[]").lower()
-            if host not in LOOPBACK_NAMES:
-                return APIError(421, f"this server answers only to this machine (Host {host!r} refused)",
-                                code="misdirected_request").response()
-        if server.api_key and request.url.path.startswith("/v1/"):
-            got = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(got, f"Bearer {server.api_key}".encode()):
-                return APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
-                                code="invalid_api_key").response()
-        if request.method == "POST":
-            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if ctype != "application/json":
-                return APIError(415, f"send the request body as application/json (got {ctype or 'no content type'!r})",
-                                code="unsupported_media_type").response()
-            size = request.headers.get("content-length")
-            if size is not None and (not size.isdigit() or int(size) > server.max_body_bytes):
-                return APIError(413, f"the request body is larger than {server.max_body_bytes} bytes",
-                                code="request_too_large").response()
-        return await call_next(request)
+    app.add_middleware(_Guard, server=server)
 
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
