@@ -5,7 +5,9 @@
 Starts a server on a free loopback port (or uses --url), sends `--requests` streaming completions per
 concurrency level (budgets cycle through --budgets, prompts through a fixed list), and prints a markdown
 table: wall time, completion tokens per second over all requests, time to first token and request latency
-(median and p95), mean executed layers per token. Greedy decoding, so runs are repeatable.
+(median and p95), mean executed layers per token. Greedy decoding, so runs are repeatable. The last column
+counts the streams whose text equals the same request's text at the first concurrency level (give 1 first:
+then it counts the streams that batching left unchanged; in float32 that is all of them).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def one(url: str, prompt: str, budget: float, max_tokens: int) -> dict:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "budget": budget, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    ttft, usage = None, None
+    ttft, usage, text = None, None, ""
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -38,10 +40,11 @@ def one(url: str, prompt: str, budget: float, max_tokens: int) -> dict:
             d = json.loads(line[6:])
             if d.get("usage"):
                 usage = d["usage"]
-            elif ttft is None and d["choices"] and d["choices"][0]["text"]:
-                ttft = time.perf_counter() - t0
+            elif d["choices"] and d["choices"][0]["text"]:
+                text += d["choices"][0]["text"]
+                ttft = ttft or time.perf_counter() - t0
     return {"latency": time.perf_counter() - t0, "ttft": ttft or 0.0, "tokens": usage["completion_tokens"],
-            "layers": usage["layers_per_token"] * usage["completion_tokens"]}
+            "layers": usage["layers_per_token"] * usage["completion_tokens"], "text": text}
 
 
 def p95(xs):
@@ -79,8 +82,10 @@ def main() -> None:
         one(url, "Warm up", 1.0, 4)
         print(f"{args.requests} streaming requests, {args.max_tokens} new tokens max, budgets {args.budgets} "
               f"(cycled), greedy; model {args.model}, dtype {args.dtype}\n")
-        print("| concurrency | wall s | tokens/s (all requests) | TTFT p50 / p95 ms | latency p50 / p95 s | layers/token |")
-        print("|---|---|---|---|---|---|")
+        print("| concurrency | wall s | tokens/s (all requests) | TTFT p50 / p95 ms | latency p50 / p95 s | layers/token "
+              "| equal to first level |")
+        print("|---|---|---|---|---|---|---|")
+        first = None
         for c in [int(x) for x in args.concurrency.split(",")]:
             t0 = time.perf_counter()
             with cf.ThreadPoolExecutor(c) as pool:
@@ -89,9 +94,11 @@ def main() -> None:
             toks = sum(r["tokens"] for r in res)
             ttft = [r["ttft"] * 1e3 for r in res]
             lat = [r["latency"] for r in res]
+            first = first or [r["text"] for r in res]
+            same = sum(a == r["text"] for a, r in zip(first, res))
             print(f"| {c} | {wall:.1f} | {toks / wall:.1f} | {statistics.median(ttft):.0f} / {p95(ttft):.0f} | "
-                  f"{statistics.median(lat):.2f} / {p95(lat):.2f} | {sum(r['layers'] for r in res) / toks:.2f} |",
-                  flush=True)
+                  f"{statistics.median(lat):.2f} / {p95(lat):.2f} | {sum(r['layers'] for r in res) / toks:.2f} | "
+                  f"{same}/{len(res)} |", flush=True)
     finally:
         if proc:
             proc.terminate()
