@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from .backbone import Backbone, load_backbone
-from .config import LoadConfig
+from .config import DEFAULT_KV_POLICY, LoadConfig
 from .engine import Engine
 from .errors import BuddyError
 from .planner import FullPlanner, Planner, StaticPlanner
@@ -44,7 +44,7 @@ def make_predictor(bb: Backbone, path: str | None = None):
 
 def router_dir(bb: Backbone, kv_policy: str) -> Path | None:
     """The shipped router for this model: the one trained for `kv_policy`, else the `fill` one."""
-    for policy in (kv_policy, "fill"):
+    for policy in (kv_policy, DEFAULT_KV_POLICY):
         d = ROUTERS / f"{bb.name}-{policy}"
         if (d / "router.json").is_file():
             return d

@@ -12,6 +12,7 @@ from pathlib import Path
 from .errors import BuddyError
 
 KV_POLICIES = ("fill", "mask", "zero")
+DEFAULT_KV_POLICY = KV_POLICIES[0]  # the one place the default KV policy is named
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -50,7 +51,7 @@ class LoadConfig:
 
     model: str = "smollm2"
     planner: str | None = None
-    kv_policy: str = "fill"
+    kv_policy: str = DEFAULT_KV_POLICY
     device: str = "auto"
     dtype: str = "auto"
     router: str | None = None

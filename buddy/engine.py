@@ -18,7 +18,7 @@ import torch
 
 from .backbone import Backbone
 from .budget import AUTO, BudgetError, request_budget
-from .config import GenerateConfig
+from .config import DEFAULT_KV_POLICY, GenerateConfig
 from .kv_cache import ContextOverflowError, KVCache
 from .planner import Planner
 from .sampling import Detokenizer, sample
@@ -59,7 +59,7 @@ class Step:
 
 
 class Engine:
-    def __init__(self, backbone: Backbone, planner: Planner, kv_policy: str = "fill", predictor=None):
+    def __init__(self, backbone: Backbone, planner: Planner, kv_policy: str = DEFAULT_KV_POLICY, predictor=None):
         self.bb = backbone
         self.planner = planner
         self.kv_policy = kv_policy

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .config import DEFAULT_KV_POLICY
 from .errors import BuddyError
 from .planner import plan_table
 
@@ -26,7 +27,7 @@ class ExportError(BuddyError):
     """The export cannot be made (unknown planner, no calibration, existing output)."""
 
 
-def export_order(bb, planner: str, kv_policy: str = "fill", calibration: str | None = None) -> list[int]:
+def export_order(bb, planner: str, kv_policy: str = DEFAULT_KV_POLICY, calibration: str | None = None) -> list[int]:
     """The layer importance order behind a static export."""
     if planner == "router-prior":
         from .api import router_dir
@@ -86,7 +87,7 @@ def export_checkpoint(bb, keep: list[int], out: str | Path, meta: dict | None = 
 
 
 @torch.no_grad()
-def export(bb, k: int, planner: str, out: str | Path, command: str = "", kv_policy: str = "fill",
+def export(bb, k: int, planner: str, out: str | Path, command: str = "", kv_policy: str = DEFAULT_KV_POLICY,
            calibration: str | None = None) -> tuple[Path, list[int]]:
     keep = kept_layers(export_order(bb, planner, kv_policy, calibration), bb.n_layers, k)
     return export_checkpoint(bb, keep, out, {"planner": planner, "k": k, "command": command}), keep

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .budget import Budget
+from .config import DEFAULT_KV_POLICY
 from .engine import router_features
 from .errors import BuddyError
 
@@ -71,7 +72,7 @@ class BudgetPredictor(nn.Module):
 
 
 @torch.no_grad()
-def prompt_features(bb, ids: torch.Tensor, policy: str = "fill") -> torch.Tensor:
+def prompt_features(bb, ids: torch.Tensor, policy: str = DEFAULT_KV_POLICY) -> torch.Tensor:
     """[B, T] prompts (same length) -> [B, kv_dim + 2 * hidden]: pooled layer-0 K/V after the last token,
     mean and last layer-0 state."""
     kv0_mean, h = router_features(bb, ids.to(bb.device), policy)
@@ -86,7 +87,7 @@ class PredictorMeta:
     config: dict
     tradeoff: float
     planner: str = "router"
-    kv_policy: str = "fill"
+    kv_policy: str = DEFAULT_KV_POLICY
     quality: str = "kl"
     group: int = 0
     steps: int = 0

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .config import cache_dir
+from .config import DEFAULT_KV_POLICY, cache_dir
 from .errors import BuddyError
 from .eval.ppl import evaluate_windows
 from .planner import Planner
@@ -53,7 +53,7 @@ def block_influence(bb, windows: torch.Tensor, batch_size: int = 4) -> list[floa
     count = 0
     for s in range(0, windows.shape[0], batch_size):
         ids = windows[s:s + batch_size].to(bb.device)
-        cache = KVCache(bb.shapes, ids.shape[0], ids.shape[1], "fill", bb.dtype, bb.device)
+        cache = KVCache(bb.shapes, ids.shape[0], ids.shape[1], DEFAULT_KV_POLICY, bb.dtype, bb.device)
         cache.begin(ids.shape[1])
         h = bb.embed(ids)
         rope = bb.rope(h, cache.positions)
@@ -66,7 +66,7 @@ def block_influence(bb, windows: torch.Tensor, batch_size: int = 4) -> list[floa
     return (1 - sums / count).tolist()
 
 
-def greedy_removal(bb, windows: torch.Tensor, kv_policy: str = "fill", batch_size: int = 4,
+def greedy_removal(bb, windows: torch.Tensor, kv_policy: str = DEFAULT_KV_POLICY, batch_size: int = 4,
                    progress: bool = True) -> tuple[list[int], list[float], float]:
     """(removal order of the intermediate layers, ppl after each removal, dense ppl)."""
     from .engine import Engine

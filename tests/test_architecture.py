@@ -76,3 +76,14 @@ def test_modules_around_the_core_import_no_outer_layer(middle):
     bad = sorted(t for t in GRAPH[f"buddy.{middle}"] if any(t == f"buddy.{o}" or t.startswith(f"buddy.{o}.")
                                                            for o in outer))
     assert not bad, f"buddy.{middle} imports {bad}"
+
+
+def test_the_default_kv_policy_is_named_once():
+    import re
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "buddy"
+    offenders = [f"{p.relative_to(pkg)}:{n}" for p in pkg.rglob("*.py") if p.name != "config.py"
+                 for n, line in enumerate(p.read_text().splitlines(), 1)
+                 if re.search(r"""(policy|kv_policy)\s*(:\s*str\s*)?=\s*["']fill["']""", line)]
+    assert not offenders, f"state the default as config.DEFAULT_KV_POLICY: {offenders}"

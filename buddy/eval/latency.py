@@ -18,6 +18,7 @@ import time
 import torch
 
 from ..budget import Budget, CostShapes, decode_cost, ideal_speedup
+from ..config import DEFAULT_KV_POLICY
 
 
 def matvec_bandwidth(dtype: torch.dtype, device, mbytes: int = 256, repeats: int = 20) -> float:
@@ -75,7 +76,7 @@ def time_engine(engine, prompts: list[list[int]], k, new_tokens: int, repeats: i
 
 def run_latency(model: str = "smollm2", dtype: str = "auto", device: str = "auto", batches=(1,), prompt_lens=(128,),
                 new_tokens: int = 64, budgets=(1.0, 0.875, 0.75, 0.625, 0.5), repeats: int = 3,
-                kv_policy: str = "fill", planners=("static-greedy", "router"), progress=print) -> dict:
+                kv_policy: str = DEFAULT_KV_POLICY, planners=("static-greedy", "router"), progress=print) -> dict:
     from ..api import make_planner
     from ..backbone import load_backbone
     from ..engine import Engine

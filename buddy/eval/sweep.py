@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..budget import AUTO
+from ..config import DEFAULT_KV_POLICY
 from .tasks import GEN_TASKS, MC_TASKS, TaskError
 
 PPL_TASKS = {"ppl-sotu": "test", "ppl-sotu-val": "validation"}  # task name -> SOTU split
@@ -145,7 +146,7 @@ def cell_key(row: dict) -> tuple:
             row.get("calibration", "sotu") if row["method"] in STATIC_METHODS else None)
 
 
-def sweep(bb, methods: list[str], ks: list[int], tasks: list[str], out: str | Path, kv_policy: str = "fill",
+def sweep(bb, methods: list[str], ks: list[int], tasks: list[str], out: str | Path, kv_policy: str = DEFAULT_KV_POLICY,
           limit: int | None = None, router: str | None = None, predictor: str | None = None,
           calibration: str | None = None, progress: bool = True) -> list[dict]:
     """Run every missing (method, k, task) cell and append it to `out`; returns the new rows.

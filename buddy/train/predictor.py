@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from ..artifacts import git_commit, load_state, save_state
 from ..budget import Budget
-from ..config import ConfigError, cache_dir
+from ..config import DEFAULT_KV_POLICY, ConfigError, cache_dir
 from ..predictor import (
     BudgetPredictor,
     PredictorConfig,
@@ -169,7 +169,7 @@ def cached_table(engine, bb, cfg: PredictorTrainConfig, split: str, n: int, prog
 
 
 def item_table(engine, items, levels, quality: str = "kl", progress: bool = True, desc: str = "quality",
-               policy: str = "fill") -> tuple[torch.Tensor, torch.Tensor]:
+               policy: str = DEFAULT_KV_POLICY) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [N, F], quality [N, n_levels]) of prompt-mix items (`buddy.prompt_mix.MixItem`) of any length:
     items of one (prompt, continuation) shape are batched together, and rows keep the items' order."""
     groups: dict[tuple[int, int], list[int]] = {}

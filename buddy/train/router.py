@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..artifacts import git_commit, load_state, save_state
 from ..backbone import Backbone
-from ..config import KV_POLICIES, ConfigError
+from ..config import DEFAULT_KV_POLICY, KV_POLICIES, ConfigError
 from ..engine import layer0, router_features
 from ..planner import topk_plan
 from ..router import (
@@ -72,7 +72,7 @@ class TrainConfig:
     seed: seed for data order, budgets and initialisation.
     """
 
-    kv_policy: str = "fill"
+    kv_policy: str = DEFAULT_KV_POLICY
     budgets: str = "0.5:1.0"
     steps: int = 400
     batch: int = 4
