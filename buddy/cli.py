@@ -84,16 +84,19 @@ def _doc_of(cls, name: str) -> str:
     return ""
 
 
-def _add_load_args(p: argparse.ArgumentParser, planner: bool = True) -> None:
+def _add_load_args(p: argparse.ArgumentParser, planner: bool = True, skip: tuple[str, ...] = ()) -> None:
+    """LoadConfig's fields as flags (planner=False: model, device and dtype only); `skip` leaves out fields a
+    command would not use, so that no flag is accepted and then ignored."""
     d = LoadConfig()
     p.add_argument("--model", default=d.model, help=_doc_of(LoadConfig, "model") + f" (default {d.model})")
     if planner:
         p.add_argument("--planner", default=d.planner, help=_doc_of(LoadConfig, "planner"))
         p.add_argument("--kv-policy", default=d.kv_policy, choices=KV_POLICIES, help=_doc_of(LoadConfig, "kv_policy"))
         p.add_argument("--router", default=d.router, help=_doc_of(LoadConfig, "router"))
-        p.add_argument("--reroute-every", type=int, default=d.reroute_every, help=_doc_of(LoadConfig, "reroute_every"))
-        p.add_argument("--predictor", default=d.predictor, help=_doc_of(LoadConfig, "predictor"))
-        p.add_argument("--calibration", default=d.calibration, help=_doc_of(LoadConfig, "calibration"))
+        for name, kind in (("reroute_every", int), ("predictor", str), ("calibration", str)):
+            if name not in skip:
+                p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
+                               help=_doc_of(LoadConfig, name))
     p.add_argument("--device", default=d.device, help=_doc_of(LoadConfig, "device"))
     p.add_argument("--dtype", default=d.dtype, choices=DTYPES, help=_doc_of(LoadConfig, "dtype"))
 
@@ -456,7 +459,7 @@ def cmd_train_predictor(args) -> int:
     if (out / "state.pt").is_file() and not args.resume:
         raise UsageError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
     m = load(args.model, planner=args.planner, kv_policy=args.kv_policy, device=args.device, dtype=args.dtype,
-             router=args.router)
+             router=args.router, calibration=args.calibration)
     command = "buddy train predictor " + " ".join(shlex.quote(a) for a in sys.argv[3:])
     trainer = PredictorTrainer(m, cfg, out, command=command)
     if args.resume and trainer.load_state():
@@ -553,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp = tsub.add_parser("predictor", help="train the Budget Predictor (GRPO) for budget=auto")
     from .train.predictor import PredictorTrainConfig
 
-    _add_load_args(tp)
+    _add_load_args(tp, skip=("reroute_every", "predictor"))  # it trains the predictor, on every-token routing
     _add_dataclass_args(tp, PredictorTrainConfig)
     tp.add_argument("--out", help="output directory (default runs/predictor-<model>)")
     tp.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")

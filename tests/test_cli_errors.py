@@ -112,3 +112,10 @@ def test_a_missing_extra_names_the_pip_command(monkeypatch, capsys):
     assert "pip install 'buddy[serve]'" in capsys.readouterr().err
     assert main(["plot", "pareto", "x.jsonl", "--out", "x.png"]) == 2
     assert "pip install 'buddy[plot]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--reroute-every", "--predictor"])
+def test_train_predictor_refuses_flags_it_would_ignore(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "predictor", flag, "2"])
+    assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
