@@ -376,6 +376,9 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls) -> None:
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                            help=f"{_doc_of(cls, f.name)} (default {default!r})")
+        elif isinstance(default, tuple):  # comma-separated values of the elements' type
+            p.add_argument(flag, type=_csv(type(default[0])), default=default,
+                           help=f"{_doc_of(cls, f.name)} (default {','.join(map(str, default))})")
         else:
             kind = str if default is None else type(default)
             p.add_argument(flag, type=kind, default=default, help=f"{_doc_of(cls, f.name)} (default {default!r})")
@@ -499,15 +502,14 @@ def _csv(kind):
 
 
 def cmd_bench_latency(args) -> int:
+    from .config import LatencyConfig
     from .eval.latency import format_table, run_latency, to_json_line
 
-    for b in args.budgets:
+    cfg = LatencyConfig(**{f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v
+                           for f in fields(LatencyConfig)})
+    for b in cfg.budgets:
         Budget(fraction=b)  # validate before loading anything
-    if args.new_tokens < 2:
-        raise UsageError(f"invalid --new-tokens {args.new_tokens}: must be >= 2")
-    res = run_latency(args.model, args.dtype, args.device, args.batch, args.prompt_len, args.new_tokens,
-                      args.budgets, args.repeats, args.kv_policy, args.planners,
-                      progress=lambda m: print(m, file=sys.stderr))
+    res = run_latency(args.model, args.dtype, args.device, cfg, progress=lambda m: print(m, file=sys.stderr))
     print(format_table(res))
     print(to_json_line(res))
     return 0
@@ -566,13 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench_command", required=True)
     bl = bsub.add_parser("latency", help="decode latency: transformers vs the Buddy engine at several budgets")
     _add_load_args(bl, planner=False)
-    bl.add_argument("--kv-policy", default=LoadConfig.kv_policy, choices=KV_POLICIES)
-    bl.add_argument("--batch", type=_csv(int), default=(1,), help="batch sizes, e.g. 1,4,8 (default 1)")
-    bl.add_argument("--prompt-len", type=_csv(int), default=(128,), help="prompt lengths (default 128)")
-    bl.add_argument("--new-tokens", type=int, default=64, help="generated tokens per run (default 64)")
-    bl.add_argument("--budgets", type=_csv(float), default=(1.0, 0.875, 0.75, 0.625, 0.5))
-    bl.add_argument("--planners", type=_csv(str), default=("static-greedy", "router"))
-    bl.add_argument("--repeats", type=int, default=3, help="timed runs per cell; medians are reported")
+    from .config import LatencyConfig
+
+    _add_dataclass_args(bl, LatencyConfig)
     bl.set_defaults(func=cmd_bench_latency)
 
     e = sub.add_parser("eval", help="evaluate quality at a budget")

@@ -97,6 +97,39 @@ class GenerateConfig:
 
 
 @dataclass
+class LatencyConfig:
+    """Settings of `buddy bench latency` (the model, device and dtype come from LoadConfig).
+
+    kv_policy: KV policy of the Buddy engines.
+    batch: batch sizes, comma-separated.
+    prompt_len: prompt lengths in tokens, comma-separated.
+    new_tokens: generated tokens per timed run (>= 2: the first is the prefill).
+    budgets: budgets (fractions of the layers), comma-separated.
+    planners: planners timed besides the full model, comma-separated.
+    repeats: timed runs per cell; medians are reported.
+    """
+
+    kv_policy: str = DEFAULT_KV_POLICY
+    batch: tuple[int, ...] = (1,)
+    prompt_len: tuple[int, ...] = (128,)
+    new_tokens: int = 64
+    budgets: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5)
+    planners: tuple[str, ...] = ("static-greedy", "router")
+    repeats: int = 3
+
+    def __post_init__(self):
+        if self.kv_policy not in KV_POLICIES:
+            raise ConfigError(f"invalid kv policy {self.kv_policy!r}: must be one of {', '.join(KV_POLICIES)}")
+        if self.new_tokens < 2:
+            raise ConfigError(f"invalid new_tokens {self.new_tokens}: must be >= 2")
+        for name in ("batch", "prompt_len"):
+            if not getattr(self, name) or min(getattr(self, name)) < 1:
+                raise ConfigError(f"invalid {name} {getattr(self, name)!r}: give integers >= 1")
+        if self.repeats < 1:
+            raise ConfigError(f"invalid repeats {self.repeats}: must be >= 1")
+
+
+@dataclass
 class ServeConfig:
     """Settings of `buddy serve` (the HTTP layer and the continuous-batching scheduler).
 

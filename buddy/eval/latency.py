@@ -18,7 +18,7 @@ import time
 import torch
 
 from ..budget import Budget, CostShapes, decode_cost, ideal_speedup
-from ..config import DEFAULT_KV_POLICY
+from ..config import LatencyConfig
 
 
 def matvec_bandwidth(dtype: torch.dtype, device, mbytes: int = 256, repeats: int = 20) -> float:
@@ -74,9 +74,10 @@ def time_engine(engine, prompts: list[list[int]], k, new_tokens: int, repeats: i
     return statistics.median(ttfts), statistics.median(steps)
 
 
-def run_latency(model: str = "smollm2", dtype: str = "auto", device: str = "auto", batches=(1,), prompt_lens=(128,),
-                new_tokens: int = 64, budgets=(1.0, 0.875, 0.75, 0.625, 0.5), repeats: int = 3,
-                kv_policy: str = DEFAULT_KV_POLICY, planners=("static-greedy", "router"), progress=print) -> dict:
+def run_latency(model: str, dtype: str, device: str, cfg: LatencyConfig, progress=print) -> dict:
+    """Time transformers and the Buddy engines for every cell of `cfg` (see LatencyConfig)."""
+    batches, prompt_lens, new_tokens, budgets = cfg.batch, cfg.prompt_len, cfg.new_tokens, cfg.budgets
+    repeats, kv_policy, planners = cfg.repeats, cfg.kv_policy, cfg.planners
     from ..api import make_planner
     from ..backbone import load_backbone
     from ..engine import Engine
