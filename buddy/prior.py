@@ -46,20 +46,24 @@ class LayerSetPlanner(Planner):
 @torch.inference_mode()
 def block_influence(bb, windows: torch.Tensor, batch_size: int = 4) -> list[float]:
     """1 - mean cosine(h_in, h_out) per layer over all calibration tokens, at full depth."""
+    from .engine import prologue
     from .kv_cache import KVCache
 
     L = bb.n_layers
     sums = torch.zeros(L, dtype=torch.float64)
     count = 0
+
+    def add(i, h_in, h_out):
+        sums[i] += torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1).sum().double()
+
     for s in range(0, windows.shape[0], batch_size):
         ids = windows[s:s + batch_size].to(bb.device)
         cache = KVCache(bb.shapes, ids.shape[0], ids.shape[1], DEFAULT_KV_POLICY, bb.dtype, bb.device)
-        cache.begin(ids.shape[1])
-        h = bb.embed(ids)
-        rope = bb.rope(h, cache.positions)
-        for i in range(L):
+        h, rope = prologue(bb, ids, cache)  # the engine's own embed -> rotary -> layer 0
+        add(0, bb.embed(ids), h)  # layer 0's input is the embedding
+        for i in range(1, L):
             out = bb.layer(i, h, cache.mask(i), rope, cache)
-            sums[i] += torch.nn.functional.cosine_similarity(h.float(), out.float(), dim=-1).sum().double()
+            add(i, h, out)
             h = out
         cache.end()
         count += ids.numel()
