@@ -73,6 +73,28 @@ class FullPlanner(Planner):
         return torch.ones(B, T, self.n_layers, dtype=torch.bool, device=h0.device)
 
 
+class GivenPlanner(Planner):
+    """Plans decided outside the engine: one layer set for every token (a list of layer indices with
+    n_layers, or an [L] bool mask), or per-position plans [B, S, L], sliced to the slots in flight. It
+    serves the k its plans hold (greedy removal, training forwards, tests)."""
+
+    name = "given"
+
+    def __init__(self, plans, n_layers: int | None = None):
+        if not isinstance(plans, torch.Tensor):
+            mask = torch.zeros(n_layers, dtype=torch.bool)
+            mask[list(plans)] = True
+            plans = mask
+        self.plans = plans
+
+    def plan(self, h0, cache, k):
+        if self.plans.dim() == 1:
+            B, T = h0.shape[:2]
+            return self.plans.to(h0.device).expand(B, T, -1)
+        s, e = cache.slot
+        return self.plans[:, s:e]
+
+
 class StaticPlanner(Planner):
     """The same layers for every token: a fixed importance order (ShortGPT Block Influence, SLEB greedy)."""
 

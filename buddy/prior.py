@@ -20,27 +20,13 @@ from tqdm import tqdm
 from .config import DEFAULT_KV_POLICY, cache_dir
 from .errors import BuddyError
 from .eval.ppl import evaluate_windows
-from .planner import Planner
+from .planner import GivenPlanner
 
 PACKAGED = Path(__file__).parent / "data" / "calibration"
 
 
 class CalibrationError(BuddyError):
     """Missing calibration, or calibration made for another model."""
-
-
-class LayerSetPlanner(Planner):
-    """Every token runs the same given set of layers (used by greedy removal and export)."""
-
-    name = "layer-set"
-
-    def __init__(self, layers, n_layers: int):
-        self.mask = torch.zeros(n_layers, dtype=torch.bool)
-        self.mask[list(layers)] = True
-
-    def plan(self, h0, cache, k):
-        B, T = h0.shape[:2]
-        return self.mask.to(h0.device).expand(B, T, -1)
 
 
 @torch.inference_mode()
@@ -79,7 +65,7 @@ def greedy_removal(bb, windows: torch.Tensor, kv_policy: str = DEFAULT_KV_POLICY
     kept = list(range(L))
 
     def ppl(layers):
-        eng = Engine(bb, LayerSetPlanner(layers, L), kv_policy)
+        eng = Engine(bb, GivenPlanner(layers, L), kv_policy)
         return evaluate_windows(eng, windows, layers=len(layers), batch_size=batch_size).ppl
 
     dense = ppl(kept)

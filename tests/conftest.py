@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from buddy.backbone import Backbone
-from buddy.planner import Planner
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -30,19 +29,6 @@ def tiny_hf(model_type: str, n_layers: int = 6, seed: int = 0):
 
 def tiny_backbone(model_type: str = "llama", n_layers: int = 6, seed: int = 0) -> Backbone:
     return Backbone(tiny_hf(model_type, n_layers, seed), tokenizer=None, name=f"tiny-{model_type}")
-
-
-class FixedPlanner(Planner):
-    """Returns given per-position plans [B, S, L] for whatever slots are in flight (tests only)."""
-
-    name = "fixed"
-
-    def __init__(self, plans: torch.Tensor):
-        self.plans = plans
-
-    def plan(self, h0, cache, k):
-        s, e = cache.slot
-        return self.plans[:, s:e]
 
 
 def random_plans(B: int, S: int, L: int, k: int, seed: int = 0) -> torch.Tensor:

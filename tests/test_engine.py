@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import FixedPlanner, random_plans, tiny_backbone
+from conftest import random_plans, tiny_backbone
 
 from buddy.config import KV_POLICIES
 from buddy.engine import Engine
-from buddy.planner import FullPlanner
+from buddy.planner import FullPlanner, GivenPlanner
 
 TOL = 1e-4
 
@@ -52,7 +52,7 @@ def test_cached_decode_equals_parallel_forward(arch, policy, k):
     bb = tiny_backbone(arch, n_layers=6)
     B, S = 2, 14
     plans = random_plans(B, S, bb.n_layers, k, seed=k)
-    eng = Engine(bb, FixedPlanner(plans), policy)
+    eng = Engine(bb, GivenPlanner(plans), policy)
     ids = torch.randint(0, 97, (B, S))
     parallel, plan = eng.logits(ids, layers=k)
     assert torch.equal(plan, plans)
@@ -66,7 +66,7 @@ def test_policies_differ_when_layers_are_skipped():
     bb = tiny_backbone("llama", n_layers=6)
     plans = random_plans(1, 10, 6, 3, seed=1)
     ids = torch.randint(0, 97, (1, 10))
-    outs = {p: Engine(bb, FixedPlanner(plans), p).logits(ids, layers=3)[0] for p in KV_POLICIES}
+    outs = {p: Engine(bb, GivenPlanner(plans), p).logits(ids, layers=3)[0] for p in KV_POLICIES}
     assert (outs["fill"] - outs["mask"]).abs().max() > 1e-3
     assert (outs["fill"] - outs["zero"]).abs().max() > 1e-3
     assert (outs["mask"] - outs["zero"]).abs().max() > 1e-3
@@ -79,7 +79,7 @@ def test_skipped_layer_leaves_the_policy_in_the_cache():
     ids = torch.randint(0, 97, (1, 3))
     caches = {}
     for p in KV_POLICIES:
-        eng = Engine(bb, FixedPlanner(plans), p)
+        eng = Engine(bb, GivenPlanner(plans), p)
         caches[p] = eng.new_cache(1, 3)
         eng.forward(ids, caches[p], 3)
     assert caches["zero"].k[1, 0, :, 1].abs().max() == 0 and caches["zero"].v[1, 0, :, 1].abs().max() == 0
@@ -92,9 +92,9 @@ def test_left_padding_does_not_change_a_row():
     plans = random_plans(1, 8, 6, 4, seed=3)
     ids = torch.randint(0, 97, (1, 8))
     for policy in KV_POLICIES:
-        alone = Engine(bb, FixedPlanner(plans), policy).logits(ids, layers=4)[0]
+        alone = Engine(bb, GivenPlanner(plans), policy).logits(ids, layers=4)[0]
         padded_ids = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
         padded_plans = torch.cat([plans[:, :3], plans], dim=1)
         valid = torch.tensor([[False] * 3 + [True] * 8])
-        padded = Engine(bb, FixedPlanner(padded_plans), policy).logits(padded_ids, layers=4, valid=valid)[0]
+        padded = Engine(bb, GivenPlanner(padded_plans), policy).logits(padded_ids, layers=4, valid=valid)[0]
         assert (padded[:, 3:] - alone).abs().max() <= TOL

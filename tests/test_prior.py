@@ -8,9 +8,9 @@ from conftest import tiny_backbone
 
 from buddy.engine import Engine
 from buddy.eval.ppl import evaluate_windows
+from buddy.planner import GivenPlanner
 from buddy.prior import (
     CalibrationError,
-    LayerSetPlanner,
     block_influence,
     calibrate,
     greedy_removal,
@@ -33,7 +33,7 @@ def test_greedy_removal_removes_the_cheapest_layer_first():
     ids = torch.randint(0, 97, (2, 16))
     removed, ppls, dense = greedy_removal(bb, ids, progress=False)
     assert sorted(removed) == [1, 2, 3]
-    first = {i: evaluate_windows(Engine(bb, LayerSetPlanner([j for j in range(5) if j != i], 5)), ids,
+    first = {i: evaluate_windows(Engine(bb, GivenPlanner([j for j in range(5) if j != i], 5)), ids,
                                  layers=4).ppl for i in (1, 2, 3)}
     assert removed[0] == min(first, key=first.get) and abs(ppls[0] - first[removed[0]]) < 1e-6
 

@@ -25,7 +25,7 @@ from ..artifacts import git_commit, load_state, save_state
 from ..backbone import Backbone
 from ..config import DEFAULT_KV_POLICY, KV_POLICIES, ConfigError
 from ..engine import layer0, router_features
-from ..planner import topk_plan
+from ..planner import GivenPlanner, topk_plan
 from ..router import (
     DecisionModule,
     RouterConfig,
@@ -164,22 +164,6 @@ def routed_train_forward(bb: Backbone, module: DecisionModule, prior: torch.Tens
     return bb.head(h), plan
 
 
-class _GivenPlan:
-    """Planner returning a plan computed outside the engine (training forwards)."""
-
-    name = "given"
-    needs_kv0 = False
-
-    def __init__(self, plan):
-        self.plan_ = plan
-
-    def plan(self, h0, cache, k):
-        return self.plan_
-
-    def check(self, k, n_layers):
-        pass
-
-
 def swap_plans(scores: torch.Tensor, k: torch.Tensor, band: int, gen: torch.Generator, rows: slice = slice(None),
                batch: int | None = None):
     """Per token, swap one kept and one dropped intermediate layer near the top-k threshold.
@@ -315,7 +299,7 @@ class RouterTrainer:
         """Per-token KL(dense || routed with `plan`) [B, T], no grad."""
         from ..engine import Engine
 
-        eng = Engine(self.bb, _GivenPlan(plan), self.cfg.kv_policy)
+        eng = Engine(self.bb, GivenPlanner(plan), self.cfg.kv_policy)
         cache = eng.new_cache(ids.shape[0], ids.shape[1])
         h, _ = eng.forward(ids, cache, k)
         logq = torch.log_softmax(self.bb.head(h), dim=-1)
