@@ -100,9 +100,8 @@ class Engine:
             elif runs_any[i] and decode:  # rows differ: run layer i on the rows that execute it
                 h = self._some_rows(i, h, rope, cache, plan[:, 0, i])
             elif runs_any[i]:  # tokens differ: run layer i on all, keep the outputs of those that execute it
-                cache.keep = plan[..., i]
-                h = torch.where(plan[..., i, None], bb.layer(i, h, cache.mask(i), rope, cache), h)
-                cache.keep = None
+                with cache.only(keep=plan[..., i]):
+                    h = torch.where(plan[..., i, None], bb.layer(i, h, cache.mask(i), rope, cache), h)
             else:
                 self._skip(i, h, rope, cache)
         cache.end()
@@ -119,9 +118,8 @@ class Engine:
         """One decode step of layer i for the rows with runs[row] set (gather / scatter); KV policy for the rest."""
         on, off = runs.nonzero().flatten(), (~runs).nonzero().flatten()
         cos, sin = rope
-        cache.rows = on
-        out = self.bb.layer(i, h[on], cache.mask(i), (cos[on], sin[on]), cache)
-        cache.rows = None
+        with cache.only(rows=on):
+            out = self.bb.layer(i, h[on], cache.mask(i), (cos[on], sin[on]), cache)
         self._skip(i, h[off], (cos[off], sin[off]), cache, rows=off)
         return h.index_copy(0, on, out)
 

@@ -12,6 +12,8 @@ all positions so far (the router's context feature) are kept incrementally on th
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .backbone.adapter import Shapes
@@ -89,6 +91,18 @@ class KVCache:
         self.seen = self.seen + self._valid.sum(dim=1)
         self.keep = None
         self._masks = {}
+
+    @contextlib.contextmanager
+    def only(self, keep: torch.Tensor | None = None, rows: torch.Tensor | None = None):
+        """While one layer runs on part of the batch: `keep` [B, T] marks the tokens that execute it (policy
+        zero stores zeros for the others), `rows` the batch rows it runs on (its K/V go to those rows).
+        transformers' attention calls `update` without extra arguments, so they are set for the call's
+        duration and always cleared after it."""
+        self.keep, self.rows = keep, rows
+        try:
+            yield self
+        finally:
+            self.keep = self.rows = None
 
     # --- transformers Cache protocol --------------------------------------------------------------
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
