@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .errors import BuddyError
 
-ALWAYS_ON_MIN = 2  # layer 0 and layer L-1
+ALWAYS_ON = 2  # layer 0 and layer L-1: every plan runs them (the one place this is stated)
 AUTO = "auto"  # budget="auto": the budget predictor chooses a level per prompt (buddy/predictor.py)
 
 
@@ -35,10 +35,10 @@ class Budget:
                 raise BudgetError(f"invalid budget {f!r}: must be a fraction of layers in (0, 1]")
         if self.layers is not None:
             k = self.layers
-            if isinstance(k, bool) or not isinstance(k, int) or k < ALWAYS_ON_MIN:
-                raise BudgetError(f"invalid layer count {k!r}: must be an integer >= {ALWAYS_ON_MIN}")
+            if isinstance(k, bool) or not isinstance(k, int) or k < ALWAYS_ON:
+                raise BudgetError(f"invalid layer count {k!r}: must be an integer >= {ALWAYS_ON}")
 
-    def k(self, n_layers: int, always_on: int = ALWAYS_ON_MIN) -> int:
+    def k(self, n_layers: int, always_on: int = ALWAYS_ON) -> int:
         """Exact number of layers each token executes for a model with `n_layers` layers."""
         if self.layers is not None:
             if self.layers > n_layers:
@@ -71,12 +71,12 @@ def request_budget(budget=None, layers=None) -> Budget | str:
             try:
                 layers = int(layers.strip())
             except ValueError:
-                raise BudgetError(f"invalid layers {layers!r}: must be an integer >= {ALWAYS_ON_MIN}") from None
+                raise BudgetError(f"invalid layers {layers!r}: must be an integer >= {ALWAYS_ON}") from None
         if isinstance(layers, bool) or not isinstance(layers, int):
             if isinstance(layers, float) and layers.is_integer():
                 layers = int(layers)
             else:
-                raise BudgetError(f"invalid layers {layers!r}: must be an integer >= {ALWAYS_ON_MIN}")
+                raise BudgetError(f"invalid layers {layers!r}: must be an integer >= {ALWAYS_ON}")
         return Budget(layers=layers)
     if budget is None:
         return Budget(fraction=1.0)
@@ -133,6 +133,11 @@ def budget_echo(b: Budget | str, k: int | None = None) -> dict:
 
 
 # --- analytic cost model (pure functions) -----------------------------------------------------------
+def head_dim_of(cfg) -> int:
+    """Attention head width of a transformers config (explicit `head_dim`, else hidden / heads)."""
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 @dataclass(frozen=True)
 class CostShapes:
     """What the cost of a decode token depends on (from the model config)."""
@@ -149,7 +154,7 @@ class CostShapes:
 
     @classmethod
     def from_config(cls, cfg, router_params: int = 0) -> "CostShapes":
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        head_dim = head_dim_of(cfg)
         bias = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2"
         return cls(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
                    cfg.num_key_value_heads, head_dim, cfg.vocab_size, bias, router_params)

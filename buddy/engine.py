@@ -166,12 +166,7 @@ class Engine:
         return [self.resolve_k(b) for b in self.predictor.choose_budgets(self.bb, prompts, self.kv_policy)]
 
     def stop_ids(self) -> set[int]:
-        ids = set()
-        for src in (self.bb.tokenizer.eos_token_id, self.bb.model.generation_config.eos_token_id,
-                    self.bb.model.config.eos_token_id):
-            if src is not None:
-                ids.update(src if isinstance(src, (list, tuple)) else [src])
-        return ids
+        return self.bb.eos_ids
 
     @torch.inference_mode()
     def generate(self, prompt: str | list[int], budget=None, layers: int | None = None, **settings) -> Iterator[Step]:

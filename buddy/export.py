@@ -55,7 +55,7 @@ def export_checkpoint(bb, keep: list[int], out: str | Path, meta: dict | None = 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty; choose another --out")
-    cfg = copy.deepcopy(bb.model.config)
+    cfg = copy.deepcopy(bb.config)
     cfg.num_hidden_layers = len(keep)
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = [cfg.layer_types[i] for i in keep]
@@ -64,7 +64,7 @@ def export_checkpoint(bb, keep: list[int], out: str | Path, meta: dict | None = 
     new = AutoModelForCausalLM.from_config(cfg, dtype=bb.dtype)
     renumber = {old: new_i for new_i, old in enumerate(keep)}
     state = {}
-    for name, t in bb.model.state_dict().items():
+    for name, t in bb.state_dict().items():
         m = re.match(r"(.*\blayers)\.(\d+)\.(.*)", name)
         if m is None:
             state[name] = t

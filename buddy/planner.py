@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .budget import BudgetError
-
-ALWAYS_ON = 2  # layer 0 and layer L-1
+from .budget import ALWAYS_ON, BudgetError
 
 
 def plan_table(order: list[int], n_layers: int) -> torch.Tensor:

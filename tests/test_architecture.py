@@ -87,3 +87,11 @@ def test_the_default_kv_policy_is_named_once():
                  for n, line in enumerate(p.read_text().splitlines(), 1)
                  if re.search(r"""policy\s*:\s*str\s*=\s*["']fill["']""", line)]
     assert not offenders, f"state the default as config.DEFAULT_KV_POLICY: {offenders}"
+
+
+def test_only_the_backbone_reaches_into_the_transformers_model():
+    import re
+
+    offenders = [f"{p.relative_to(PKG)}:{n}" for p in PKG.rglob("*.py") if "backbone" not in p.parts
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\bbb\.model\b", line)]
+    assert not offenders, f"use Backbone's accessors (config, eos_ids, dense_logits, ...): {offenders}"

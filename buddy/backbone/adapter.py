@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..budget import head_dim_of
 from ..errors import BuddyError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -52,7 +53,7 @@ class Backbone:
         self.final_norm = inner.norm
         self.rotary = inner.rotary_emb
         self.lm_head = model.lm_head
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        head_dim = head_dim_of(cfg)
         window = getattr(cfg, "sliding_window", None)  # Buddy's masks are full causal: cap the context
         max_ctx = cfg.max_position_embeddings if not window else min(window, cfg.max_position_embeddings)
         self.shapes = Shapes(
@@ -84,6 +85,39 @@ class Backbone:
     @property
     def n_layers(self) -> int:
         return self.shapes.n_layers
+
+    @property
+    def config(self):
+        """The checkpoint's transformers config."""
+        return self.model.config
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """Every end-of-sequence id the tokenizer, the generation config and the config name."""
+        ids = set()
+        for src in (self.tokenizer.eos_token_id if self.tokenizer is not None else None,
+                    self.model.generation_config.eos_token_id, self.model.config.eos_token_id):
+            if src is not None:
+                ids.update(src if isinstance(src, (list, tuple)) else [src])
+        return ids
+
+    def freeze(self) -> None:
+        """No gradients for the base weights (router training trains only the Decision Module)."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def dense_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """transformers' own full-depth forward (no Buddy code): logits [B, T, V] in float32. The teacher of
+        router training and the reference of parity checks."""
+        return self.model(input_ids).logits.float()
+
+    @property
+    def reference_model(self):
+        """The transformers model itself, for baselines that time or compare against plain transformers."""
+        return self.model
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)

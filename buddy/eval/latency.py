@@ -94,8 +94,8 @@ def run_latency(model: str, dtype: str, device: str, cfg: LatencyConfig, progres
     router_params = 0
     if "router" in engines:
         router_params = sum(p.numel() for p in engines["router"].planner.module.parameters())
-    shapes = CostShapes.from_config(bb.model.config, router_params)
-    static_shapes = CostShapes.from_config(bb.model.config)
+    shapes = CostShapes.from_config(bb.config, router_params)
+    static_shapes = CostShapes.from_config(bb.config)
     elem = torch.finfo(bb.dtype).bits // 8
     bw = matvec_bandwidth(bb.dtype, bb.device)
     dense_bytes = decode_cost(static_shapes, L, dtype_bytes=elem)["weight_bytes"]
@@ -104,7 +104,7 @@ def run_latency(model: str, dtype: str, device: str, cfg: LatencyConfig, progres
     for B in batches:
         for P in prompt_lens:
             prompts = torch.randint(bb.shapes.vocab // 4, bb.shapes.vocab // 2, (B, P), generator=gen)  # ordinary tokens
-            hf_ttft, hf_ms = time_hf(bb.model, prompts.to(bb.device), new_tokens, repeats)
+            hf_ttft, hf_ms = time_hf(bb.reference_model, prompts.to(bb.device), new_tokens, repeats)
             rows.append({"impl": "transformers", "planner": "full", "batch": B, "prompt_len": P, "k": L,
                          "ttft_ms": hf_ttft, "ms_per_token": hf_ms})
             progress(f"B={B} P={P} transformers generate: {hf_ms:.2f} ms/token")

@@ -267,7 +267,7 @@ class PredictorTrainer:
         self.engine, self.bb, self.cfg, self.out, self.command = engine, engine.bb, cfg, Path(out), command
         torch.manual_seed(cfg.seed)
         self.policy = BudgetPredictor(PredictorConfig(self.bb.shapes.n_kv_heads * self.bb.shapes.head_dim * 2,
-                                                      self.bb.model.config.hidden_size, cfg.level_list, cfg.width))
+                                                      self.bb.shapes.hidden, cfg.level_list, cfg.width))
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.levels = torch.tensor(cfg.level_list)

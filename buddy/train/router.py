@@ -228,8 +228,7 @@ class RouterTrainer:
     def __init__(self, bb: Backbone, cfg: TrainConfig, order: list[int], train_windows: torch.Tensor,
                  val_windows: torch.Tensor | dict[str, torch.Tensor], out: Path, command: str = "", data: str = ""):
         self.bb, self.cfg, self.out = bb, cfg, Path(out)
-        for p in bb.model.parameters():
-            p.requires_grad_(False)
+        bb.freeze()
         torch.manual_seed(cfg.seed)
         rcfg = RouterConfig(n_layers=bb.n_layers, kv_dim=2 * bb.shapes.n_kv_heads * bb.shapes.head_dim,
                             hidden_dim=bb.shapes.hidden, width=cfg.width,
@@ -335,7 +334,7 @@ class RouterTrainer:
 
     def loss(self, ids, k):
         with torch.no_grad():
-            dense = torch.log_softmax(self.bb.model(ids).logits.float(), dim=-1)
+            dense = torch.log_softmax(self.bb.dense_logits(ids), dim=-1)
         if self.cfg.estimator == "swap":
             return self.swap_loss(ids, k, dense)
         if self.cfg.estimator == "gate":
