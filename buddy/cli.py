@@ -482,13 +482,33 @@ def cmd_export(args) -> int:
 
     budget = _budget(args)
     if budget == AUTO:
-        raise UsageError("an export has one fixed depth: give --budget B or --layers K, not auto")
+        raise UsageError("an export has one fixed depth (or, for vllm, one default): give --budget B or --layers K")
+    command = "buddy export " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    if args.format == "vllm":
+        return _export_vllm(args, budget, command)
     bb = load_backbone(args.model, args.device, args.dtype)
     k = budget.k(bb.n_layers)
-    command = "buddy export " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     out, keep = export(bb, k, args.planner, args.out, command=command, calibration=args.calibration)
     print(f"wrote {out}: {k} of {bb.n_layers} layers {keep} (planner {args.planner}); load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+def _export_vllm(args, budget, command: str) -> int:
+    from .api import router_dir
+    from .backbone import load_backbone
+    from .export import export_vllm
+    from .router import load_router
+
+    bb = load_backbone(args.model, args.device, args.dtype)
+    rdir = args.router or router_dir(bb, args.kv_policy)
+    if rdir is None:
+        raise UsageError(f"no trained {args.kv_policy} router for model {bb.name!r}: pass --router DIR")
+    module, meta = load_router(rdir, checksum=bb.checksum, n_layers=bb.n_layers)
+    k = bb.n_layers if args.budget is None and args.layers is None else budget.k(bb.n_layers)
+    out = export_vllm(bb, module, meta, args.out, k, command, kv_policy=args.kv_policy)
+    print(f"wrote {out}: {bb.name} with its router, KV policy {args.kv_policy} (default {k} of {bb.n_layers} layers); serve it "
+          f"with Buddy installed in vLLM's environment: vllm serve {out} --no-enable-prefix-caching --enforce-eager")
     return 0
 
 
@@ -646,6 +666,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--planner", default="static-greedy", choices=EXPORT_PLANNERS,
                     help="which static layer order (router-prior: the shipped router's prior; default static-greedy)")
     ex.add_argument("--calibration", default=LoadConfig.calibration, help=_doc_of(LoadConfig, "calibration"))
+    ex.add_argument("--format", default="hf", choices=("hf", "vllm"),
+                    help="hf: a plain checkpoint with only the k layers of a static plan (default); vllm: the whole "
+                         "model and its router for Buddy's vLLM plugin, with a per-request budget (docs/vllm.md)")
+    ex.add_argument("--router", default=None, help="vllm: the router directory (default: the shipped one)")
+    ex.add_argument("--kv-policy", default=LoadConfig.kv_policy, choices=("fill", "zero"),
+                    help="vllm: the KV policy of the shipped router to export (default fill)")
     ex.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     ex.set_defaults(func=cmd_export)
 

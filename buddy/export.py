@@ -1,6 +1,8 @@
-"""Export a fixed-depth model: a plain Hugging Face checkpoint with only the k layers of a static plan.
+"""Export a fixed-depth model: a plain Hugging Face checkpoint with only the k layers of a static plan; or
+(`--format vllm`) the whole model with its router, for Buddy's vLLM plugin (per-request budgets).
 
     buddy export --model smollm2 --layers 20 --planner static-greedy --out exported/smollm2-k20
+    buddy export --format vllm --model smollm2 --out exported/smollm2-vllm
 
 The kept layers are renumbered 0..k-1 and `num_hidden_layers` is k, so vanilla `transformers` (and serving
 engines that read HF checkpoints) load and generate with it unchanged. Under a static plan a skipped layer is
@@ -91,3 +93,45 @@ def export(bb, k: int, planner: str, out: str | Path, command: str = "", kv_poli
            calibration: str | None = None) -> tuple[Path, list[int]]:
     keep = kept_layers(export_order(bb, planner, kv_policy, calibration), bb.n_layers, k)
     return export_checkpoint(bb, keep, out, {"planner": planner, "k": k, "command": command}), keep
+
+
+VLLM_FAMILIES = {"llama": "BuddyLlamaForCausalLM", "qwen2": "BuddyQwen2ForCausalLM"}  # vllm_plugin.ARCHITECTURES
+
+
+@torch.no_grad()
+def export_vllm(bb, module, meta, out: str | Path, default_layers: int, command: str = "",
+                kv_policy: str = DEFAULT_KV_POLICY) -> Path:
+    """The full model plus its router as one directory that `vllm.LLM(model=out)` and `vllm serve out` load
+    with Buddy's plugin installed: `architectures` names the Buddy class, config.json's `buddy` section
+    holds the router config, prior order, KV policy and default layer count, and `buddy_router.safetensors`
+    the Decision Module (tensor names `buddy_router.*`)."""
+    from safetensors.torch import save_file
+
+    if kv_policy not in ("fill", "zero"):
+        raise ExportError(f"vLLM serves the KV policies fill and zero (its attention kernel has no per-position "
+                          f"mask), not {kv_policy!r}")
+    arch = VLLM_FAMILIES.get(bb.config.model_type)
+    if arch is None:
+        raise ExportError(f"model_type {bb.config.model_type!r} has no Buddy vLLM class: use one of "
+                          f"{', '.join(VLLM_FAMILIES)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out} exists and is not empty; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    bb.reference_model.save_pretrained(out, safe_serialization=True)
+    if bb.tokenizer is not None:
+        bb.tokenizer.save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["architectures"] = [arch]
+    cfg["buddy"] = {"router": dict(meta.config), "prior_order": list(meta.prior_order), "kv_policy": kv_policy,
+                    "default_layers": int(default_layers), "source_model": bb.name, "source_checksum": bb.checksum,
+                    "router_steps": meta.steps, "command": command}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    index = out / "model.safetensors.index.json"
+    state = {f"buddy_router.{k}": v.detach().to(bb.dtype).contiguous() for k, v in module.state_dict().items()}
+    save_file(state, out / "buddy_router.safetensors", metadata={"format": "pt"})
+    if index.is_file():  # vLLM reads only the files an index lists: add the router's tensors to it
+        idx = json.loads(index.read_text())
+        idx["weight_map"].update({k: "buddy_router.safetensors" for k in state})
+        index.write_text(json.dumps(idx, indent=2) + "\n")
+    return out

@@ -8,15 +8,15 @@ from buddy.backbone import Backbone
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 
 
-def tiny_hf(model_type: str, n_layers: int = 6, seed: int = 0):
+def tiny_hf(model_type: str, n_layers: int = 6, seed: int = 0, **sizes):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
     extra = {"head_dim": 16} if model_type == "qwen3" else {}
+    shape = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2, **sizes}
     cfg = AutoConfig.for_model(
-        model_type, vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=n_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-        **extra,
+        model_type, vocab_size=97, num_hidden_layers=n_layers, max_position_embeddings=256, tie_word_embeddings=False,
+        **shape, **extra,
     )
     if model_type == "qwen2":
         cfg.attention_bias = True  # Qwen2 has qkv bias; keep it explicit
@@ -45,7 +45,7 @@ def arch(request):
     return request.param
 
 
-def save_tiny_checkpoint(path, model_type: str = "llama", n_layers: int = 6):
+def save_tiny_checkpoint(path, model_type: str = "llama", n_layers: int = 6, **sizes):
     """A tiny local Hugging Face checkpoint directory (random weights, a word-level tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -55,7 +55,7 @@ def save_tiny_checkpoint(path, model_type: str = "llama", n_layers: int = 6):
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.decoder = decoders.WordPiece(prefix="##")
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>")
-    model = tiny_hf(model_type, n_layers)
+    model = tiny_hf(model_type, n_layers, **sizes)
     model.config.eos_token_id = 1
     model.generation_config.eos_token_id = 1
     model.save_pretrained(path)

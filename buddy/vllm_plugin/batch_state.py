@@ -1,0 +1,104 @@
+"""Per-request state for Buddy models inside vLLM, kept by a logits processor that never changes logits.
+
+vLLM's model forward sees flattened tokens and attention metadata, not requests. vLLM's V1 logits
+processors do see requests: before every forward, `update_state` reports the requests added to the
+persistent batch (with their SamplingParams), removed and moved. `BuddyBatchState` keeps, per batch slot,
+the request's layer count k (from `extra_args`) and the running sums of its layer-0 K/V (the router's
+context feature), so the model can expand them to its tokens through `query_start_loc` (batch slot i owns
+tokens query_start_loc[i]:query_start_loc[i+1] in vLLM 0.32's V1 runner).
+
+A request that is not scheduled in a step is removed and later re-added as the same request: its router
+state is keyed by the identity of its output-token list, which vLLM keeps, and reset whenever the request's
+first scheduled position is 0 (a new request, or one preempted and recomputed).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from ..budget import AUTO, BudgetError, request_budget
+
+MAX_STATES = 4096  # router states kept for requests out of the batch (unscheduled ones come back)
+
+
+def request_k(extra_args: dict | None, n_layers: int, default_k: int) -> int:
+    """The layer count a request asks for: `budget` (a fraction) or `layers` (a count) in extra_args, by
+    Buddy's one budget rule; neither: the exported default."""
+    extra = extra_args or {}
+    budget, layers = extra.get("budget"), extra.get("layers")
+    if budget is None and layers is None:
+        return default_k
+    b = request_budget(budget, layers)
+    if b == AUTO:
+        raise BudgetError("budget 'auto' is not available inside vLLM yet: give a fraction or `layers`")
+    return b.k(n_layers)
+
+
+class BuddyBatchState(LogitsProcessor):
+    """The batch's per-slot k and router state for the Buddy model in the same worker process."""
+
+    instance: BuddyBatchState | None = None
+    n_layers: int | None = None  # set by the model class when it is built
+    default_k: int | None = None
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        hf = vllm_config.model_config.hf_config
+        buddy = getattr(hf, "buddy", None) or {}
+        self.active = bool(buddy)  # a model that is not Buddy's: this processor does nothing
+        self.n_layers = hf.num_hidden_layers
+        self.default_k = int(buddy.get("default_layers", self.n_layers))
+        slots = vllm_config.scheduler_config.max_num_seqs
+        self.k = torch.full((slots,), self.default_k, dtype=torch.long)
+        self.key: list[int | None] = [None] * slots  # id(output token list) of the request in each slot
+        self.states: OrderedDict[int, tuple[torch.Tensor, float]] = OrderedDict()  # key -> (kv0 sum, count)
+        BuddyBatchState.instance = self
+        BuddyBatchState.n_layers, BuddyBatchState.default_k = self.n_layers, self.default_k
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        """A bad budget fails the request before it is scheduled (HTTP 400 in `vllm serve`)."""
+        if cls.n_layers is None:
+            return
+        try:
+            request_k(sampling_params.extra_args, cls.n_layers, cls.default_k)
+        except BudgetError as e:
+            raise ValueError(str(e)) from None
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None or not self.active:
+            return
+        for i in batch_update.removed:
+            self.k[i], self.key[i] = self.default_k, None
+        for i, params, _prompt, output_ids in batch_update.added:
+            self.k[i] = request_k(params.extra_args if params else None, self.n_layers, self.default_k)
+            self.key[i] = id(output_ids)
+        for a, b, how in batch_update.moved:
+            if how == MoveDirectionality.SWAP:
+                self.k[[a, b]] = self.k[[b, a]]
+                self.key[a], self.key[b] = self.key[b], self.key[a]
+            else:
+                self.k[b], self.key[b] = self.k[a], self.key[a]
+                self.k[a], self.key[a] = self.default_k, None
+
+    # --- used by the model's forward ---
+    def history(self, slot: int, dim: int) -> tuple[torch.Tensor, float]:
+        st = self.states.get(self.key[slot])
+        return st if st is not None else (torch.zeros(dim), 0.0)
+
+    def remember(self, slot: int, kv_sum: torch.Tensor, count: float) -> None:
+        key = self.key[slot]
+        if key is None:
+            return
+        self.states[key] = (kv_sum, count)
+        self.states.move_to_end(key)
+        while len(self.states) > MAX_STATES:
+            self.states.popitem(last=False)

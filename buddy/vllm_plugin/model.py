@@ -1,0 +1,153 @@
+"""Buddy's routed forward over vLLM's own Llama and Qwen2 layers.
+
+Each step's tokens are flattened ([T]). Layer 0 runs for every token; its K/V (after rotary, the layout of
+Buddy's engine: heads concatenated, K then V) feed the running prefix mean that, with the layer-0 output
+and the request's budget, is the Decision Module's input. The plan is exact top-(k-2) of router + prior
+scores per token (the gate, where the router has one, falls back to the prior's plan per token).
+
+Then, for every layer i >= 1, attention runs for all tokens of the step, so that every token's K/V for
+layer i is written into vLLM's paged cache (the cache layout is the kernel's own and cannot be written
+per token from here). What differs by KV policy and plan:
+- `fill`: a skipped token's K/V are computed from its unchanged residual stream, as in Buddy's engine;
+- `zero`: a skipped token's K and V are multiplied by zero before the write, so a reused paged block never
+  holds another request's values.
+The output projection and the MLP run only for the tokens that execute the layer (gathered rows), and only
+those tokens' residual streams change. So a mixed batch pays attention for all tokens and the rest of each
+layer for its executing tokens only; docs/vllm.md states the cost.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+
+from ..planner import topk_plan
+from ..router import DecisionModule, RouterConfig, prior_scores
+from .batch_state import BuddyBatchState
+
+
+def _query_start_loc() -> torch.Tensor | None:
+    """[num_requests + 1] token offsets of the step's requests, or None in vLLM's dummy/profile runs."""
+    if not is_forward_context_available():
+        return None
+    md = get_forward_context().attn_metadata
+    if not md:
+        return None
+    m = next(iter(md.values())) if isinstance(md, dict) else md
+    qsl = getattr(m, "query_start_loc", None)
+    return None if qsl is None else qsl.long().cpu()
+
+
+class _Buddy:
+    """Mixin over a vLLM CausalLM: the Decision Module, the prior and the routed forward."""
+
+    def _init_buddy(self, vllm_config) -> None:
+        hf = vllm_config.model_config.hf_config
+        b = getattr(hf, "buddy", None)
+        if not b:
+            raise ValueError("this checkpoint has no `buddy` section in config.json: make it with "
+                             "`buddy export --format vllm`")
+        if vllm_config.parallel_config.pipeline_parallel_size != 1:
+            raise ValueError("Buddy models in vLLM support tensor parallelism, not pipeline parallelism")
+        if vllm_config.cache_config.enable_prefix_caching:
+            raise ValueError("Buddy models need prefix caching off (cached K/V depend on each request's plan): "
+                             "pass enable_prefix_caching=False or --no-enable-prefix-caching")
+        self.n_layers = hf.num_hidden_layers
+        self.kv_policy = b["kv_policy"]
+        self.default_k = int(b["default_layers"])
+        self.buddy_router = DecisionModule(RouterConfig(**b["router"]))
+        self.register_buffer("buddy_prior", prior_scores(b["prior_order"], self.n_layers), persistent=False)
+        BuddyBatchState.n_layers, BuddyBatchState.default_k = self.n_layers, self.default_k
+
+    # --- per-token inputs of the router ---
+    def _per_token(self, positions: torch.Tensor, kv0: torch.Tensor):
+        """(k per token [T], prefix mean of layer-0 K/V per token [T, D]) for this step's tokens."""
+        T, D = kv0.shape
+        st, qsl = BuddyBatchState.instance, _query_start_loc()
+        x = kv0.float()
+        if st is None or qsl is None or qsl[-1] != T:  # a dummy run, or no batch state: each token alone
+            csum = torch.cumsum(x, 0)
+            ks = torch.full((T,), self.default_k, dtype=torch.long)
+            return ks, csum / torch.arange(1, T + 1, dtype=torch.float32, device=x.device)[:, None]
+        counts = qsl[1:] - qsl[:-1]
+        ks = torch.repeat_interleave(st.k[: counts.numel()], counts)
+        means = torch.empty_like(x)
+        pos = positions.cpu()
+        for r in range(counts.numel()):
+            a, e = int(qsl[r]), int(qsl[r + 1])
+            if a == e:
+                continue
+            s, n = (torch.zeros(D), 0.0) if int(pos[a]) == 0 else st.history(r, D)
+            c = s.to(x.device) + torch.cumsum(x[a:e], 0)
+            m = n + torch.arange(1, e - a + 1, dtype=torch.float32, device=x.device)
+            means[a:e] = c / m[:, None]
+            st.remember(r, c[-1].cpu(), float(m[-1]))
+        return ks.to(kv0.device), means
+
+    def _plan(self, h0: torch.Tensor, kv0_mean: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+        """[T, L] bool: exactly ks[t] layers per token (layer 0 and L-1 always)."""
+        frac = ks.float() / self.n_layers
+        scores, gate = self.buddy_router.heads(kv0_mean[:, None], h0[:, None], frac)
+        prior = self.buddy_prior.to(scores.device)
+        plan = topk_plan(scores + prior, ks)
+        if gate is not None:
+            plan = torch.where(gate[..., None] > 0, plan, topk_plan(prior.expand_as(scores), ks))
+        return plan[:, 0]
+
+    # --- one layer ---
+    def _qkv(self, layer, positions, x):
+        attn = layer.self_attn
+        qkv, _ = attn.qkv_proj(x)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        return (*attn.rotary_emb(positions, q, k), v)
+
+    def _layer(self, layer, positions, h, runs: torch.Tensor | None):
+        """h [T, H] -> h after the layer for the tokens with runs[t] (all when runs is None)."""
+        attn = layer.self_attn
+        q, k, v = self._qkv(layer, positions, layer.input_layernorm(h))
+        if runs is not None and self.kv_policy == "zero":
+            keep = runs[:, None].to(k.dtype)
+            k, v = k * keep, v * keep
+        o = attn.attn(q, k, v)  # writes every token's K/V for this layer into the paged cache
+        if runs is None:
+            h = h + attn.o_proj(o)[0]
+            return h + layer.mlp(layer.post_attention_layernorm(h))
+        rows = runs.nonzero().flatten()
+        if rows.numel() == 0:
+            return h
+        hr = h[rows] + attn.o_proj(o[rows])[0]
+        hr = hr + layer.mlp(layer.post_attention_layernorm(hr))
+        return h.index_copy(0, rows, hr)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        m = self.model
+        h = m.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        layer0 = m.layers[0]
+        q, k, v = self._qkv(layer0, positions, layer0.input_layernorm(h))
+        o = layer0.self_attn.attn(q, k, v)
+        h = h + layer0.self_attn.o_proj(o)[0]
+        h = h + layer0.mlp(layer0.post_attention_layernorm(h))
+        ks, kv0_mean = self._per_token(positions, torch.cat([k, v], dim=-1))
+        plan = self._plan(h, kv0_mean, ks)
+        runs_all = plan.all(dim=0).tolist()
+        for i in range(1, self.n_layers):
+            h = self._layer(m.layers[i], positions, h, None if runs_all[i] else plan[:, i])
+        return m.norm(h)
+
+
+class BuddyLlamaForCausalLM(_Buddy, LlamaForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        self._init_buddy(vllm_config)
+
+
+class BuddyQwen2ForCausalLM(_Buddy, Qwen2ForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_buddy(vllm_config)
+
+
+__all__ = ["BuddyLlamaForCausalLM", "BuddyQwen2ForCausalLM", "nn"]

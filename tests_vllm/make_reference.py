@@ -1,0 +1,49 @@
+"""Run in Buddy's main environment (transformers as pinned): a tiny Llama checkpoint, a random router, their
+`export --format vllm` directory, and Buddy's own greedy tokens for the asks the vLLM test makes.
+
+    .venv/bin/python tests_vllm/make_reference.py OUT_DIR      # writes OUT_DIR/model and OUT_DIR/reference.json
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import save_tiny_checkpoint  # noqa: E402
+
+from buddy.backbone import load_backbone  # noqa: E402
+from buddy.engine import Engine  # noqa: E402
+from buddy.export import export_vllm  # noqa: E402
+from buddy.router import DecisionModule, RouterConfig, RouterMeta, RouterPlanner, prior_scores  # noqa: E402
+
+L, NEW = 8, 8
+PROMPTS = [" ".join(f"w{(7 * i + j) % 90}" for j in range(6 + i)) for i in range(3)]
+ASKS = [(0, 4, "fill"), (1, 6, "fill"), (2, 8, "fill"), (0, 8, "fill"), (1, 4, "zero"), (2, 5, "zero")]
+
+
+def main(out: Path) -> None:
+    ckpt = save_tiny_checkpoint(out / "tiny", n_layers=L, hidden_size=128, intermediate_size=192,
+                                num_attention_heads=2, num_key_value_heads=1)  # head_dim 64: vLLM's CPU kernels
+    bb = load_backbone(str(ckpt), "cpu", "float32")
+    cfg = RouterConfig(n_layers=L, kv_dim=2 * bb.shapes.n_kv_heads * bb.shapes.head_dim, hidden_dim=bb.shapes.hidden,
+                       width=16)
+    torch.manual_seed(0)
+    module = DecisionModule(cfg)
+    torch.nn.init.normal_(module.fc2.weight, std=1.0)  # a router whose plans differ by token
+    meta = RouterMeta(model=bb.name, checksum=bb.checksum, n_layers=L, kv_policy="fill", budgets=(0.5, 0.9),
+                      prior="static-greedy", prior_order=[3, 1, 5, 2, 6, 4], config=vars(cfg), steps=1)
+    for policy in ("fill", "zero"):
+        export_vllm(bb, module, meta, out / f"model-{policy}", default_layers=L, command="test", kv_policy=policy)
+    ref = []
+    for p, k, policy in ASKS:
+        eng = Engine(bb, RouterPlanner(module, prior_scores(meta.prior_order, L)), policy)
+        ids = bb.tokenizer(PROMPTS[p])["input_ids"]
+        toks = [s.token for s in eng.generate(ids, layers=k, max_new_tokens=NEW, ignore_eos=True)]
+        ref.append({"prompt_ids": ids, "layers": k, "kv_policy": policy, "tokens": toks})
+    (out / "reference.json").write_text(json.dumps({"n_layers": L, "new_tokens": NEW, "asks": ref}))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,103 @@
+"""Buddy's vLLM plugin on vLLM's CPU build (runs in the second environment: `make test-vllm`).
+
+Buddy's main environment makes a tiny Llama checkpoint and a random router, exports them with
+`export --format vllm` (policies fill and zero) and records its own engine's greedy tokens
+(tests_vllm/make_reference.py). vLLM loads each directory with only its CPU settings; its greedy tokens at
+per-request budgets must equal Buddy's, alone and in one mixed batch."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+vllm = pytest.importorskip("vllm")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: errors reach the test
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+ROOT = Path(__file__).resolve().parents[1]
+MAIN_PY = os.environ.get("BUDDY_MAIN_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    r = subprocess.run([MAIN_PY, str(ROOT / "tests_vllm" / "make_reference.py"), str(out)], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, json.loads((out / "reference.json").read_text())
+
+
+def llm_for(path):
+    from vllm import LLM
+
+    return LLM(model=str(path), dtype="float32", enforce_eager=True, enable_prefix_caching=False, max_model_len=128,
+               max_num_seqs=8, seed=0)
+
+
+@pytest.mark.parametrize("policy", ["fill", "zero"])
+def test_vllm_tokens_equal_buddy_at_per_request_budgets(reference, policy):
+    from vllm import SamplingParams
+
+    out, ref = reference
+    asks = [a for a in ref["asks"] if a["kv_policy"] == policy]
+    if policy == "fill":  # the same prompt at 4 and 8 layers: routing changes the tokens (the test can fail)
+        assert asks[0]["prompt_ids"] == asks[3]["prompt_ids"] and asks[0]["tokens"] != asks[3]["tokens"]
+    llm = llm_for(out / f"model-{policy}")
+    L, n = ref["n_layers"], ref["new_tokens"]
+    extra = [{"layers": a["layers"]} if i % 2 else {"budget": a["layers"] / L} for i, a in enumerate(asks)]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, extra_args=x) for x in extra]
+    batch = llm.generate([{"prompt_token_ids": a["prompt_ids"]} for a in asks], params)
+    assert [list(o.outputs[0].token_ids) for o in batch] == [a["tokens"] for a in asks]  # one mixed batch
+    alone = llm.generate([{"prompt_token_ids": asks[0]["prompt_ids"]}], params[0])
+    assert list(alone[0].outputs[0].token_ids) == asks[0]["tokens"]
+    with pytest.raises(Exception, match="budget"):
+        llm.generate([{"prompt_token_ids": [5, 6]}], SamplingParams(max_tokens=2, extra_args={"budget": 1.5}))
+
+
+def test_vllm_serve_takes_the_budget_from_vllm_xargs(reference):
+    """vLLM's OpenAI server on the export: the official openai client sends the budget in extra_body's vllm_xargs.
+    (vllm-cpu 0.32.0's `vllm` command fails before parsing: it looks up the version of a distribution named
+    `vllm`, and this one is `vllm-cpu`; the server module it would run is started directly.)"""
+    import socket
+    import sys
+    import time
+
+    import httpx
+    from openai import BadRequestError, OpenAI
+    from transformers import AutoTokenizer
+
+    out, ref = reference
+    model = str(out / "model-fill")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                             "--port", str(port),
+                             "--dtype", "float32", "--enforce-eager", "--no-enable-prefix-caching",
+                             "--max-model-len", "128", "--max-num-seqs", "8"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.5)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        tok = AutoTokenizer.from_pretrained(model)
+        for a in [a for a in ref["asks"] if a["kv_policy"] == "fill"][:2]:
+            r = client.completions.create(model=model, prompt=a["prompt_ids"], max_tokens=ref["new_tokens"],
+                                          temperature=0, extra_body={"vllm_xargs": {"layers": a["layers"]},
+                                                                     "ignore_eos": True})
+            assert r.choices[0].text.split() == tok.decode(a["tokens"]).split()  # one word per token
+        with pytest.raises(BadRequestError):
+            client.completions.create(model=model, prompt=[5, 6], max_tokens=2,
+                                      extra_body={"vllm_xargs": {"budget": 1.5}})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
