@@ -62,3 +62,38 @@ def test_cli_export_smollm2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "buddy", "export", "--layers", "20", "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "not empty" in r.stderr
+
+
+def test_vllm_export_holds_the_model_router_and_budget_settings(tiny_ckpt, tmp_path, capsys):
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from buddy.backbone import load_backbone
+    from buddy.cli import main
+    from buddy.router import DecisionModule, RouterConfig, RouterMeta, save_router
+
+    bb = load_backbone(str(tiny_ckpt), "cpu", "float32")
+    cfg = RouterConfig(n_layers=6, kv_dim=64, hidden_dim=64, width=8)
+    meta = RouterMeta(model="tiny", checksum=bb.checksum, n_layers=6, kv_policy="fill", budgets=(0.5, 0.9),
+                      prior="static-greedy", prior_order=[3, 1, 4, 2], config=vars(cfg))
+    module = DecisionModule(cfg)
+    save_router(module, meta, tmp_path / "router")
+    base = ["export", "--format", "vllm", "--model", str(tiny_ckpt), "--dtype", "float32", "--router",
+            str(tmp_path / "router")]
+    assert main(base + ["--layers", "4", "--kv-policy", "zero", "--out", str(tmp_path / "v")]) == 0
+    c = json.loads((tmp_path / "v" / "config.json").read_text())
+    assert c["architectures"] == ["BuddyLlamaForCausalLM"] and c["model_type"] == "llama"
+    b = c["buddy"]
+    assert b["prior_order"] == [3, 1, 4, 2] and b["kv_policy"] == "zero" and b["default_layers"] == 4
+    assert RouterConfig(**b["router"]) == cfg
+    w = load_file(tmp_path / "v" / "buddy_router.safetensors")
+    assert set(w) == {f"buddy_router.{k}" for k in module.state_dict()}
+    assert torch.equal(w["buddy_router.fc1.weight"], module.fc1.weight)
+    assert (tmp_path / "v" / "model.safetensors").is_file() and (tmp_path / "v" / "tokenizer.json").is_file()
+    assert main(base + ["--out", str(tmp_path / "w")]) == 0
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["buddy"]["default_layers"] == 6  # all layers
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # vLLM's attention kernel has no per-position mask
+        main(base + ["--kv-policy", "mask", "--out", str(tmp_path / "x")])

@@ -16,7 +16,13 @@ from conftest import save_tiny_checkpoint  # noqa: E402
 from buddy.backbone import load_backbone  # noqa: E402
 from buddy.engine import Engine  # noqa: E402
 from buddy.export import export_vllm  # noqa: E402
-from buddy.router import DecisionModule, RouterConfig, RouterMeta, RouterPlanner, prior_scores  # noqa: E402
+from buddy.router import (  # noqa: E402
+    DecisionModule,
+    RouterConfig,
+    RouterMeta,
+    RouterPlanner,
+    prior_scores,
+)
 
 L, NEW = 8, 8
 PROMPTS = [" ".join(f"w{(7 * i + j) % 90}" for j in range(6 + i)) for i in range(3)]

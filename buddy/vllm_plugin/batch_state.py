@@ -17,7 +17,11 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+from vllm.v1.sample.logits_processor import (
+    BatchUpdate,
+    LogitsProcessor,
+    MoveDirectionality,
+)
 
 from ..budget import AUTO, BudgetError, request_budget
 
