@@ -28,7 +28,7 @@ setup-qwen: setup
 VLLM_VENV ?= .venv-vllm
 setup-vllm: $(VLLM_VENV)/.buddy-installed
 
-$(VLLM_VENV)/.buddy-installed: setup pyproject.toml Makefile
+$(VLLM_VENV)/.buddy-installed: $(VENV)/.buddy-installed pyproject.toml Makefile
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0

@@ -25,12 +25,20 @@ from buddy.router import (  # noqa: E402
 )
 
 L, NEW = 8, 8
-PROMPTS = [" ".join(f"w{(7 * i + j) % 90}" for j in range(6 + i)) for i in range(3)]
+PROMPTS = [[2 + (7 * i + j) % 90 for j in range(6 + i)] for i in range(3)]  # token ids of the tiny vocabulary
 ASKS = [(0, 4, "fill"), (1, 6, "fill"), (2, 8, "fill"), (0, 8, "fill"), (1, 4, "zero"), (2, 5, "zero")]
+FAMILIES = ("llama", "qwen2")
 
 
 def main(out: Path) -> None:
-    ckpt = save_tiny_checkpoint(out / "tiny", n_layers=L, hidden_size=128, intermediate_size=192,
+    ref = {"n_layers": L, "new_tokens": NEW}
+    for family in FAMILIES:
+        ref[family] = family_reference(out, family)
+    (out / "reference.json").write_text(json.dumps(ref))
+
+
+def family_reference(out: Path, family: str) -> list[dict]:
+    ckpt = save_tiny_checkpoint(out / f"tiny-{family}", family, n_layers=L, hidden_size=128, intermediate_size=192,
                                 num_attention_heads=2, num_key_value_heads=1)  # head_dim 64: vLLM's CPU kernels
     bb = load_backbone(str(ckpt), "cpu", "float32")
     cfg = RouterConfig(n_layers=L, kv_dim=2 * bb.shapes.n_kv_heads * bb.shapes.head_dim, hidden_dim=bb.shapes.hidden,
@@ -41,14 +49,15 @@ def main(out: Path) -> None:
     meta = RouterMeta(model=bb.name, checksum=bb.checksum, n_layers=L, kv_policy="fill", budgets=(0.5, 0.9),
                       prior="static-greedy", prior_order=[3, 1, 5, 2, 6, 4], config=vars(cfg), steps=1)
     for policy in ("fill", "zero"):
-        export_vllm(bb, module, meta, out / f"model-{policy}", default_layers=L, command="test", kv_policy=policy)
+        export_vllm(bb, module, meta, out / f"model-{family}-{policy}", default_layers=L, command="test",
+                    kv_policy=policy)
     ref = []
     for p, k, policy in ASKS:
         eng = Engine(bb, RouterPlanner(module, prior_scores(meta.prior_order, L)), policy)
-        ids = bb.tokenizer(PROMPTS[p])["input_ids"]
+        ids = PROMPTS[p]
         toks = [s.token for s in eng.generate(ids, layers=k, max_new_tokens=NEW, ignore_eos=True)]
         ref.append({"prompt_ids": ids, "layers": k, "kv_policy": policy, "tokens": toks})
-    (out / "reference.json").write_text(json.dumps({"n_layers": L, "new_tokens": NEW, "asks": ref}))
+    return ref
 
 
 if __name__ == "__main__":

@@ -54,6 +54,22 @@ def test_vllm_tokens_equal_buddy_at_per_request_budgets(reference, policy):
     assert list(alone[0].outputs[0].token_ids) == asks[0]["tokens"]
     with pytest.raises(Exception, match="budget"):
         llm.generate([{"prompt_token_ids": [5, 6]}], SamplingParams(max_tokens=2, extra_args={"budget": 1.5}))
+    ok = llm.generate([{"prompt_token_ids": asks[0]["prompt_ids"]}], params[0])  # and it keeps serving
+    assert list(ok[0].outputs[0].token_ids) == asks[0]["tokens"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_full_budget_equals_vllm_dense(reference, family):
+    """The export at all layers gives vLLM's own model's greedy tokens (same weights, fp32)."""
+    from vllm import SamplingParams
+
+    out, ref = reference
+    asks = [a for a in ref[family] if a["kv_policy"] == "fill"]
+    params = SamplingParams(max_tokens=ref["new_tokens"], temperature=0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": a["prompt_ids"]} for a in asks]
+    dense = [list(o.outputs[0].token_ids) for o in llm_for(out / f"tiny-{family}").generate(prompts, params)]
+    buddy = [list(o.outputs[0].token_ids) for o in llm_for(out / f"model-{family}-fill").generate(prompts, params)]
+    assert buddy == dense
 
 
 def test_vllm_serve_takes_the_budget_from_vllm_xargs(reference):
@@ -69,7 +85,7 @@ def test_vllm_serve_takes_the_budget_from_vllm_xargs(reference):
     from transformers import AutoTokenizer
 
     out, ref = reference
-    model = str(out / "model-fill")
+    model = str(out / "model-llama-fill")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -90,11 +106,16 @@ def test_vllm_serve_takes_the_budget_from_vllm_xargs(reference):
             time.sleep(0.5)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         tok = AutoTokenizer.from_pretrained(model)
-        for a in [a for a in ref["asks"] if a["kv_policy"] == "fill"][:2]:
+        for a in [a for a in ref["llama"] if a["kv_policy"] == "fill"][:2]:
             r = client.completions.create(model=model, prompt=a["prompt_ids"], max_tokens=ref["new_tokens"],
                                           temperature=0, extra_body={"vllm_xargs": {"layers": a["layers"]},
                                                                      "ignore_eos": True})
             assert r.choices[0].text.split() == tok.decode(a["tokens"]).split()  # one word per token
+            chunks = client.completions.create(model=model, prompt=a["prompt_ids"], max_tokens=ref["new_tokens"],
+                                               temperature=0, stream=True,
+                                               extra_body={"vllm_xargs": {"budget": a["layers"] / ref["n_layers"]},
+                                                           "ignore_eos": True})
+            assert "".join(c.choices[0].text for c in chunks if c.choices).split() == tok.decode(a["tokens"]).split()
         with pytest.raises(BadRequestError):
             client.completions.create(model=model, prompt=[5, 6], max_tokens=2,
                                       extra_body={"vllm_xargs": {"budget": 1.5}})
