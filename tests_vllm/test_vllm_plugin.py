@@ -36,15 +36,15 @@ def llm_for(path):
                max_num_seqs=8, seed=0)
 
 
-@pytest.mark.parametrize("policy", ["fill", "zero"])
-def test_vllm_tokens_equal_buddy_at_per_request_budgets(reference, policy):
+@pytest.mark.parametrize("family,policy", [("llama", "fill"), ("llama", "zero"), ("qwen2", "fill")])
+def test_vllm_tokens_equal_buddy_at_per_request_budgets(reference, family, policy):
     from vllm import SamplingParams
 
     out, ref = reference
-    asks = [a for a in ref["asks"] if a["kv_policy"] == policy]
+    asks = [a for a in ref[family] if a["kv_policy"] == policy]
     if policy == "fill":  # the same prompt at 4 and 8 layers: routing changes the tokens (the test can fail)
         assert asks[0]["prompt_ids"] == asks[3]["prompt_ids"] and asks[0]["tokens"] != asks[3]["tokens"]
-    llm = llm_for(out / f"model-{policy}")
+    llm = llm_for(out / f"model-{family}-{policy}")
     L, n = ref["n_layers"], ref["new_tokens"]
     extra = [{"layers": a["layers"]} if i % 2 else {"budget": a["layers"] / L} for i, a in enumerate(asks)]
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, extra_args=x) for x in extra]

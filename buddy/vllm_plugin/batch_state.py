@@ -28,9 +28,10 @@ from ..budget import AUTO, BudgetError, request_budget
 MAX_STATES = 4096  # router states kept for requests out of the batch (unscheduled ones come back)
 
 
-def request_k(extra_args: dict | None, n_layers: int, default_k: int) -> int:
+def request_k(extra_args: dict | None, n_layers: int | None, default_k: int | None):
     """The layer count a request asks for: `budget` (a fraction) or `layers` (a count) in extra_args, by
-    Buddy's one budget rule; neither: the exported default."""
+    Buddy's one budget rule; neither: the exported default. With n_layers None (vLLM's API process, which
+    validates requests before any model is built) only the form is checked and the Budget is returned."""
     extra = extra_args or {}
     budget, layers = extra.get("budget"), extra.get("layers")
     if budget is None and layers is None:
@@ -38,7 +39,7 @@ def request_k(extra_args: dict | None, n_layers: int, default_k: int) -> int:
     b = request_budget(budget, layers)
     if b == AUTO:
         raise BudgetError("budget 'auto' is not available inside vLLM yet: give a fraction or `layers`")
-    return b.k(n_layers)
+    return b if n_layers is None else b.k(n_layers)
 
 
 class BuddyBatchState(LogitsProcessor):
@@ -63,9 +64,9 @@ class BuddyBatchState(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        """A bad budget fails the request before it is scheduled (HTTP 400 in `vllm serve`)."""
-        if cls.n_layers is None:
-            return
+        """A bad budget fails the request before it is scheduled (HTTP 400 from the server). The server's API
+        process has not built the model, so there a layer count is checked for its form only; one above the
+        model's depth is served at full depth (update_state), never an engine error."""
         try:
             request_k(sampling_params.extra_args, cls.n_layers, cls.default_k)
         except BudgetError as e:
@@ -83,7 +84,7 @@ class BuddyBatchState(LogitsProcessor):
         for i in batch_update.removed:
             self.k[i], self.key[i] = self.default_k, None
         for i, params, _prompt, output_ids in batch_update.added:
-            self.k[i] = request_k(params.extra_args if params else None, self.n_layers, self.default_k)
+            self.k[i] = self.slot_k(params.extra_args if params else None)
             self.key[i] = id(output_ids)
         for a, b, how in batch_update.moved:
             if how == MoveDirectionality.SWAP:
@@ -92,6 +93,18 @@ class BuddyBatchState(LogitsProcessor):
             else:
                 self.k[b], self.key[b] = self.k[a], self.key[a]
                 self.k[a], self.key[a] = self.default_k, None
+
+    def slot_k(self, extra_args) -> int:
+        """A validated request's k; raising here would stop the whole engine, so a layer count above the
+        model's depth (which the API process could not check) runs at full depth."""
+        extra = extra_args or {}
+        layers = extra.get("layers")
+        if extra.get("budget") is None and isinstance(layers, int) and not isinstance(layers, bool):
+            return max(2, min(layers, self.n_layers))
+        try:
+            return request_k(extra, self.n_layers, self.default_k)
+        except BudgetError:
+            return self.default_k
 
     # --- used by the model's forward ---
     def history(self, slot: int, dim: int) -> tuple[torch.Tensor, float]:
