@@ -19,6 +19,7 @@ A program passes when it exits with status 0 after printing the pass marker, wit
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import resource
@@ -75,8 +76,9 @@ def _libc():
     return libc
 
 
+@functools.lru_cache(maxsize=1)
 def sandbox_support() -> dict:
-    """What this machine provides: {"seccomp": bool, "landlock_abi": int (0: none)}."""
+    """What this machine provides (a property of the kernel: probed once per process): {"seccomp": bool, "landlock_abi": int (0: none)}."""
     arch = _arch()
     if arch is None:
         return {"seccomp": False, "landlock_abi": 0}
