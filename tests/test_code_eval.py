@@ -48,6 +48,14 @@ def test_hostile_programs_are_contained_and_fail(name, source, status):
     assert o.status == status and not o.passed, (name, o)
 
 
+@pytest.mark.parametrize("weak", [False, True])
+def test_cpu_time_limit_is_a_timeout(weak):
+    if not weak and not FULL:
+        pytest.skip("no full sandbox here")
+    o = run_program("while True:\n    pass" + OK, Limits(timeout_s=30, cpu_s=1), weak=weak)
+    assert o.status == "timeout" and not o.passed, o  # out of CPU seconds long before the wall clock
+
+
 @needs_sandbox
 def test_writes_outside_the_work_directory_are_refused(tmp_path):
     target = tmp_path / "escaped.txt"

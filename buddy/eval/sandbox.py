@@ -61,7 +61,7 @@ class Limits:
 @dataclass
 class Outcome:
     passed: bool
-    status: str  # passed | failed | timeout | killed
+    status: str  # passed | failed | timeout (wall clock or CPU seconds) | killed
     returncode: int | None
     output: str  # the tail of stdout and stderr
 
@@ -158,7 +158,8 @@ def _preexec(workdir: str, limits: Limits, full: bool):
                (resource.RLIMIT_FSIZE, limits.file_mb << 20), (resource.RLIMIT_NOFILE, limits.max_files),
                (resource.RLIMIT_CORE, 0)]
         for what, value in cap:
-            resource.setrlimit(what, (value, value))
+            # CPU: SIGXCPU at the soft limit (reported as a timeout), SIGKILL a second later
+            resource.setrlimit(what, (value, value + 1 if what == resource.RLIMIT_CPU else value))
         if not full:
             return
         check(prctl(_PR_SET_NO_NEW_PRIVS, 1) == 0, "prctl(NO_NEW_PRIVS)")
@@ -221,5 +222,6 @@ def run_program(source: str, limits: Limits = Limits(), weak: bool = False) -> O
         if status is None:
             lines = text.rstrip().splitlines()
             ok = p.returncode == 0 and bool(lines) and lines[-1] == PASS_MARKER
-            status = "passed" if ok else ("killed" if p.returncode < 0 else "failed")
+            status = ("passed" if ok else "timeout" if p.returncode == -signal.SIGXCPU  # out of CPU seconds
+                      else "killed" if p.returncode < 0 else "failed")
         return Outcome(status == "passed", status, p.returncode, text)
