@@ -103,6 +103,6 @@ def load(model: str = LoadConfig.model, **options) -> Engine:
     if unknown:
         raise ConfigError(f"unknown load option(s) {', '.join(unknown)}: use {', '.join(sorted(known - {'model'}))}")
     cfg = LoadConfig(model=model, **options)
-    bb = load_backbone(cfg.model, cfg.device, cfg.dtype)
+    bb = load_backbone(cfg.model, cfg.device, cfg.dtype, cfg.quant)
     return Engine(bb, make_planner(cfg.planner, bb, cfg.kv_policy, cfg.router, cfg.reroute_every, cfg.calibration),
                   cfg.kv_policy, make_predictor(bb, cfg.predictor))

@@ -178,27 +178,33 @@ def layer_params(s: CostShapes) -> int:
     return _matmul_params(s)[0] + 2 * s.hidden + ((q + 2 * kv) if s.qkv_bias else 0)
 
 
-def decode_cost(s: CostShapes, k: int, context: int = 0, kv_policy: str = "mask", dtype_bytes: int = 2) -> dict:
+def decode_cost(s: CostShapes, k: int, context: int = 0, kv_policy: str = "mask", dtype_bytes: float = 2,
+                weight_bytes: float | None = None, head_bytes: float | None = None) -> dict:
     """Weight bytes read and FLOPs for one decode token at batch 1 running k of L layers.
 
     Counts: the embedding row, k layers, the K/V-only path for the L-k skipped layers under `fill`, the
     final norm, the LM head and the router. FLOPs: 2 per matrix weight plus attention over `context`
     cached positions (QK^T and AV); norms, biases and activations are left out. KV-cache reads are
-    reported apart (`kv_bytes`)."""
+    reported apart (`kv_bytes`). `dtype_bytes` is bytes per value of the model's dtype (weights and KV
+    cache); quantized modes give the weights' own: `weight_bytes` per layer weight (0.625 for 4-bit codes
+    with bf16 scales and zeros per 32) and `head_bytes` per LM-head weight (8 bits)."""
     if not 2 <= k <= s.n_layers:
         raise BudgetError(f"invalid layer count {k}: must be in [2, {s.n_layers}]")
     filled = s.n_layers - k if kv_policy == "fill" else 0
     layer_mm, kv_mm = _matmul_params(s)
-    weights = s.hidden + k * layer_params(s) + filled * kv_only_params(s) + s.hidden + s.vocab * s.hidden \
-        + s.router_params
+    body = s.hidden + k * layer_params(s) + filled * kv_only_params(s) + s.hidden + s.router_params
+    per_weight = dtype_bytes if weight_bytes is None else weight_bytes
+    head = s.vocab * s.hidden * (per_weight if head_bytes is None else head_bytes)
     flops = 2 * (k * layer_mm + filled * kv_mm + s.vocab * s.hidden + s.router_params) \
         + k * 4 * s.n_heads * s.head_dim * context
     kv_bytes = k * 2 * s.n_kv_heads * s.head_dim * context * dtype_bytes
-    return {"weight_bytes": weights * dtype_bytes, "flops": flops, "kv_bytes": kv_bytes, "layers": k}
+    return {"weight_bytes": body * per_weight + head, "flops": flops, "kv_bytes": kv_bytes, "layers": k}
 
 
-def ideal_speedup(s: CostShapes, k: int, kv_policy: str = "mask", context: int = 0, dtype_bytes: int = 2) -> float:
+def ideal_speedup(s: CostShapes, k: int, kv_policy: str = "mask", context: int = 0, dtype_bytes: float = 2,
+                  weight_bytes: float | None = None, head_bytes: float | None = None) -> float:
     """Memory-bound decode bound: bytes read at full depth / bytes read at k layers (router included)."""
-    dense = decode_cost(CostShapes(**{**s.__dict__, "router_params": 0}), s.n_layers, context, "mask", dtype_bytes)
-    routed = decode_cost(s, k, context, kv_policy, dtype_bytes)
+    dense = decode_cost(CostShapes(**{**s.__dict__, "router_params": 0}), s.n_layers, context, "mask", dtype_bytes,
+                        weight_bytes, head_bytes)
+    routed = decode_cost(s, k, context, kv_policy, dtype_bytes, weight_bytes, head_bytes)
     return (dense["weight_bytes"] + dense["kv_bytes"]) / (routed["weight_bytes"] + routed["kv_bytes"])

@@ -24,6 +24,7 @@ from .budget import AUTO, Budget, budget_echo, request_budget
 from .config import (
     DTYPES,
     KV_POLICIES,
+    QUANT_MODES,
     GenerateConfig,
     LoadConfig,
     ServeConfig,
@@ -84,7 +85,8 @@ def _doc_of(cls, name: str) -> str:
     return ""
 
 
-def _add_load_args(p: argparse.ArgumentParser, planner: bool = True, skip: tuple[str, ...] = ()) -> None:
+def _add_load_args(p: argparse.ArgumentParser, planner: bool = True, skip: tuple[str, ...] = (),
+                   quant: bool = True) -> None:
     """LoadConfig's fields as flags (planner=False: model, device and dtype only); `skip` leaves out fields a
     command would not use, so that no flag is accepted and then ignored."""
     d = LoadConfig()
@@ -99,6 +101,8 @@ def _add_load_args(p: argparse.ArgumentParser, planner: bool = True, skip: tuple
                                help=_doc_of(LoadConfig, name))
     p.add_argument("--device", default=d.device, help=_doc_of(LoadConfig, "device"))
     p.add_argument("--dtype", default=d.dtype, choices=DTYPES, help=_doc_of(LoadConfig, "dtype"))
+    if quant:
+        p.add_argument("--quant", default=d.quant, choices=QUANT_MODES, help=_doc_of(LoadConfig, "quant"))
 
 
 def _add_budget_args(p: argparse.ArgumentParser) -> None:
@@ -116,7 +120,7 @@ def _load(args):
     from .api import load
 
     return load(args.model, planner=args.planner, kv_policy=args.kv_policy, device=args.device, dtype=args.dtype,
-                router=args.router, reroute_every=args.reroute_every, predictor=args.predictor,
+                quant=args.quant, router=args.router, reroute_every=args.reroute_every, predictor=args.predictor,
                 calibration=args.calibration)
 
 
@@ -175,7 +179,7 @@ def cmd_calibrate(args) -> int:
         raise UsageError(f"invalid --out {args.out!r}: give a file path in an existing directory")
     if args.windows < 1 or args.window < 2:
         raise UsageError(f"invalid --windows {args.windows} / --window {args.window}: need >= 1 and >= 2")
-    bb = load_backbone(args.model, args.device, args.dtype)
+    bb = load_backbone(args.model, args.device, args.dtype, getattr(args, "quant", "none"))
     if args.data == "sotu":
         from .data import sotu_texts, token_windows
 
@@ -326,7 +330,7 @@ def cmd_sweep(args) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"invalid --limit {args.limit}: must be >= 1")
-    bb = load_backbone(args.model, args.device, args.dtype)
+    bb = load_backbone(args.model, args.device, args.dtype, getattr(args, "quant", "none"))
     ks = parse_layers_spec(args.layers, bb.n_layers)
     new = sweep(bb, list(args.methods), ks, list(args.tasks), args.out, kv_policy=args.kv_policy, limit=args.limit,
                 router=args.router, predictor=args.predictor, calibration=args.calibration)
@@ -356,7 +360,7 @@ def cmd_serve(args) -> int:
     from .serve.app import Server, create_app
 
     cfg = ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig)})
-    bb = load_backbone(args.model, args.device, args.dtype)
+    bb = load_backbone(args.model, args.device, args.dtype, getattr(args, "quant", "none"))
     predictor = make_predictor(bb, args.predictor)
     engines = {p: Engine(bb, make_planner(args.planner, bb, p, args.router, calibration=args.calibration), p, predictor)
                for p in cfg.policies}
@@ -409,7 +413,7 @@ def cmd_train_router(args) -> int:
             if main:
                 sotu_texts("train")
             dist.barrier()
-        bb = load_backbone(args.model, args.device, args.dtype)
+        bb = load_backbone(args.model, args.device, args.dtype, getattr(args, "quant", "none"))
         order = load_calibration(bb, cfg.calibration)["orders"][cfg.prior]
         if cfg.data == "sotu":
             train = token_windows(bb.tokenizer, sotu_texts("train"), cfg.seq_len)
@@ -486,7 +490,7 @@ def cmd_export(args) -> int:
     command = "buddy export " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     if args.format == "vllm":
         return _export_vllm(args, budget, command)
-    bb = load_backbone(args.model, args.device, args.dtype)
+    bb = load_backbone(args.model, args.device, args.dtype, getattr(args, "quant", "none"))
     k = budget.k(bb.n_layers)
     out, keep = export(bb, k, args.planner, args.out, command=command, calibration=args.calibration)
     print(f"wrote {out}: {k} of {bb.n_layers} layers {keep} (planner {args.planner}); load it with "
@@ -500,7 +504,7 @@ def _export_vllm(args, budget, command: str) -> int:
     from .export import export_vllm
     from .router import load_router
 
-    bb = load_backbone(args.model, args.device, args.dtype)
+    bb = load_backbone(args.model, args.device, args.dtype, getattr(args, "quant", "none"))
     rdir = args.router or router_dir(bb, args.kv_policy)
     if rdir is None:
         raise UsageError(f"no trained {args.kv_policy} router for model {bb.name!r}: pass --router DIR")
@@ -529,7 +533,8 @@ def cmd_bench_latency(args) -> int:
                            for f in fields(LatencyConfig)})
     for b in cfg.budgets:
         Budget(fraction=b)  # validate before loading anything
-    res = run_latency(args.model, args.dtype, args.device, cfg, progress=lambda m: print(m, file=sys.stderr))
+    res = run_latency(args.model, args.dtype, args.device, cfg, progress=lambda m: print(m, file=sys.stderr),
+                      quant=args.quant)
     print(format_table(res))
     print(to_json_line(res))
     return 0
@@ -555,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("calibrate", help="measure layer importance (Block Influence, greedy removal)")
-    _add_load_args(c, planner=False)
+    _add_load_args(c, planner=False, quant=False)
     c.add_argument("--data", default="mix", help="calibration text: `mix` (the training mix of buddy/corpus.py, "
                                                  "train split) or `sotu` (SOTU training years) (default mix)")
     c.add_argument("--windows", type=int, default=2,
@@ -569,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = tsub.add_parser("router", help="train a Decision Module on a frozen backbone")
     from .train.router import TrainConfig
 
-    _add_load_args(tr, planner=False)
+    _add_load_args(tr, planner=False, quant=False)
     _add_dataclass_args(tr, TrainConfig)
     tr.add_argument("--out", help="output directory (default runs/router-<model>-<kv policy>)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
@@ -578,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp = tsub.add_parser("predictor", help="train the Budget Predictor (GRPO) for budget=auto")
     from .train.predictor import PredictorTrainConfig
 
-    _add_load_args(tp, skip=("reroute_every", "predictor"))  # it trains the predictor, on every-token routing
+    _add_load_args(tp, skip=("reroute_every", "predictor"), quant=False)  # it trains the predictor, on every-token routing
     _add_dataclass_args(tp, PredictorTrainConfig)
     tp.add_argument("--out", help="output directory (default runs/predictor-<model>)")
     tp.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
@@ -661,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .export import EXPORT_PLANNERS
 
     ex = sub.add_parser("export", help="a plain Hugging Face checkpoint with a fixed k-layer static plan")
-    _add_load_args(ex, planner=False)
+    _add_load_args(ex, planner=False, quant=False)
     _add_budget_args(ex)
     ex.add_argument("--planner", default="static-greedy", choices=EXPORT_PLANNERS,
                     help="which static layer order (router-prior: the shipped router's prior; default static-greedy)")

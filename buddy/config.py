@@ -14,6 +14,7 @@ from .errors import BuddyError
 KV_POLICIES = ("fill", "mask", "zero")
 DEFAULT_KV_POLICY = KV_POLICIES[0]  # the one place the default KV policy is named
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANT_MODES = ("none", "int8", "gguf")
 
 
 class ConfigError(BuddyError):
@@ -41,6 +42,9 @@ class LoadConfig:
     device: `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available).
     dtype: `auto` (bfloat16 on GPUs and on CPUs with native bfloat16, AMX or AVX512-BF16; float32 on other
         CPUs, where emulated bfloat16 is many times slower; see docs/performance.md), `float32`, `bfloat16`, `float16`.
+    quant: weight-only quantized linear layers on PyTorch's CPU kernels (see buddy/quant.py): `none` (the
+        plain dtype path), `gguf` (the registry model's own 4-bit GGUF blocks), `int8` (8 bits per output row,
+        any checkpoint).
     router: a router directory (router.safetensors + router.json); default: the one shipped for the model.
     reroute_every: router planners re-plan every N decode tokens (1 = every token, 0 = frozen after prefill).
     predictor: a budget predictor directory for budget="auto"; default: the one shipped for the model.
@@ -54,6 +58,7 @@ class LoadConfig:
     kv_policy: str = DEFAULT_KV_POLICY
     device: str = "auto"
     dtype: str = "auto"
+    quant: str = "none"
     router: str | None = None
     reroute_every: int = 1
     predictor: str | None = None
@@ -66,6 +71,8 @@ class LoadConfig:
             raise ConfigError(f"invalid kv policy {self.kv_policy!r}: must be one of {', '.join(KV_POLICIES)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"invalid dtype {self.dtype!r}: must be one of {', '.join(DTYPES)}")
+        if self.quant not in QUANT_MODES:
+            raise ConfigError(f"invalid quant mode {self.quant!r}: must be one of {', '.join(QUANT_MODES)}")
 
 
 @dataclass

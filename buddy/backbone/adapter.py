@@ -47,6 +47,7 @@ class Backbone:
         self.tokenizer = tokenizer
         self.name = name
         self._checksum = checksum  # computed on first use: hashing large weight files takes time
+        self.quant: dict[str, int] = {}  # quantized linear layers by format (buddy/quant.py); empty: none
         inner = model.model
         self.layers = inner.layers
         self.embed_tokens = inner.embed_tokens
@@ -105,6 +106,11 @@ class Backbone:
         """No gradients for the base weights (router training trains only the Decision Module)."""
         for p in self.model.parameters():
             p.requires_grad_(False)
+
+    def replace_head(self, module) -> None:
+        """Swap the LM head (quantized modes); the transformers model computes its logits with it too."""
+        self.model.lm_head = module
+        self.lm_head = module
 
     def state_dict(self) -> dict:
         return self.model.state_dict()

@@ -7,6 +7,7 @@ from a model hub.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -220,8 +221,9 @@ def checksum(path: Path) -> str:
     return _sha256_files([path / "config.json", *files])
 
 
-def load_backbone(model: str = "smollm2", device: str = "auto", dtype: str = "auto") -> Backbone:
-    """Load a model through transformers' own classes and wrap it in a Backbone."""
+def load_backbone(model: str = "smollm2", device: str = "auto", dtype: str = "auto", quant: str = "none") -> Backbone:
+    """Load a model through transformers' own classes and wrap it in a Backbone; `quant` swaps its linear
+    layers for weight-only quantized ones (buddy/quant.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -239,7 +241,31 @@ def load_backbone(model: str = "smollm2", device: str = "auto", dtype: str = "au
     hf = _loading(path, "weights", lambda: AutoModelForCausalLM.from_pretrained(
         path, dtype=torch_dtype, attn_implementation="sdpa").to(dev))
     tok = _loading(path, "tokenizer", lambda: AutoTokenizer.from_pretrained(path))
-    return Backbone(hf, tok, name=name, checksum=lambda: checksum(path))
+    bb = Backbone(hf, tok, name=name, checksum=lambda: checksum(path))
+    if quant != "none":
+        from ..quant import apply_quant
+
+        if quant == "gguf" and name in MODELS:
+            with _one_gguf(MODELS[name]) as gguf_path:
+                bb.quant = apply_quant(bb, quant, gguf_path)
+        else:
+            bb.quant = apply_quant(bb, quant)
+    return bb
+
+
+@contextlib.contextmanager
+def _one_gguf(src: PackagedGGUF):
+    """The packaged GGUF as one file: the file itself, or its split parts joined in a temporary file."""
+    parts = src.locate()
+    if len(parts) == 1:
+        yield parts[0]
+        return
+    with tempfile.NamedTemporaryFile(suffix=".gguf") as out:
+        for p in parts:
+            with open(p, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 24)
+        out.flush()
+        yield Path(out.name)
 
 
 def _loading(path: Path, what: str, load):

@@ -74,8 +74,9 @@ def time_engine(engine, prompts: list[list[int]], k, new_tokens: int, repeats: i
     return statistics.median(ttfts), statistics.median(steps)
 
 
-def run_latency(model: str, dtype: str, device: str, cfg: LatencyConfig, progress=print) -> dict:
-    """Time transformers and the Buddy engines for every cell of `cfg` (see LatencyConfig)."""
+def run_latency(model: str, dtype: str, device: str, cfg: LatencyConfig, progress=print, quant: str = "none") -> dict:
+    """Time transformers and the Buddy engines for every cell of `cfg` (see LatencyConfig); `quant` is the
+    weight mode (buddy/quant.py), and the bounds count its own weight bytes."""
     batches, prompt_lens, new_tokens, budgets = cfg.batch, cfg.prompt_len, cfg.new_tokens, cfg.budgets
     repeats, kv_policy, planners = cfg.repeats, cfg.kv_policy, cfg.planners
     from ..api import make_planner
@@ -83,7 +84,7 @@ def run_latency(model: str, dtype: str, device: str, cfg: LatencyConfig, progres
     from ..engine import Engine
     from ..planner import FullPlanner
 
-    bb = load_backbone(model, device, dtype)
+    bb = load_backbone(model, device, dtype, quant)
     L = bb.n_layers
     engines = {"full": Engine(bb, FullPlanner(L), kv_policy)}
     for name in planners:
@@ -97,8 +98,17 @@ def run_latency(model: str, dtype: str, device: str, cfg: LatencyConfig, progres
     shapes = CostShapes.from_config(bb.config, router_params)
     static_shapes = CostShapes.from_config(bb.config)
     elem = torch.finfo(bb.dtype).bits // 8
+    per_weight = head_bytes = None
+    if bb.quant:  # bytes per weight as stored (codes, scales and zeros), layers and LM head apart
+        from ..budget import layer_params
+        from ..quant import weight_bytes
+
+        wb = weight_bytes(bb)
+        per_weight = wb["layer"] / layer_params(static_shapes)
+        head_bytes = wb["head"] / (bb.shapes.vocab * bb.shapes.hidden)
     bw = matvec_bandwidth(bb.dtype, bb.device)
-    dense_bytes = decode_cost(static_shapes, L, dtype_bytes=elem)["weight_bytes"]
+    dense_bytes = decode_cost(static_shapes, L, dtype_bytes=elem, weight_bytes=per_weight,
+                              head_bytes=head_bytes)["weight_bytes"]
     rows = []
     gen = torch.Generator().manual_seed(0)
     for B in batches:
@@ -118,7 +128,8 @@ def run_latency(model: str, dtype: str, device: str, cfg: LatencyConfig, progres
                     if k == L:
                         dense = ms
                     bound = ideal_speedup(shapes if name.startswith("router") else static_shapes, k, kv_policy,
-                                          context=P + new_tokens // 2, dtype_bytes=elem)
+                                          context=P + new_tokens // 2, dtype_bytes=elem, weight_bytes=per_weight,
+                                          head_bytes=head_bytes)
                     row = {"impl": "buddy", "planner": name, "batch": B, "prompt_len": P, "budget": b, "k": k,
                            "ttft_ms": ttft, "ms_per_token": ms, "ideal_speedup": bound}
                     if dense:
@@ -142,7 +153,7 @@ def run_latency(model: str, dtype: str, device: str, cfg: LatencyConfig, progres
             if static:
                 r["router_overhead_ms"] = r["ms_per_token"] - static["ms_per_token"]
                 r["router_overhead_pct_of_dense"] = 100 * r["router_overhead_ms"] / dense["ms_per_token"]
-    return {"model": bb.name, "dtype": str(bb.dtype).replace("torch.", ""), "device": str(bb.device),
+    return {"model": bb.name, "dtype": str(bb.dtype).replace("torch.", ""), "device": str(bb.device), "quant": quant,
             "kv_policy": kv_policy, "new_tokens": new_tokens, "repeats": repeats,
             "matvec_gb_s": bw, "dense_weight_bytes": dense_bytes,
             "floor_ms_per_token": dense_bytes / bw / 1e6, "rows": rows,
@@ -150,7 +161,8 @@ def run_latency(model: str, dtype: str, device: str, cfg: LatencyConfig, progres
 
 
 def format_table(res: dict) -> str:
-    head = (f"model {res['model']}  dtype {res['dtype']}  device {res['device']}  kv {res['kv_policy']}  "
+    head = (f"model {res['model']}  dtype {res['dtype']}  quant {res.get('quant', 'none')}  device {res['device']}  "
+            f"kv {res['kv_policy']}  "
             f"threads {res['threads']}  torch {res['torch']}\n"
             f"matrix-vector bandwidth {res['matvec_gb_s']:.1f} GB/s -> batch-1 floor "
             f"{res['floor_ms_per_token']:.2f} ms/token for {res['dense_weight_bytes'] / 1e6:.0f} MB of weights\n")

@@ -1,0 +1,195 @@
+"""Weight-only quantized linear layers (buddy/quant.py): the GGUF repack is exact for the codes, the kernels
+match a dequantized reference, and a quantized backbone runs every planner and KV policy."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_backbone
+
+from buddy.backbone import load_backbone
+from buddy.budget import Budget
+from buddy.config import ConfigError, LoadConfig
+from buddy.engine import Engine
+from buddy.planner import FullPlanner, StaticPlanner
+from buddy.quant import (
+    GROUP,
+    Int4Linear,
+    Int8Linear,
+    QuantError,
+    _llama_rows,
+    apply_quant,
+    gguf_4bit_groups,
+    gguf_tensors,
+    weight_bytes,
+)
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+
+
+def _bf16(t):
+    return t.to(torch.bfloat16).float()
+
+
+def test_int4_linear_equals_its_dequantized_weights():
+    g = torch.Generator().manual_seed(0)
+    n, k = 48, 96
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale, zero = torch.rand(n, k // GROUP, generator=g) * 0.1, torch.randn(n, k // GROUP, generator=g) * 0.1
+    bias = torch.randn(n, generator=g)
+    lin = Int4Linear(codes, scale, zero, bias)
+    # the kernel's arithmetic: bfloat16 activations, scales and zeros
+    w = (codes.float().view(n, -1, GROUP) - 8) * _bf16(scale)[..., None] + _bf16(zero)[..., None]
+    x = torch.randn(2, 3, k, generator=g)
+    ref = _bf16(x) @ w.view(n, k).t() + bias
+    out = lin(x)
+    assert out.shape == (2, 3, n) and out.dtype == torch.float32
+    assert torch.allclose(out, ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+    assert not torch.allclose(lin(x + 1), out)  # it depends on its input
+
+
+def test_int4_linear_refuses_shapes_the_kernel_cannot_take():
+    with pytest.raises(QuantError, match="multiple of 32"):
+        Int4Linear(torch.zeros(8, 40, dtype=torch.uint8), torch.zeros(8, 1), torch.zeros(8, 1), None)
+
+
+def test_int8_linear_rounds_each_row_to_its_own_scale():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 64, generator=g) * torch.logspace(-2, 1, 40)[:, None]  # rows of very different size
+    lin = Int8Linear(w, None)
+    x = torch.randn(5, 64, generator=g)
+    ref = x @ w.t()
+    err = (lin(x) - ref).abs() / (x.abs() @ w.abs().t())
+    assert err.max() < 0.02  # 8-bit rows (and bf16 arithmetic), each at its own scale
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_gguf_q4_blocks_unpack_to_what_gguf_dequantizes(qtype):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((24, 128)).astype(np.float32)
+    raw = gguf.quants.quantize(w, Q[qtype])
+    codes, scale, zero = gguf_4bit_groups(raw, qtype, 24, 128)
+    ours = (codes.reshape(24, -1, GROUP).astype(np.float32) - 8) * scale[..., None] + zero[..., None]
+    theirs = gguf.quants.dequantize(raw, Q[qtype])
+    np.testing.assert_allclose(ours.reshape(24, 128), theirs, rtol=0, atol=1e-6)
+    assert codes.min() >= 0 and codes.max() <= 15
+
+
+def test_gguf_q4_k_blocks_unpack_to_what_gguf_dequantizes():
+    rng = np.random.default_rng(1)
+    n, k = 6, 512  # two super-blocks per row
+    raw = rng.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
+    raw[..., 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)  # d (any finite value)
+    raw[..., 2:4] = np.frombuffer(np.float16(0.003).tobytes(), np.uint8)  # dmin
+    raw = raw.reshape(n, -1)
+    codes, scale, zero = gguf_4bit_groups(raw, "Q4_K", n, k)
+    ours = (codes.reshape(n, -1, GROUP).astype(np.float32) - 8) * scale[..., None] + zero[..., None]
+    np.testing.assert_allclose(ours.reshape(n, k), gguf.quants.dequantize(raw, Q.Q4_K), rtol=0, atol=1e-6)
+
+
+def _write_gguf(path, bb, qtype="Q4_1", permute=True, perturb=False):
+    """A GGUF holding the tiny backbone's linear layers in `qtype`; the backbone's weights are set to what the
+    file dequantizes to (as transformers' GGUF loader would have loaded them)."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    cfg = bb.config
+    with torch.no_grad():
+        for i, layer in enumerate(bb.layers):
+            for name, short in names.items():
+                lin = layer.get_submodule(name)
+                w = lin.weight.detach().numpy().astype(np.float32)
+                raw = gguf.quants.quantize(w, Q[qtype])
+                deq = gguf.quants.dequantize(raw, Q[qtype])
+                if permute and name in ("self_attn.q_proj", "self_attn.k_proj"):
+                    heads = cfg.num_attention_heads if name == "self_attn.q_proj" else cfg.num_key_value_heads
+                    order = _llama_rows(w.shape[0], heads)
+                    inverse = np.argsort(order)
+                    raw, deq = raw[inverse], deq  # the file keeps llama.cpp's row order
+                lin.weight.copy_(torch.from_numpy(deq + (0.5 if perturb and i == 1 else 0)))
+                writer.add_tensor(f"blk.{i}.{short}.weight", raw, raw_dtype=Q[qtype])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_gguf_mode_repacks_a_files_blocks_and_matches_the_dequantized_model(tmp_path, qtype):
+    bb = tiny_backbone("llama", n_layers=4)
+    path = _write_gguf(tmp_path / "m.gguf", bb, qtype)
+    assert set(gguf_tensors(path)) == {f"blk.{i}.{n}.weight" for i in range(4) for n in
+                                       ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = bb.dense_logits(ids)
+    dense_bytes = weight_bytes(bb)["layer"]
+    counts = apply_quant(bb, "gguf", path)
+    assert counts == {f"{qtype} as int4": 28, "LM head as int8": 1}
+    assert isinstance(bb.layers[0].self_attn.q_proj, Int4Linear) and isinstance(bb.lm_head, Int8Linear)
+    assert weight_bytes(bb)["layer"] < dense_bytes / 4  # 4-bit codes + bf16 scales vs float32
+    with torch.no_grad():
+        out = bb.dense_logits(ids)
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < 0.03, rel  # bf16 activations, scales and the 8-bit head
+
+
+def test_gguf_mode_refuses_a_file_that_does_not_match_the_weights(tmp_path):
+    bb = tiny_backbone("llama", n_layers=3)
+    path = _write_gguf(tmp_path / "m.gguf", bb, "Q4_1", perturb=True)
+    with pytest.raises(QuantError, match="layer 1 .* differ"):
+        apply_quant(bb, "gguf", path)
+
+
+def test_gguf_mode_refuses_a_file_with_the_wrong_row_order(tmp_path):
+    bb = tiny_backbone("llama", n_layers=2)
+    path = _write_gguf(tmp_path / "m.gguf", bb, "Q4_1", permute=False)
+    with pytest.raises(QuantError, match="q_proj"):
+        apply_quant(bb, "gguf", path)
+
+
+def test_not_a_gguf_file_is_a_clear_error(tmp_path):
+    p = tmp_path / "x.gguf"
+    p.write_bytes(b"NOPE" + bytes(100))
+    with pytest.raises(QuantError, match="not a GGUF"):
+        gguf_tensors(p)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("kv_policy", ["fill", "mask", "zero"])
+def test_int8_backbone_runs_routed_decode_close_to_the_float_model(arch, kv_policy, tiny_ckpt):
+    ref, bb = tiny_backbone(arch, n_layers=6), tiny_backbone(arch, n_layers=6)
+    ref.tokenizer = bb.tokenizer = load_backbone(str(tiny_ckpt), device="cpu", dtype="float32").tokenizer
+    apply_quant(bb, "int8")
+    assert all(isinstance(layer.mlp.down_proj, Int8Linear) for layer in bb.layers)
+    prompt = [[5, 17, 33, 2, 60, 8]]
+    for planner, k in ((FullPlanner(6), 6), (StaticPlanner("static", [2, 3, 1, 4], 6), 4)):
+        outs = []
+        for model in (ref, bb):
+            steps = list(Engine(model, planner, kv_policy).generate_batch(
+                prompt, [Budget(layers=k)], max_new_tokens=6, ignore_eos=True))
+            outs.append([s[0].token for s in steps])
+            assert all(len(s[0].layers) == k for s in steps)
+        assert outs[0][0] == outs[1][0], outs  # random tiny models have near-ties later: compare logits below
+    ids = torch.tensor(prompt)
+    with torch.no_grad():
+        a, b = ref.dense_logits(ids), bb.dense_logits(ids)
+    assert (a - b).norm() / a.norm() < 0.03
+
+
+def test_load_backbone_applies_the_mode(tiny_ckpt):
+    bb = load_backbone(str(tiny_ckpt), device="cpu", dtype="float32", quant="int8")
+    assert bb.quant == {"int8": 6 * 7 + 1} and isinstance(bb.layers[0].self_attn.o_proj, Int8Linear)
+    with pytest.raises(QuantError, match="--quant int8"):
+        load_backbone(str(tiny_ckpt), device="cpu", dtype="float32", quant="gguf")
+
+
+def test_quant_mode_is_validated_and_cpu_only():
+    with pytest.raises(ConfigError, match="quant"):
+        LoadConfig(quant="int3")
+    with pytest.raises(ConfigError, match="quant"):
+        apply_quant(tiny_backbone(), "fp4")
+    with pytest.raises(QuantError, match="GGUF"):
+        apply_quant(tiny_backbone(), "gguf")  # a checkpoint directory has no GGUF blocks: --quant int8
