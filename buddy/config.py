@@ -114,6 +114,8 @@ class LatencyConfig:
     budgets: budgets (fractions of the layers), comma-separated.
     planners: planners timed besides the full model, comma-separated.
     repeats: timed runs per cell; medians are reported.
+    compare: another runtime timed on the same GGUF file, prompts and thread count, its rows beside Buddy's:
+        `llama.cpp` (the `llamacpp` extra, `make setup-llamacpp`); empty: none.
     """
 
     kv_policy: str = DEFAULT_KV_POLICY
@@ -123,8 +125,11 @@ class LatencyConfig:
     budgets: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5)
     planners: tuple[str, ...] = ("static-greedy", "router")
     repeats: int = 3
+    compare: str = ""
 
     def __post_init__(self):
+        if self.compare not in ("", "llama.cpp"):
+            raise ConfigError(f"invalid compare {self.compare!r}: the runtime Buddy times beside itself is llama.cpp")
         if self.kv_policy not in KV_POLICIES:
             raise ConfigError(f"invalid kv policy {self.kv_policy!r}: must be one of {', '.join(KV_POLICIES)}")
         if self.new_tokens < 2:

@@ -193,3 +193,55 @@ def test_quant_mode_is_validated_and_cpu_only():
         apply_quant(tiny_backbone(), "fp4")
     with pytest.raises(QuantError, match="GGUF"):
         apply_quant(tiny_backbone(), "gguf")  # a checkpoint directory has no GGUF blocks: --quant int8
+
+
+def test_bench_latency_counts_quantized_weight_bytes(tiny_ckpt):
+    from buddy.config import LatencyConfig
+    from buddy.eval.latency import run_latency
+
+    cfg = LatencyConfig(batch=(1,), prompt_len=(4,), new_tokens=3, budgets=(1.0,), planners=(), repeats=1)
+    plain = run_latency(str(tiny_ckpt), "float32", "cpu", cfg, progress=lambda m: None)
+    q = run_latency(str(tiny_ckpt), "float32", "cpu", cfg, progress=lambda m: None, quant="int8")
+    assert q["quant"] == "int8" and plain["quant"] == "none"
+    assert 0.2 < q["dense_weight_bytes"] / plain["dense_weight_bytes"] < 0.35  # 8-bit rows against float32
+
+
+def test_llamacpp_timing_on_a_stand_in(monkeypatch, tmp_path):
+    """The timing loop against a stand-in llama_cpp module (the real one is an optional, slow-to-build extra)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    seen = {}
+
+    class Llama:
+        def __init__(self, model_path, n_ctx, n_threads, **kw):
+            seen.update(path=model_path, n_ctx=n_ctx, threads=n_threads)
+
+        def reset(self):
+            pass
+
+        def generate(self, tokens, top_k, temp, reset):
+            seen["prompt"], seen["top_k"] = list(tokens), top_k
+            while True:
+                yield 7
+
+        def close(self):
+            pass
+
+    fake = types.ModuleType("llama_cpp")
+    fake.Llama, fake.__spec__ = Llama, importlib.machinery.ModuleSpec("llama_cpp", None)
+    monkeypatch.setitem(sys.modules, "llama_cpp", fake)
+    from buddy.eval.llamacpp import time_llamacpp
+
+    ttft, ms = time_llamacpp(tmp_path / "m.gguf", [1, 2, 3], new_tokens=5, repeats=2, threads=2)
+    assert ttft >= 0 and ms >= 0
+    assert seen == {"path": str(tmp_path / "m.gguf"), "n_ctx": 3 + 5 + 8, "threads": 2, "prompt": [1, 2, 3],
+                    "top_k": 1}
+
+
+def test_compare_is_validated(tiny_ckpt):
+    from buddy.config import LatencyConfig
+
+    with pytest.raises(ConfigError, match="llama.cpp"):
+        LatencyConfig(compare="ollama")

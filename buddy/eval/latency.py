@@ -18,7 +18,7 @@ import time
 import torch
 
 from ..budget import Budget, CostShapes, decode_cost, ideal_speedup
-from ..config import LatencyConfig
+from ..config import ConfigError, LatencyConfig
 
 
 def matvec_bandwidth(dtype: torch.dtype, device, mbytes: int = 256, repeats: int = 20) -> float:
@@ -84,6 +84,14 @@ def run_latency(model: str, dtype: str, device: str, cfg: LatencyConfig, progres
     from ..engine import Engine
     from ..planner import FullPlanner
 
+    if cfg.compare == "llama.cpp":
+        from ..backbone.loading import MODELS
+        from ..errors import require_extra
+
+        require_extra("llama_cpp", "llamacpp", "--compare llama.cpp")
+        if model not in MODELS:
+            raise ConfigError(f"--compare llama.cpp times the registry models' GGUF files ({', '.join(MODELS)}); "
+                              f"{model!r} is a checkpoint directory")
     bb = load_backbone(model, device, dtype, quant)
     L = bb.n_layers
     engines = {"full": Engine(bb, FullPlanner(L), kv_policy)}
@@ -114,6 +122,16 @@ def run_latency(model: str, dtype: str, device: str, cfg: LatencyConfig, progres
     for B in batches:
         for P in prompt_lens:
             prompts = torch.randint(bb.shapes.vocab // 4, bb.shapes.vocab // 2, (B, P), generator=gen)  # ordinary tokens
+            if cfg.compare == "llama.cpp" and B == 1:
+                from ..backbone.loading import MODELS, _one_gguf
+                from .llamacpp import time_llamacpp
+
+                with _one_gguf(MODELS[model]) as gguf_path:
+                    lc_ttft, lc_ms = time_llamacpp(gguf_path, prompts[0].tolist(), new_tokens, repeats,
+                                                   torch.get_num_threads())
+                rows.append({"impl": "llama.cpp", "planner": "full", "batch": 1, "prompt_len": P, "k": L,
+                             "ttft_ms": lc_ttft, "ms_per_token": lc_ms, "gguf": MODELS[model].parts[-1]})
+                progress(f"B=1 P={P} llama.cpp: {lc_ms:.2f} ms/token")
             hf_ttft, hf_ms = time_hf(bb.reference_model, prompts.to(bb.device), new_tokens, repeats)
             rows.append({"impl": "transformers", "planner": "full", "batch": B, "prompt_len": P, "k": L,
                          "ttft_ms": hf_ttft, "ms_per_token": hf_ms})
@@ -145,6 +163,9 @@ def run_latency(model: str, dtype: str, device: str, cfg: LatencyConfig, progres
                              "k": sum(ks) / B, "ks": ks, "ttft_ms": ttft, "ms_per_token": ms, "speedup": dense / ms})
                 progress(f"B={B} P={P} mixed budgets {ks}: {ms:.2f} ms/step")
     for r in rows:
+        lc = next((c for c in rows if c["impl"] == "llama.cpp" and c["prompt_len"] == r["prompt_len"]), None)
+        if lc and r["impl"] == "buddy" and r["batch"] == 1:
+            r["x_llamacpp"] = lc["ms_per_token"] / r["ms_per_token"]  # tokens/s over llama.cpp's at full depth
         if r["planner"] == "router":
             static = next((s for s in rows if s["planner"] == "static-greedy" and s["k"] == r["k"]
                            and s["batch"] == r["batch"] and s["prompt_len"] == r["prompt_len"]), None)
@@ -166,8 +187,9 @@ def format_table(res: dict) -> str:
             f"threads {res['threads']}  torch {res['torch']}\n"
             f"matrix-vector bandwidth {res['matvec_gb_s']:.1f} GB/s -> batch-1 floor "
             f"{res['floor_ms_per_token']:.2f} ms/token for {res['dense_weight_bytes'] / 1e6:.0f} MB of weights\n")
+    lc = any(r["impl"] == "llama.cpp" for r in res["rows"])
     lines = ["| impl | planner | batch | prompt | k | TTFT ms | ms/token | tokens/s | speedup | ideal | of bound |"
-             " router overhead |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " router overhead |" + (" x llama.cpp |" if lc else ""), "|" + "---|" * (13 if lc else 12)]
     for r in res["rows"]:
         tps = r["batch"] * 1000 / r["ms_per_token"]
         ov = (f"{r['router_overhead_ms']:+.2f} ms ({r['router_overhead_pct_of_dense']:+.1f}%)"
@@ -175,7 +197,8 @@ def format_table(res: dict) -> str:
         lines.append(f"| {r['impl']} | {r['planner']} | {r['batch']} | {r['prompt_len']} | {r['k']} | "
                      f"{r['ttft_ms']:.1f} | {r['ms_per_token']:.2f} | {tps:.1f} | "
                      f"{r.get('speedup', float('nan')):.2f} | {r.get('ideal_speedup', float('nan')):.2f} | "
-                     f"{100 * r.get('of_bound', float('nan')):.0f}% | {ov} |")
+                     f"{100 * r.get('of_bound', float('nan')):.0f}% | {ov} |"
+                     + (f" {r['x_llamacpp']:.2f} |" if "x_llamacpp" in r else " |" if lc else ""))
     return head + "\n".join(lines)
 
 
