@@ -255,7 +255,8 @@ def quantize_gguf(bb, gguf_path, tolerance: float = 1e-4) -> dict[str, int]:
                     codes, scale, zero = codes[order], scale[order], zero[order]
                 ref = lin.weight.detach().float()
                 err = (_dequant(codes, scale, zero) - ref).abs().max().item()
-                if not err <= tolerance * max(ref.abs().max().item(), 1e-12):
+                tol = max(tolerance, torch.finfo(lin.weight.dtype).eps)  # a bf16 model holds rounded weights
+                if not err <= tol * max(ref.abs().max().item(), 1e-12):
                     raise QuantError(f"{gguf_path}: the repacked {qtype} blocks of layer {i} {name} differ from the "
                                      f"loaded weights by {err:.3g}: is this the GGUF the checkpoint was built from?")
                 module = Int4Linear(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(zero), lin.bias)
