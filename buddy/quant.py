@@ -231,15 +231,82 @@ def quantize_int8(bb) -> None:
     _head_int8(bb)
 
 
-def quantize_gguf(bb, gguf_path, tolerance: float = 1e-4) -> dict[str, int]:
+_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+class _Group:
+    """Projections of one input computed by one kernel call (q/k/v, gate/up): fewer, larger calls."""
+
+    def __init__(self, module: nn.Module, sizes: list[int]):
+        self.module, self.sizes, self.last = module, sizes, None
+
+
+class FusedPart(nn.Module):
+    """One projection of a fused group. The first part (q, gate) runs the fused kernel for all parts and
+    keeps their outputs for the others, which transformers' layers call next on the same input tensor;
+    called on another input (the `fill` policy's K/V-only path calls k and v alone), a part runs its own
+    kernel, so skipped layers still read only the K/V weights."""
+
+    def __init__(self, group: _Group, index: int, own: nn.Module):
+        super().__init__()
+        self.group, self.index = group, index
+        if index == 0:
+            self.fused = group.module
+        self._own = (own,)  # not a registered submodule: weight_bytes counts the fused weights once
+        self.in_features, self.out_features = own.in_features, own.out_features
+
+    @property
+    def weight_bytes(self) -> int:
+        return 0  # the fused module (registered on the first part) holds the bytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.group
+        if self.index == 0:
+            outs = g.module(x).split(g.sizes, dim=-1)
+            g.last = (x, outs)
+            return outs[0]
+        if g.last is not None and g.last[0] is x:
+            out = g.last[1][self.index]
+            if self.index == len(g.sizes) - 1:
+                g.last = None
+            return out
+        return self._own[0](x)
+
+
+def _install(layer: nn.Module, parts: dict[str, tuple], fuse: bool) -> None:
+    """Set each linear of `layer` from its parts: ("int4", codes, scale, zero, bias) or ("module", m)."""
+    done = set()
+    if fuse:
+        for names in _GROUPS:
+            if not all(parts[n][0] == "int4" for n in names):
+                continue
+            cat = [np.concatenate([parts[n][j] for n in names]) for j in (1, 2, 3)]
+            biases = [parts[n][4] for n in names]
+            bias = None if all(b is None for b in biases) else torch.cat(
+                [b if b is not None else torch.zeros(parts[n][1].shape[0]) for b, n in zip(biases, names)])
+            group = _Group(Int4Linear(*(torch.from_numpy(a) for a in cat), bias),
+                           [parts[n][1].shape[0] for n in names])
+            for j, n in enumerate(names):
+                own = Int4Linear(*(torch.from_numpy(a) for a in parts[n][1:4]), parts[n][4])
+                _set(layer, n, FusedPart(group, j, own))
+                done.add(n)
+    for n, part in parts.items():
+        if n not in done:
+            _set(layer, n, part[1] if part[0] == "module" else
+                 Int4Linear(*(torch.from_numpy(a) for a in part[1:4]), part[4]))
+
+
+def quantize_gguf(bb, gguf_path, tolerance: float = 1e-4, fuse: bool = True) -> dict[str, int]:
     """Replace the backbone's linear layers with the GGUF file's own blocks. Each repacked tensor is checked
     against the backbone's (dequantized) weight: a mismatch above `tolerance` (relative to the tensor's
-    largest weight) raises QuantError instead of serving wrong weights. Returns {format: tensor count}."""
+    largest weight) raises QuantError instead of serving wrong weights. `fuse`: q/k/v and gate/up each run
+    as one kernel call. Returns {format: tensor count}."""
     tensors = gguf_tensors(gguf_path)
     cfg = bb.config
     permute = cfg.model_type in ("llama", "mistral")  # llama.cpp permutes q/k rows of these families only
     counts: dict[str, int] = {}
     for i, layer in enumerate(bb.layers):
+        parts = {}
         for name in _LINEARS:
             lin = layer.get_submodule(name)
             t = tensors.get(f"blk.{i}.{_GGUF_NAMES[name]}.weight")
@@ -259,19 +326,21 @@ def quantize_gguf(bb, gguf_path, tolerance: float = 1e-4) -> dict[str, int]:
                 if not err <= tol * max(ref.abs().max().item(), 1e-12):
                     raise QuantError(f"{gguf_path}: the repacked {qtype} blocks of layer {i} {name} differ from the "
                                      f"loaded weights by {err:.3g}: is this the GGUF the checkpoint was built from?")
-                module = Int4Linear(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(zero), lin.bias)
+                bias = None if lin.bias is None else lin.bias.detach().float()
+                parts[name] = ("int4", codes, scale, zero, bias)
                 kind = f"{qtype} as int4"
             else:
-                module, kind = Int8Linear(lin.weight, lin.bias), f"{qtype} as int8"
-            _set(layer, name, module)
+                parts[name], kind = ("module", Int8Linear(lin.weight, lin.bias)), f"{qtype} as int8"
             counts[kind] = counts.get(kind, 0) + 1
+        _install(layer, parts, fuse)
     _head_int8(bb)
     counts["LM head as int8"] = 1
     return counts
 
 
-def apply_quant(bb, mode: str, gguf_path=None) -> dict[str, int]:
-    """Apply a quantized weight mode (`none`, `int8`, `gguf`) to a loaded backbone, in place."""
+def apply_quant(bb, mode: str, gguf_path=None, fuse: bool = True) -> dict[str, int]:
+    """Apply a quantized weight mode (`none`, `int8`, `gguf`) to a loaded backbone, in place (`fuse`: see
+    quantize_gguf)."""
     if mode not in QUANT_MODES:
         raise ConfigError(f"invalid quant mode {mode!r}: must be one of {', '.join(QUANT_MODES)}")
     if mode == "none":
@@ -285,7 +354,7 @@ def apply_quant(bb, mode: str, gguf_path=None) -> dict[str, int]:
         if gguf_path is None:
             raise QuantError("--quant gguf needs a model loaded from a GGUF file (the registry models are); "
                              "for a Hugging Face checkpoint directory use --quant int8")
-        return quantize_gguf(bb, gguf_path)
+        return quantize_gguf(bb, gguf_path, fuse=fuse)
 
 
 def weight_bytes(bb, layers=None) -> dict[str, int]:
@@ -293,7 +362,7 @@ def weight_bytes(bb, layers=None) -> dict[str, int]:
     def size(m: nn.Module) -> int:
         if hasattr(m, "weight_bytes"):
             return m.weight_bytes
-        return sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+        return sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))  # norms, float linears
 
     per_layer = [sum(size(m) for m in layer.modules()) for layer in bb.layers]
     return {"layer": sum(per_layer) // len(per_layer), "head": size(bb.lm_head)}

@@ -13,6 +13,7 @@ from buddy.engine import Engine
 from buddy.planner import FullPlanner, StaticPlanner
 from buddy.quant import (
     GROUP,
+    FusedPart,
     Int4Linear,
     Int8Linear,
     QuantError,
@@ -128,12 +129,38 @@ def test_gguf_mode_repacks_a_files_blocks_and_matches_the_dequantized_model(tmp_
     dense_bytes = weight_bytes(bb)["layer"]
     counts = apply_quant(bb, "gguf", path)
     assert counts == {f"{qtype} as int4": 28, "LM head as int8": 1}
-    assert isinstance(bb.layers[0].self_attn.q_proj, Int4Linear) and isinstance(bb.lm_head, Int8Linear)
+    assert isinstance(bb.layers[0].self_attn.o_proj, Int4Linear) and isinstance(bb.lm_head, Int8Linear)
+    assert isinstance(bb.layers[0].self_attn.q_proj, FusedPart)  # q/k/v and gate/up: one kernel call each
     assert weight_bytes(bb)["layer"] < dense_bytes / 4  # 4-bit codes + bf16 scales vs float32
     with torch.no_grad():
         out = bb.dense_logits(ids)
     rel = (out - ref).norm() / ref.norm()
     assert rel < 0.03, rel  # bf16 activations, scales and the 8-bit head
+
+
+@pytest.mark.parametrize("kv_policy", ["fill", "zero"])
+def test_fused_projections_equal_separate_ones(tmp_path, kv_policy, tiny_ckpt):
+    """q/k/v and gate/up fused into one kernel call give the same tokens and logits as one call each, also
+    on the fill policy's K/V-only path (k and v called without q)."""
+    fused, separate = tiny_backbone("llama", n_layers=4), tiny_backbone("llama", n_layers=4)
+    path = _write_gguf(tmp_path / "m.gguf", fused, "Q4_1")
+    _write_gguf(tmp_path / "n.gguf", separate, "Q4_1")
+    apply_quant(fused, "gguf", path)
+    apply_quant(separate, "gguf", path, fuse=False)
+    assert isinstance(separate.layers[0].self_attn.k_proj, Int4Linear)
+    assert weight_bytes(fused) == weight_bytes(separate)
+    fused.tokenizer = separate.tokenizer = load_backbone(str(tiny_ckpt), device="cpu", dtype="float32").tokenizer
+    planner = StaticPlanner("static", [2, 1], 4)
+    runs = [[(s[0].token, s[0].layers) for s in Engine(bb, planner, kv_policy).generate_batch(
+        [[3, 9, 27, 81 % 97, 5]], [Budget(layers=3)], max_new_tokens=8, ignore_eos=True)] for bb in (fused, separate)]
+    assert runs[0] == runs[1]
+    ids = torch.tensor([[3, 9, 27, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.allclose(fused.dense_logits(ids), separate.dense_logits(ids), atol=1e-5)
+        x = torch.randn(1, 5, 64)
+        rope = fused.rope(x, torch.arange(5)[None])
+        for a, b in zip(fused.kv(1, x, rope), separate.kv(1, x, rope)):
+            assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_gguf_mode_refuses_a_file_that_does_not_match_the_weights(tmp_path):
