@@ -7,7 +7,7 @@ concurrency level (budgets cycle through --budgets, prompts through a fixed list
 table: wall time, completion tokens per second over all requests, time to first token and request latency
 (median and p95), mean executed layers per token. Greedy decoding, so runs are repeatable. The last column
 counts the streams whose text equals the same request's text at the first concurrency level (give 1 first:
-then it counts the streams that batching left unchanged; in float32 that is all of them).
+then it counts the streams that batching left unchanged; in float32 that is all of them). The last line is JSON.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main() -> None:
         print("| concurrency | wall s | tokens/s (all requests) | TTFT p50 / p95 ms | latency p50 / p95 s | layers/token "
               "| equal to first level |")
         print("|---|---|---|---|---|---|---|")
-        first = None
+        first, levels = None, []
         for c in [int(x) for x in args.concurrency.split(",")]:
             t0 = time.perf_counter()
             with cf.ThreadPoolExecutor(c) as pool:
@@ -99,6 +99,9 @@ def main() -> None:
             print(f"| {c} | {wall:.1f} | {toks / wall:.1f} | {statistics.median(ttft):.0f} / {p95(ttft):.0f} | "
                   f"{statistics.median(lat):.2f} / {p95(lat):.2f} | {sum(r['layers'] for r in res) / toks:.2f} | "
                   f"{same}/{len(res)} |", flush=True)
+            levels.append({"concurrency": c, "wall_s": wall, "tok_s": toks / wall, "requests": len(res),
+                           "ttft_p50_ms": statistics.median(ttft), "equal_to_first": same})
+        print(json.dumps({"model": args.model, "dtype": args.dtype, "max_tokens": args.max_tokens, "levels": levels}))
     finally:
         if proc:
             proc.terminate()

@@ -1,0 +1,119 @@
+"""Throughput of Buddy inside vLLM against vLLM on the plain model, and against Buddy's own server.
+
+    make setup-vllm
+    .venv/bin/buddy export --format vllm --model smollm2 --out exported/smollm2-vllm
+    .venv-vllm/bin/python benchmarks/vllm_throughput.py --export exported/smollm2-vllm \\
+        --dense ~/.cache/buddy/models/smollm2 --concurrency 1,8,32 --max-tokens 64
+
+Runs in vLLM's environment (`make setup-vllm`). Each model runs in its own process (vLLM's CPU build keeps
+one engine per process): vLLM dense on the plain checkpoint, then the Buddy export at budgets 1.0, 0.75,
+0.5 and mixed (0.5 / 0.75 / 1.0 cycling over the requests). At concurrency c it submits c requests at once
+(greedy, `ignore_eos`, `--max-tokens` each; at c = 1 four requests in turn) and counts generated tokens per
+second of wall time. `--buddy-server` adds Buddy's own server at the largest concurrency, through
+benchmarks/serve_load.py in the main environment. Ratios are to vLLM dense at the same concurrency. The
+last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The best way to learn is",
+           "In 1969, astronauts", "My favourite food is", "Water boils at", "The stock market"]
+SETTINGS = {"1.0": [{"budget": 1.0}], "0.75": [{"budget": 0.75}], "0.5": [{"budget": 0.5}],
+            "mixed": [{"budget": 0.5}, {"budget": 0.75}, {"budget": 1.0}]}
+
+
+def run_model(model: str, settings: list[str], concurrency: list[int], max_tokens: int, dtype: str) -> list[dict]:
+    """In this process: load `model` once and time every (setting, concurrency) cell."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, dtype=dtype, enforce_eager=True, enable_prefix_caching=False, max_model_len=512)
+    rows = []
+    for setting in settings:
+        extra = SETTINGS.get(setting, [None])
+        for c in concurrency:
+            n = 4 if c == 1 else c
+            params = [SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
+                                     extra_args=extra[i % len(extra)]) for i in range(n)]
+            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+            llm.generate(prompts[:1], params[:1], use_tqdm=False)  # warm-up
+            t0 = time.perf_counter()
+            if c == 1:
+                outs = [o for i in range(n) for o in llm.generate([prompts[i]], [params[i]], use_tqdm=False)]
+            else:
+                outs = llm.generate(prompts, params, use_tqdm=False)
+            wall = time.perf_counter() - t0
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            rows.append({"impl": "vllm dense" if setting == "dense" else "buddy in vllm", "setting": setting,
+                         "concurrency": c, "requests": n, "tokens": tokens, "wall_s": wall,
+                         "tok_s": tokens / wall})
+            print(f"{setting} c={c}: {tokens / wall:.1f} tok/s", file=sys.stderr, flush=True)
+    return rows
+
+
+def child(args) -> list[dict]:
+    cmd = [sys.executable, __file__, "--one", args.dense if args.one_setting == "dense" else args.export,
+           "--settings", args.one_setting, "--concurrency", args.concurrency, "--max-tokens", str(args.max_tokens),
+           "--dtype", args.dtype]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    if r.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--export", help="a `buddy export --format vllm` directory")
+    ap.add_argument("--dense", help="the plain checkpoint directory the export came from")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--buddy-server", action="store_true", help="also time Buddy's own server (main environment)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--settings", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    conc = [int(c) for c in args.concurrency.split(",")]
+    if args.one:
+        print(json.dumps(run_model(args.one, args.settings.split(","), conc, args.max_tokens, args.dtype)))
+        return
+    if not (args.export and args.dense):
+        ap.error("give --export (a buddy export --format vllm directory) and --dense (the plain checkpoint)")
+    rows = []
+    for setting in ("dense", "buddy"):
+        args.one_setting = setting
+        if setting == "buddy":
+            args.one_setting = ",".join(SETTINGS)
+        rows += child(args)
+    if args.buddy_server:
+        main_py = os.environ.get("BUDDY_MAIN_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
+        c = max(conc)
+        r = subprocess.run([main_py, str(ROOT / "benchmarks" / "serve_load.py"), "--concurrency", str(c),
+                            "--requests", str(c), "--max-tokens", str(args.max_tokens), "--budgets", "1.0",
+                            "--dtype", args.dtype], capture_output=True, text=True)
+        if r.returncode == 0:
+            res = json.loads(r.stdout.strip().splitlines()[-1])
+            level = res["levels"][0] if "levels" in res else res
+            rows.append({"impl": "buddy serve", "setting": "1.0", "concurrency": c, "tok_s": level["tok_s"]})
+        else:
+            print(f"buddy serve run failed: {r.stderr[-2000:]}", file=sys.stderr)
+    dense = {r["concurrency"]: r["tok_s"] for r in rows if r["impl"] == "vllm dense"}
+    print("| impl | budget | concurrency | tokens/s | x vLLM dense |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        r["x_dense"] = r["tok_s"] / dense[r["concurrency"]] if r["concurrency"] in dense else None
+        x = f"{r['x_dense']:.2f}" if r["x_dense"] else ""
+        print(f"| {r['impl']} | {r['setting']} | {r['concurrency']} | {r['tok_s']:.1f} | {x} |")
+    print(json.dumps({"dtype": args.dtype, "max_tokens": args.max_tokens, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
