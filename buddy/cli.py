@@ -25,9 +25,12 @@ from .config import (
     DTYPES,
     KV_POLICIES,
     QUANT_MODES,
+    CodeEvalConfig,
     GenerateConfig,
     LoadConfig,
+    PplConfig,
     ServeConfig,
+    SweepConfig,
 )
 from .errors import BuddyError, require_extra
 
@@ -211,26 +214,22 @@ def cmd_eval_ppl(args) -> int:
     from .eval.ppl import evaluate_windows
 
     budget = _budget(args)
-    path = Path(args.text_file)
+    cfg = _config(PplConfig, args)
+    path = Path(cfg.text_file)
     if not path.is_file():
-        raise UsageError(f"text file {args.text_file!r} does not exist")
+        raise UsageError(f"text file {cfg.text_file!r} does not exist")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise UsageError(f"text file {args.text_file!r} is not UTF-8 ({e.reason} at byte {e.start})") from None
-    if args.window < 2 or args.max_windows < 1 or args.batch_size < 1:
-        raise UsageError(f"invalid window settings (--window {args.window}, --max-windows {args.max_windows}, "
-                         f"--batch-size {args.batch_size}): need window >= 2 and the others >= 1")
+        raise UsageError(f"text file {cfg.text_file!r} is not UTF-8 ({e.reason} at byte {e.start})") from None
     m = _load(args)
     k = m.resolve_k(budget)
     try:
-        windows = token_windows(m.tokenizer, [text], args.window, args.max_windows)
+        windows = token_windows(m.tokenizer, [text], cfg.window, cfg.max_windows)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if not 0 <= args.prefill < args.window:
-        raise UsageError(f"invalid --prefill {args.prefill}: must be in [0, {args.window})")
     r = evaluate_windows(m, windows, **({"budget": AUTO} if k == AUTO else {"layers": k}),
-                         batch_size=args.batch_size, progress=not args.json, prefill=args.prefill)
+                         batch_size=cfg.batch_size, progress=not args.json, prefill=cfg.prefill)
     out = {"ppl": round(r.ppl, 4), "tokens": r.tokens, "layers_per_token": round(r.layers_per_token, 3),
            "planner": m.planner.name, "kv_policy": m.kv_policy, **budget_echo(budget, k), "model": m.bb.name}
     if r.chosen_k:
@@ -291,25 +290,22 @@ def cmd_eval_code(args) -> int:
     from .eval.sandbox import Limits, require_sandbox
 
     budget = _budget(args)
-    if args.samples_out:
-        _out_file(args.samples_out, "--samples-out", (".jsonl",))
-    for flag, v in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens),
-                    ("--batch-size", args.batch_size), ("--timeout", args.timeout)):
-        if v is not None and v < 1:
-            raise UsageError(f"invalid {flag} {v}: must be >= 1")
-    require_sandbox(args.weak_sandbox)
-    problems = load_humaneval(args.limit)
+    cfg = _config(CodeEvalConfig, args)
+    if cfg.samples_out:
+        _out_file(cfg.samples_out, "--samples-out", (".jsonl",))
+    require_sandbox(cfg.weak_sandbox)
+    problems = load_humaneval(cfg.limit)
     m = _load(args)
     k = m.resolve_k(budget)
     if k == AUTO:
         raise UsageError("eval code needs a fixed budget or --layers (budget `auto` chooses per prompt; use the sweep)")
-    r, completions = evaluate_code(m, problems, layers=k, batch_size=args.batch_size,
-                                   max_new_tokens=args.max_new_tokens, weak_sandbox=args.weak_sandbox,
-                                   progress=not args.json, limits=Limits(timeout_s=args.timeout, cpu_s=args.timeout))
-    if args.samples_out:
+    r, completions = evaluate_code(m, problems, layers=k, batch_size=cfg.batch_size,
+                                   max_new_tokens=cfg.max_new_tokens, weak_sandbox=cfg.weak_sandbox,
+                                   progress=not args.json, limits=Limits(timeout_s=cfg.timeout, cpu_s=cfg.timeout))
+    if cfg.samples_out:
         from .artifacts import atomic_write_text
 
-        atomic_write_text(Path(args.samples_out), "".join(
+        atomic_write_text(Path(cfg.samples_out), "".join(
             json.dumps({"task_id": p.task_id, "completion": c, "passed": bool(ok)}) + "\n"
             for p, c, ok in zip(problems, completions, r.per_doc["passed"])))
     out = {"task": "humaneval", "pass_at_1": round(r.pass_at_1, 4), "docs": r.docs, "statuses": r.statuses,
@@ -324,17 +320,16 @@ def cmd_eval_code(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    _out_file(args.out, "--out")
+    cfg = _config(SweepConfig, args)
+    _out_file(cfg.out, "--out")
     from .backbone import load_backbone
     from .eval.sweep import parse_layers_spec, sweep
 
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"invalid --limit {args.limit}: must be >= 1")
     bb = load_backbone(args.model, args.device, args.dtype, getattr(args, "quant", "none"))
-    ks = parse_layers_spec(args.layers, bb.n_layers)
-    new = sweep(bb, list(args.methods), ks, list(args.tasks), args.out, kv_policy=args.kv_policy, limit=args.limit,
+    ks = parse_layers_spec(cfg.layers, bb.n_layers)
+    new = sweep(bb, list(cfg.methods), ks, list(cfg.tasks), cfg.out, kv_policy=args.kv_policy, limit=cfg.limit,
                 router=args.router, predictor=args.predictor, calibration=args.calibration)
-    print(f"wrote {len(new)} new cells to {args.out}")
+    print(f"wrote {len(new)} new cells to {cfg.out}")
     return 0
 
 
@@ -372,20 +367,38 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _add_dataclass_args(p: argparse.ArgumentParser, cls) -> None:
-    """One --flag per dataclass field, with its default and the help from the class docstring."""
+def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One --flag per dataclass field, with its default and the help from the class docstring; a field
+    without a default is a required flag."""
+    from dataclasses import MISSING
+
     for f in fields(cls):
+        if f.name in skip:
+            continue
         default = f.default
         flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, bool):
+        doc = _doc_of(cls, f.name).rstrip(".")
+        kind = next((t for name, t in (("int", int), ("float", float), ("bool", bool)) if str(f.type).startswith(name)),
+                    str)
+        if default is MISSING:
+            if str(f.type).startswith("tuple"):
+                p.add_argument(flag, type=_csv(str), required=True, help=doc)
+            else:
+                p.add_argument(flag, type=kind, required=True, help=doc)
+        elif isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                           help=f"{_doc_of(cls, f.name)} (default {default!r})")
+                           help=f"{doc} (default {default!r})")
         elif isinstance(default, tuple):  # comma-separated values of the elements' type
             p.add_argument(flag, type=_csv(type(default[0])), default=default,
-                           help=f"{_doc_of(cls, f.name)} (default {','.join(map(str, default))})")
+                           help=f"{doc} (default {','.join(map(str, default))})")
         else:
-            kind = str if default is None else type(default)
-            p.add_argument(flag, type=kind, default=default, help=f"{_doc_of(cls, f.name)} (default {default!r})")
+            p.add_argument(flag, type=kind, default=default, help=f"{doc} (default {default!r})")
+
+
+def _config(cls, args):
+    """The dataclass `cls` from the parsed flags of the same names (ConfigError for an invalid value)."""
+    return cls(**{f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v
+                  for f in fields(cls) if hasattr(args, f.name)})
 
 
 def cmd_train_router(args) -> int:
@@ -603,12 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp = esub.add_parser("ppl", help="perplexity of a UTF-8 text file in fixed windows")
     _add_load_args(pp)
     _add_budget_args(pp)
-    pp.add_argument("--text-file", required=True)
-    pp.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
-    pp.add_argument("--max-windows", type=int, default=64, help="evenly spaced windows at most (default 64)")
-    pp.add_argument("--batch-size", type=int, default=4)
-    pp.add_argument("--prefill", type=int, default=0,
-                    help="route each window's first N tokens as a prompt, the rest as decode (default 0: all prompt)")
+    _add_dataclass_args(pp, PplConfig)
     pp.add_argument("--json", action="store_true", help="print one JSON line")
     pp.set_defaults(func=cmd_eval_ppl)
     from .eval.sweep import ALL_TASKS
@@ -622,20 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("--json", action="store_true", help="print one JSON line per task")
     zs.set_defaults(func=cmd_eval_zeroshot)
 
-    from .eval.code import MAX_NEW_TOKENS
-    from .eval.sandbox import Limits
-
     co = esub.add_parser("code", help="HumanEval pass@1: greedy completions, tests run in a sandbox")
     _add_load_args(co)
     _add_budget_args(co)
-    co.add_argument("--limit", type=int, help="first N of the 164 problems (default all)")
-    co.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help=f"per completion (default {MAX_NEW_TOKENS})")
-    co.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
-    co.add_argument("--timeout", type=int, default=int(Limits.timeout_s),
-                    help=f"seconds of wall clock and of CPU per program (default {int(Limits.timeout_s)})")
-    co.add_argument("--weak-sandbox", action="store_true",
-                    help="run generated code without seccomp and Landlock where this machine lacks them")
-    co.add_argument("--samples-out", help="write each completion and its result to this JSONL file")
+    _add_dataclass_args(co, CodeEvalConfig)
     co.add_argument("--json", action="store_true", help="print one JSON line")
     co.set_defaults(func=cmd_eval_code)
 
@@ -643,15 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_args(sw, planner=False)
     sw.add_argument("--kv-policy", default=LoadConfig.kv_policy, choices=KV_POLICIES)
     sw.add_argument("--router", default=None, help=_doc_of(LoadConfig, "router"))
-    sw.add_argument("--methods", type=_csv(str), default=("dense", "static-greedy", "router"),
-                    help="dense and planner names (default dense,static-greedy,router)")
-    sw.add_argument("--layers", default="15:27:4",
-                    help="layer counts: start:stop:step or a list, plus `auto` for the budget predictor (default 15:27:4)")
     sw.add_argument("--predictor", default=None, help=_doc_of(LoadConfig, "predictor"))
     sw.add_argument("--calibration", default=LoadConfig.calibration, help=_doc_of(LoadConfig, "calibration"))
-    sw.add_argument("--tasks", type=_csv(str), required=True, help=f"from: {', '.join(ALL_TASKS)}, mc:FILE")
-    sw.add_argument("--limit", type=int, help="first N documents per task (default all)")
-    sw.add_argument("--out", required=True, help="results JSONL (appended; finished cells are skipped)")
+    _add_dataclass_args(sw, SweepConfig)
     sw.set_defaults(func=cmd_sweep)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a per-request budget")

@@ -181,3 +181,84 @@ class ServeConfig:
     @property
     def policies(self) -> list[str]:
         return [p.strip() for p in self.kv_policies.split(",") if p.strip()]
+
+
+def _at_least(cfg, minimum: int, *names: str, optional: bool = False) -> None:
+    for name in names:
+        v = getattr(cfg, name)
+        if optional and v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise ConfigError(f"invalid {name.replace('_', '-')} {v!r}: must be an integer >= {minimum}")
+
+
+@dataclass
+class PplConfig:
+    """Settings of `buddy eval ppl` (perplexity of a text file in fixed windows).
+
+    text_file: the UTF-8 text file to score.
+    window: tokens per window.
+    max_windows: evenly spaced windows at most.
+    batch_size: windows scored together.
+    prefill: route each window's first N tokens as a prompt, the rest as decode (0: all prompt).
+    """
+
+    text_file: str
+    window: int = 512
+    max_windows: int = 64
+    batch_size: int = 4
+    prefill: int = 0
+
+    def __post_init__(self):
+        _at_least(self, 2, "window")
+        _at_least(self, 1, "max_windows", "batch_size")
+        _at_least(self, 0, "prefill")
+        if self.prefill >= self.window:
+            raise ConfigError(f"invalid prefill {self.prefill}: must be in [0, {self.window})")
+
+
+@dataclass
+class CodeEvalConfig:
+    """Settings of `buddy eval code` (HumanEval pass@1).
+
+    limit: first N of the 164 problems (None: all).
+    max_new_tokens: tokens per completion at most.
+    batch_size: prompts decoded together.
+    timeout: seconds of wall clock and of CPU per program.
+    weak_sandbox: run generated code without seccomp and Landlock where this machine lacks them.
+    samples_out: write each completion and its result to this JSONL file.
+    """
+
+    limit: int | None = None
+    max_new_tokens: int = 512
+    batch_size: int = 8
+    timeout: int = 10
+    weak_sandbox: bool = False
+    samples_out: str | None = None
+
+    def __post_init__(self):
+        _at_least(self, 1, "limit", optional=True)
+        _at_least(self, 1, "max_new_tokens", "batch_size", "timeout")
+
+
+@dataclass
+class SweepConfig:
+    """Settings of `buddy sweep` (a resumable grid of methods x layer counts x tasks into JSONL).
+
+    tasks: comma-separated task names (see `buddy eval zeroshot --help`), `ppl:<domain>`, `mc:FILE`.
+    out: results JSONL (appended; finished cells are skipped).
+    methods: dense and planner names, comma-separated.
+    layers: layer counts: start:stop:step or a comma list, plus `auto` for the budget predictor.
+    limit: first N documents per task (None: all).
+    """
+
+    tasks: tuple[str, ...]
+    out: str
+    methods: tuple[str, ...] = ("dense", "static-greedy", "router")
+    layers: str = "15:27:4"
+    limit: int | None = None
+
+    def __post_init__(self):
+        _at_least(self, 1, "limit", optional=True)
+        if not self.tasks:
+            raise ConfigError("give at least one task")

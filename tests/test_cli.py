@@ -91,6 +91,6 @@ def test_train_and_eval_settings_are_validated(tiny_ckpt, tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("w1 w2")
     r = run("eval", "ppl", "--model", str(tiny_ckpt), "--planner", "full", "--text-file", str(f), "--window", "0")
-    assert r.returncode == 2 and "--window 0" in r.stderr
+    assert r.returncode == 2 and "invalid window 0" in r.stderr
     r = run("generate", "--model", str(tiny_ckpt), "--planner", "router", "--router", str(tmp_path / "none"), "w1")
     assert r.returncode == 2 and "not a router directory" in r.stderr

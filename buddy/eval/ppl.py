@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ..budget import AUTO
+from ..config import PplConfig
 
 AUTO_PROMPT = 128  # budget="auto" with prefill=0: the predictor sees this many leading tokens of a window
 
@@ -45,7 +46,7 @@ def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
 
 
-def evaluate_windows(engine, windows: torch.Tensor, budget=None, layers=None, batch_size: int = 4,
+def evaluate_windows(engine, windows: torch.Tensor, budget=None, layers=None, batch_size: int = PplConfig.batch_size,
                      progress: bool = False, prefill: int = 0, per_window: bool = False) -> PplResult:
     """Mean next-token NLL over windows [N, T] (the first token of each window is context only).
     `prefill`: tokens of each window routed as the prompt; later ones follow decode-time rerouting.

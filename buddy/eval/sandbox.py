@@ -31,6 +31,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import CodeEvalConfig
 from ..errors import BuddyError
 
 PASS_MARKER = "__buddy_sandbox_passed__"
@@ -51,8 +52,8 @@ class SandboxError(BuddyError):
 
 @dataclass(frozen=True)
 class Limits:
-    timeout_s: float = 10.0  # wall clock, per program
-    cpu_s: int = 10
+    timeout_s: float = float(CodeEvalConfig.timeout)  # wall clock, per program
+    cpu_s: int = CodeEvalConfig.timeout
     memory_mb: int = 1024  # address space
     file_mb: int = 16  # largest file the program may write
     max_files: int = 64
