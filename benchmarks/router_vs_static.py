@@ -27,9 +27,16 @@ def main() -> None:
     ap.add_argument("results")
     ap.add_argument("--method", default="router")
     ap.add_argument("--statics", default="static-bi,static-greedy")
+    ap.add_argument("--earlier", help="router rows of another results file (an earlier router on the same windows), "
+                                      "compared to the same best static plans")
+    ap.add_argument("--pivot", action="store_true", help="also a compact table: domains x k, ratio [95%% CI]")
     args = ap.parse_args()
     rows = [r for r in read_results(args.results) if r["task"].startswith("ppl:") and "per_doc" in r]
     cell = {(r["method"], r["task"], r["k"]): r for r in rows}
+    if args.earlier:
+        for r in read_results(args.earlier):
+            if r["method"] == args.method and r["task"].startswith("ppl:") and "per_doc" in r:
+                cell[("earlier", r["task"], r["k"])] = r
     out = []
     print("| domain | held out | k | router ppl | best static | ppl | router / static [95% CI] |")
     print("|---|---|---|---|---|---|---|")
@@ -47,8 +54,27 @@ def main() -> None:
               f"{m:.3f} [{lo:.3f}, {hi:.3f}] |")
         out.append({"domain": dom, "held_out": held, "k": k, "router_ppl": mine["ppl"], "static": best["method"],
                     "static_ppl": best["ppl"], "ratio": m, "ci": [lo, hi]})
+        if ("earlier", task, k) in cell:
+            e = np.asarray(cell[("earlier", task, k)]["per_doc"]["nll"]) - np.asarray(best["per_doc"]["nll"])
+            out[-1]["earlier_ratio"], *out[-1]["earlier_ci"] = (math.exp(x) for x in paired_bootstrap(e))
+    if args.pivot:
+        ks = sorted({x["k"] for x in out})
+        for key, title in (("ratio", args.method), ("earlier_ratio", "earlier router")):
+            if not any(key in x for x in out):
+                continue
+            print(f"\n{title} / best static, per domain (95% paired bootstrap interval over windows)\n")
+            print("| domain | " + " | ".join(f"k={k}" for k in ks) + " |")
+            print("|---|" + "---|" * len(ks))
+            by = {(x["domain"], x["k"]): x for x in out}
+            for dom in sorted({x["domain"] for x in out}, key=lambda d: (d in HELDOUT_DOMAINS, d)):
+                ci = "ci" if key == "ratio" else "earlier_ci"
+                cells = [f"{by[dom, k][key]:.3f} [{by[dom, k][ci][0]:.3f}, {by[dom, k][ci][1]:.3f}]"
+                         if (dom, k) in by and key in by[dom, k] else "" for k in ks]
+                print(f"| {dom}{' (held out)' if dom in HELDOUT_DOMAINS else ''} | " + " | ".join(cells) + " |")
     worst = max(out, key=lambda x: x["ratio"], default=None)
-    print(json.dumps({"cells": len(out), "worst": worst, "never_worse": all(x["ratio"] <= 1 for x in out)}))
+    significant = sum(x["ci"][1] < 1 for x in out)
+    print(json.dumps({"cells": len(out), "better": sum(x["ratio"] < 1 for x in out), "better_ci_below_1": significant,
+                      "worst": worst, "never_worse": all(x["ratio"] <= 1 for x in out)}))
 
 
 if __name__ == "__main__":
