@@ -22,11 +22,12 @@ class NonFiniteLogitsError(ValueError):
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
     """Next token per row [B] from logits [B, V]: greedy at temperature 0, else nucleus sampling."""
-    bad = torch.isnan(logits).any(-1) | (logits == float("inf")).any(-1) | (logits == float("-inf")).all(-1)
+    peak, best = logits.max(dim=-1)  # one pass: max propagates NaN, and +inf or an all -inf row is not finite
+    bad = ~torch.isfinite(peak)
     if bad.any():
         raise NonFiniteLogitsError(bad.nonzero().flatten().tolist())
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return best
     x = logits.double()
     x = (x - x.max(dim=-1, keepdim=True).values) / temperature  # <= 0 everywhere, 0 at the maximum: no overflow
     probs = torch.softmax(x, dim=-1)
