@@ -1,6 +1,6 @@
 """Quality of the quantized weight modes against the dequantized model they come from.
 
-    .venv/bin/python benchmarks/quant_quality.py --model smollm2 --modes gguf,int8
+    .venv/bin/python benchmarks/quant_quality.py --model smollm2 --modes gguf,gguf+int4head,int8
 
 For each mode: perplexity on SOTU test (the sweep's `ppl-sotu` windows: 16 x 512 tokens, 128 routed as the
 prompt) at full depth and at the router's 0.5 budget, and greedy-token agreement on 32-token continuations of
@@ -46,7 +46,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--modes", default="gguf,int8")
+    ap.add_argument("--modes", default="gguf,int8", help="quant modes, and gguf+int4head (the Q8_0 LM head as two "
+                                                          "int4 halves instead of the model's dtype)")
     ap.add_argument("--prompts", type=int, default=50)
     args = ap.parse_args()
     ref = load(args.model, dtype=args.dtype, quant="none")
@@ -65,7 +66,15 @@ def main() -> None:
     result = {"model": args.model, "dtype": args.dtype, "reference": {str(k): v for k, v in base.items()},
               "prompts": len(ps), "modes": {}}
     for mode in args.modes.split(","):
-        m = load(args.model, dtype=args.dtype, quant=mode)
+        if mode == "gguf+int4head":  # the Q8_0 LM head as two int4 halves (bfloat16 logits)
+            from buddy.backbone.loading import MODELS, _one_gguf
+            from buddy.quant import apply_quant
+
+            m = load(args.model, dtype=args.dtype)
+            with _one_gguf(MODELS[args.model]) as path:
+                m.bb.quant = apply_quant(m.bb, "gguf", path, head="int4")
+        else:
+            m = load(args.model, dtype=args.dtype, quant=mode)
         ppl = {k: evaluate_windows(m, windows, layers=k, prefill=PPL_PREFILL).ppl for k in ks}
         toks = continuations(m, ps, L)
         same = sum(a == b for a, b in zip(toks, base_tokens)) / len(ps)

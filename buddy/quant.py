@@ -1,17 +1,19 @@
 """Weight-only quantized linear layers for CPU decode, on PyTorch's own CPU kernels.
 
 Batch-1 decode reads every executed layer's weights once per token, so its speed is set by weight bytes.
-Two modes replace the `nn.Linear` modules inside transformers' own decoder layers (and the LM head), so
+Two modes replace the `nn.Linear` modules inside transformers' own decoder layers, so
 every planner, KV policy and entry point (generate, serve, eval, bench) runs on them unchanged:
 
 - `gguf`: the checkpoint's own quantized blocks. Q4_0, Q4_1 and Q4_K are group-32 4-bit codes with a scale
   and a minimum per group, which is exactly the layout of `aten._weight_int4pack_mm_for_cpu`
   (w = (q - 8) * scale + zero): the codes repack losslessly, with zero = minimum + 8 * scale. Tensors in
-  other formats (Q5_K, Q6_K, Q8_0, F16, F32; the LM head, which GGUF files keep in 8 bits or more) become
-  8-bit per output row, requantized from the dequantized weights (`aten._weight_int8pack_mm`): the nearest
-  form these kernels offer.
-- `int8`: any Hugging Face checkpoint, every linear layer and the LM head in 8 bits per output row
-  (symmetric, scale = max |w| / 127).
+  other formats (Q5_K, Q6_K, Q8_0, F16, F32) become 8-bit per output row, requantized from the dequantized
+  weights (`aten._weight_int8pack_mm`): the nearest form these kernels offer.
+- `int8`: any Hugging Face checkpoint, every linear layer in 8 bits per output row (symmetric,
+  scale = max |w| / 127).
+
+The LM head keeps the model's dtype in both modes: the kernels return bfloat16, and bfloat16 logits flip
+greedy choices between near-tied tokens (measured in benchmarks/quant_quality.py).
 
 The kernels take bfloat16 activations, scales and zeros: each quantized linear casts its input to bfloat16
 and its output back to the model's dtype. Rounding the scales to bfloat16 costs about 0.3% relative error
@@ -44,8 +46,8 @@ class Int4Linear(nn.Module):
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         n, k = codes.shape
-        if k % GROUP or scale.shape != (n, k // GROUP) or zero.shape != scale.shape:
-            raise QuantError(f"int4 repack needs [N, K] codes with K a multiple of {GROUP} and [N, K/{GROUP}] "
+        if k % GROUP or n % 16 or scale.shape != (n, k // GROUP) or zero.shape != scale.shape:
+            raise QuantError(f"int4 repack needs [N, K] codes with K a multiple of {GROUP}, N of 16, and [N, K/{GROUP}] "
                              f"scales and zeros (got {tuple(codes.shape)}, {tuple(scale.shape)}, {tuple(zero.shape)})")
         self.in_features, self.out_features = k, n
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
@@ -87,6 +89,35 @@ class Int8Linear(nn.Module):
             x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight_int8, self.scales)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+class Q8AsInt4Linear(nn.Module):
+    """An 8-bit group-32 weight (GGUF Q8_0: w = q * d, q in [-128, 127]) as two exact 4-bit halves,
+    q = 16 * hi + lo with hi in [-8, 7] and lo in [0, 15]: y = x hi^T * 16d + x lo^T * d, two int4 kernel
+    calls with the block scales kept (an 8-bit row-wise requantization of the LM head moved greedy tokens)."""
+
+    def __init__(self, q: np.ndarray, d: np.ndarray, bias: torch.Tensor | None = None):
+        super().__init__()
+        q = q.astype(np.int16)
+        hi, lo = q >> 4, q & 15  # arithmetic shift: hi in [-8, 7]
+        zeros = np.zeros_like(d)
+        self.hi = Int4Linear(torch.from_numpy((hi + 8).astype(np.uint8)), torch.from_numpy(16 * d),
+                             torch.from_numpy(zeros), None)
+        self.lo = Int4Linear(torch.from_numpy(lo.astype(np.uint8)), torch.from_numpy(d), torch.from_numpy(8 * d), bias)
+        self.in_features, self.out_features = self.hi.in_features, self.hi.out_features
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.hi.weight_bytes + self.lo.weight_bytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hi(x) + self.lo(x)
+
+
+def gguf_q8_0(raw: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A Q8_0 tensor's raw bytes [n, bytes per row] -> int8 codes [n, k] and scales [n, k/32] (w = q * d)."""
+    b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n, k // GROUP, 34)
+    return b[..., 2:].view(np.int8).reshape(n, k), _f16(b[..., 0:2]).squeeze(-1)
 
 
 # --- GGUF 4-bit blocks -> (codes, scale, zero) per group of 32 ---------------------------------------------
@@ -222,13 +253,15 @@ def _head_int8(bb) -> None:
     bb.replace_head(Int8Linear(bb.lm_head.weight, getattr(bb.lm_head, "bias", None)))
 
 
-def quantize_int8(bb) -> None:
-    """Every linear layer of every decoder layer, and the LM head, in 8 bits per output row."""
+def quantize_int8(bb, head: str = "float") -> None:
+    """Every linear layer of every decoder layer in 8 bits per output row; the LM head too with head="int8"
+    (by default it keeps the model's dtype: see quantize_gguf)."""
     for layer in bb.layers:
         for name in _LINEARS:
             lin = layer.get_submodule(name)
             _set(layer, name, Int8Linear(lin.weight, lin.bias))
-    _head_int8(bb)
+    if head != "float":
+        _head_int8(bb)
 
 
 _GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
@@ -296,11 +329,13 @@ def _install(layer: nn.Module, parts: dict[str, tuple], fuse: bool) -> None:
                  Int4Linear(*(torch.from_numpy(a) for a in part[1:4]), part[4]))
 
 
-def quantize_gguf(bb, gguf_path, tolerance: float = 1e-4, fuse: bool = True) -> dict[str, int]:
+def quantize_gguf(bb, gguf_path, tolerance: float = 1e-4, fuse: bool = True, head: str = "float") -> dict[str, int]:
     """Replace the backbone's linear layers with the GGUF file's own blocks. Each repacked tensor is checked
     against the backbone's (dequantized) weight: a mismatch above `tolerance` (relative to the tensor's
     largest weight) raises QuantError instead of serving wrong weights. `fuse`: q/k/v and gate/up each run
-    as one kernel call. Returns {format: tensor count}."""
+    as one kernel call. `head`: `float` keeps the LM head in the model's dtype (the default: the kernels
+    return bfloat16, whose 8-bit mantissa flips greedy choices between near-tied logits), `int4` runs a
+    Q8_0 head as two exact int4 halves (Q8AsInt4Linear; else 8 bits per row). Returns {format: count}."""
     tensors = gguf_tensors(gguf_path)
     cfg = bb.config
     permute = cfg.model_type in ("llama", "mistral")  # llama.cpp permutes q/k rows of these families only
@@ -314,7 +349,7 @@ def quantize_gguf(bb, gguf_path, tolerance: float = 1e-4, fuse: bool = True) -> 
                 raise QuantError(f"{gguf_path}: no tensor blk.{i}.{_GGUF_NAMES[name]}.weight for layer {i} {name}")
             n, k = lin.weight.shape
             qtype, raw = t
-            if qtype in ("Q4_0", "Q4_1", "Q4_K") and k % (256 if qtype == "Q4_K" else GROUP) == 0:
+            if qtype in ("Q4_0", "Q4_1", "Q4_K") and k % (256 if qtype == "Q4_K" else GROUP) == 0 and n % 16 == 0:
                 codes, scale, zero = gguf_4bit_groups(raw, qtype, n, k)
                 if permute and name in ("self_attn.q_proj", "self_attn.k_proj"):
                     heads = cfg.num_attention_heads if name == "self_attn.q_proj" else cfg.num_key_value_heads
@@ -333,12 +368,27 @@ def quantize_gguf(bb, gguf_path, tolerance: float = 1e-4, fuse: bool = True) -> 
                 parts[name], kind = ("module", Int8Linear(lin.weight, lin.bias)), f"{qtype} as int8"
             counts[kind] = counts.get(kind, 0) + 1
         _install(layer, parts, fuse)
-    _head_int8(bb)
-    counts["LM head as int8"] = 1
+    if head == "float":
+        counts["LM head in the model's dtype"] = 1
+        return counts
+    raw_head = tensors.get("output.weight") or tensors.get("token_embd.weight")
+    n, k = bb.lm_head.weight.shape
+    if raw_head is not None and raw_head[0] == "Q8_0" and k % GROUP == 0 and n % 16 == 0:
+        q, d = gguf_q8_0(raw_head[1], n, k)
+        ref = bb.lm_head.weight.detach().float()
+        err = (torch.from_numpy((q.reshape(n, -1, GROUP) * d[..., None]).reshape(n, k)) - ref).abs().max().item()
+        tol = max(tolerance, torch.finfo(bb.lm_head.weight.dtype).eps)
+        if not err <= tol * max(ref.abs().max().item(), 1e-12):
+            raise QuantError(f"{gguf_path}: the Q8_0 LM head differs from the loaded one by {err:.3g}")
+        bb.replace_head(Q8AsInt4Linear(q, d, getattr(bb.lm_head, "bias", None)))
+        counts["LM head Q8_0 as two int4"] = 1
+    else:
+        _head_int8(bb)
+        counts["LM head as int8"] = 1
     return counts
 
 
-def apply_quant(bb, mode: str, gguf_path=None, fuse: bool = True) -> dict[str, int]:
+def apply_quant(bb, mode: str, gguf_path=None, fuse: bool = True, head: str = "float") -> dict[str, int]:
     """Apply a quantized weight mode (`none`, `int8`, `gguf`) to a loaded backbone, in place (`fuse`: see
     quantize_gguf)."""
     if mode not in QUANT_MODES:
@@ -349,12 +399,12 @@ def apply_quant(bb, mode: str, gguf_path=None, fuse: bool = True) -> dict[str, i
         raise QuantError(f"--quant {mode} runs on PyTorch's CPU kernels; on {bb.device.type} use --quant none")
     with torch.no_grad():
         if mode == "int8":
-            quantize_int8(bb)
-            return {"int8": len(bb.layers) * len(_LINEARS) + 1}
+            quantize_int8(bb, head)
+            return {"int8": len(bb.layers) * len(_LINEARS) + (head != "float")}
         if gguf_path is None:
             raise QuantError("--quant gguf needs a model loaded from a GGUF file (the registry models are); "
                              "for a Hugging Face checkpoint directory use --quant int8")
-        return quantize_gguf(bb, gguf_path, fuse=fuse)
+        return quantize_gguf(bb, gguf_path, fuse=fuse, head=head)
 
 
 def weight_bytes(bb, layers=None) -> dict[str, int]:

@@ -16,10 +16,12 @@ from buddy.quant import (
     FusedPart,
     Int4Linear,
     Int8Linear,
+    Q8AsInt4Linear,
     QuantError,
     _llama_rows,
     apply_quant,
     gguf_4bit_groups,
+    gguf_q8_0,
     gguf_tensors,
     weight_bytes,
 )
@@ -49,9 +51,28 @@ def test_int4_linear_equals_its_dequantized_weights():
     assert not torch.allclose(lin(x + 1), out)  # it depends on its input
 
 
+def test_q8_0_as_two_int4_halves_equals_the_q8_0_weights():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((48, 96)).astype(np.float32)
+    raw = gguf.quants.quantize(w, Q.Q8_0)
+    q, d = gguf_q8_0(raw, 48, 96)
+    ref_w = torch.from_numpy(gguf.quants.dequantize(raw, Q.Q8_0))
+    np.testing.assert_allclose((q.reshape(48, -1, GROUP) * d[..., None]).reshape(48, 96), ref_w.numpy(), rtol=0,
+                               atol=1e-7)  # the unpacking is exact
+    lin = Q8AsInt4Linear(q, d)
+    x = torch.randn(3, 96)
+    d_bf16 = _bf16(torch.from_numpy(d))  # the kernel's arithmetic: bf16 scales and activations
+    w_bf16 = (torch.from_numpy(q.astype(np.float32)).view(48, -1, GROUP) * d_bf16[..., None]).view(48, 96)
+    ref = _bf16(x) @ w_bf16.t()
+    assert torch.allclose(lin(x), ref, rtol=0, atol=1e-2 * ref.abs().max().item())  # bf16 outputs per half
+    assert lin.weight_bytes == 2 * (48 * 96 // 2 + 48 * 3 * 2 * 2)  # two 4-bit halves, bf16 scales and zeros
+
+
 def test_int4_linear_refuses_shapes_the_kernel_cannot_take():
     with pytest.raises(QuantError, match="multiple of 32"):
-        Int4Linear(torch.zeros(8, 40, dtype=torch.uint8), torch.zeros(8, 1), torch.zeros(8, 1), None)
+        Int4Linear(torch.zeros(16, 40, dtype=torch.uint8), torch.zeros(16, 1), torch.zeros(16, 1), None)
+    with pytest.raises(QuantError, match="N of 16"):
+        Int4Linear(torch.zeros(8, 64, dtype=torch.uint8), torch.zeros(8, 2), torch.zeros(8, 2), None)
 
 
 def test_int8_linear_rounds_each_row_to_its_own_scale():
@@ -88,7 +109,7 @@ def test_gguf_q4_k_blocks_unpack_to_what_gguf_dequantizes():
     np.testing.assert_allclose(ours.reshape(n, k), gguf.quants.dequantize(raw, Q.Q4_K), rtol=0, atol=1e-6)
 
 
-def _write_gguf(path, bb, qtype="Q4_1", permute=True, perturb=False):
+def _write_gguf(path, bb, qtype="Q4_1", permute=True, perturb=False, head=False):
     """A GGUF holding the tiny backbone's linear layers in `qtype`; the backbone's weights are set to what the
     file dequantizes to (as transformers' GGUF loader would have loaded them)."""
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -110,6 +131,10 @@ def _write_gguf(path, bb, qtype="Q4_1", permute=True, perturb=False):
                     raw, deq = raw[inverse], deq  # the file keeps llama.cpp's row order
                 lin.weight.copy_(torch.from_numpy(deq + (0.5 if perturb and i == 1 else 0)))
                 writer.add_tensor(f"blk.{i}.{short}.weight", raw, raw_dtype=Q[qtype])
+        if head:  # the LM head in Q8_0, as GGUF files keep it
+            raw = gguf.quants.quantize(bb.lm_head.weight.detach().numpy(), Q.Q8_0)
+            bb.lm_head.weight.copy_(torch.from_numpy(gguf.quants.dequantize(raw, Q.Q8_0)))
+            writer.add_tensor("output.weight", raw, raw_dtype=Q.Q8_0)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -128,8 +153,8 @@ def test_gguf_mode_repacks_a_files_blocks_and_matches_the_dequantized_model(tmp_
         ref = bb.dense_logits(ids)
     dense_bytes = weight_bytes(bb)["layer"]
     counts = apply_quant(bb, "gguf", path)
-    assert counts == {f"{qtype} as int4": 28, "LM head as int8": 1}
-    assert isinstance(bb.layers[0].self_attn.o_proj, Int4Linear) and isinstance(bb.lm_head, Int8Linear)
+    assert counts == {f"{qtype} as int4": 28, "LM head in the model's dtype": 1}
+    assert isinstance(bb.layers[0].self_attn.o_proj, Int4Linear) and isinstance(bb.lm_head, torch.nn.Linear)
     assert isinstance(bb.layers[0].self_attn.q_proj, FusedPart)  # q/k/v and gate/up: one kernel call each
     assert weight_bytes(bb)["layer"] < dense_bytes / 4  # 4-bit codes + bf16 scales vs float32
     with torch.no_grad():
@@ -161,6 +186,21 @@ def test_fused_projections_equal_separate_ones(tmp_path, kv_policy, tiny_ckpt):
         rope = fused.rope(x, torch.arange(5)[None])
         for a, b in zip(fused.kv(1, x, rope), separate.kv(1, x, rope)):
             assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_gguf_mode_takes_a_q8_0_head_as_two_int4_halves(tmp_path):
+    bb = tiny_backbone("llama", n_layers=2)
+    with torch.no_grad():  # the int4 kernel needs output rows in multiples of 16: a 112-token vocabulary
+        bb.replace_head(torch.nn.Linear(64, 112, bias=False))
+    path = _write_gguf(tmp_path / "m.gguf", bb, "Q4_0", head=True)
+    ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = bb.dense_logits(ids)
+    assert ref.shape[-1] == 112
+    counts = apply_quant(bb, "gguf", path, head="int4")
+    assert counts["LM head Q8_0 as two int4"] == 1 and isinstance(bb.lm_head, Q8AsInt4Linear)
+    with torch.no_grad():
+        assert (bb.dense_logits(ids) - ref).norm() / ref.norm() < 0.03
 
 
 def test_gguf_mode_refuses_a_file_that_does_not_match_the_weights(tmp_path):
@@ -199,7 +239,6 @@ def test_int8_backbone_runs_routed_decode_close_to_the_float_model(arch, kv_poli
                 prompt, [Budget(layers=k)], max_new_tokens=6, ignore_eos=True))
             outs.append([s[0].token for s in steps])
             assert all(len(s[0].layers) == k for s in steps)
-        assert outs[0][0] == outs[1][0], outs  # random tiny models have near-ties later: compare logits below
     ids = torch.tensor(prompt)
     with torch.no_grad():
         a, b = ref.dense_logits(ids), bb.dense_logits(ids)
@@ -208,7 +247,7 @@ def test_int8_backbone_runs_routed_decode_close_to_the_float_model(arch, kv_poli
 
 def test_load_backbone_applies_the_mode(tiny_ckpt):
     bb = load_backbone(str(tiny_ckpt), device="cpu", dtype="float32", quant="int8")
-    assert bb.quant == {"int8": 6 * 7 + 1} and isinstance(bb.layers[0].self_attn.o_proj, Int8Linear)
+    assert bb.quant == {"int8": 6 * 7} and isinstance(bb.layers[0].self_attn.o_proj, Int8Linear)
     with pytest.raises(QuantError, match="--quant int8"):
         load_backbone(str(tiny_ckpt), device="cpu", dtype="float32", quant="gguf")
 
@@ -230,7 +269,7 @@ def test_bench_latency_counts_quantized_weight_bytes(tiny_ckpt):
     plain = run_latency(str(tiny_ckpt), "float32", "cpu", cfg, progress=lambda m: None)
     q = run_latency(str(tiny_ckpt), "float32", "cpu", cfg, progress=lambda m: None, quant="int8")
     assert q["quant"] == "int8" and plain["quant"] == "none"
-    assert 0.2 < q["dense_weight_bytes"] / plain["dense_weight_bytes"] < 0.35  # 8-bit rows against float32
+    assert q["dense_weight_bytes"] < 0.8 * plain["dense_weight_bytes"]  # 8-bit layers (the head stays float32)
 
 
 def test_llamacpp_timing_on_a_stand_in(monkeypatch, tmp_path):
