@@ -122,7 +122,7 @@ def test_eval_code_cli_errors(tiny_ckpt, capsys, tmp_path):
     from buddy.cli import main
 
     base = ["eval", "code", "--model", str(tiny_ckpt), "--dtype", "float32"]
-    for extra, fragment in [(["--limit", "0"], "--limit"), (["--budget", "20"], "layers=20"),
+    for extra, fragment in [(["--limit", "0"], "invalid limit 0"), (["--budget", "20"], "layers=20"),
                             (["--samples-out", str(tmp_path / "missing" / "s.jsonl")], "does not exist"),
                             (["--samples-out", str(tmp_path / "s.txt")], ".jsonl"),
                             (["--budget", "auto"], "auto")]:
