@@ -44,20 +44,32 @@ def _sync(device) -> None:
 
 
 def time_hf(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, float]:
-    """(time to first token ms, ms per later token) of transformers' greedy generate."""
+    """(time to first token ms, median ms per later token) of transformers' greedy generate, from the time
+    each token reaches a streamer (robust to run-to-run noise, unlike differences of whole runs)."""
+    class Stamps:  # transformers calls put() with the prompt, then once per generated token
+        def __init__(self):
+            self.t = []
+
+        def put(self, value):
+            _sync(ids.device)
+            self.t.append(time.perf_counter())
+
+        def end(self):
+            pass
+
     def run(n):
+        st = Stamps()
         _sync(ids.device)
         t0 = time.perf_counter()
         with torch.inference_mode():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=model.config.eos_token_id)
-        _sync(ids.device)
-        return (time.perf_counter() - t0) * 1e3
+                           do_sample=False, pad_token_id=model.config.eos_token_id, streamer=st)
+        tokens = st.t[1:]  # the first put() is the prompt
+        return (tokens[0] - t0) * 1e3, statistics.median(1e3 * (b - a) for a, b in zip(tokens, tokens[1:]))
 
     run(2)  # warm-up
-    pairs = [(run(1), run(new_tokens)) for _ in range(repeats)]  # paired, so drift between runs cancels
-    ttft = statistics.median(a for a, _ in pairs)
-    return ttft, statistics.median((b - a) / (new_tokens - 1) for a, b in pairs)
+    runs = [run(new_tokens) for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 def time_engine(engine, prompts: list[list[int]], k, new_tokens: int, repeats: int) -> tuple[float, float]:
