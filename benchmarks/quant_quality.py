@@ -67,11 +67,11 @@ def main() -> None:
               "prompts": len(ps), "modes": {}}
     for mode in args.modes.split(","):
         if mode == "gguf+int4head":  # the Q8_0 LM head as two int4 halves (bfloat16 logits)
-            from buddy.backbone.loading import MODELS, _one_gguf
+            from buddy.backbone.loading import MODELS, gguf_file
             from buddy.quant import apply_quant
 
             m = load(args.model, dtype=args.dtype)
-            with _one_gguf(MODELS[args.model]) as path:
+            with gguf_file(MODELS[args.model]) as path:
                 m.bb.quant = apply_quant(m.bb, "gguf", path, head="int4")
         else:
             m = load(args.model, dtype=args.dtype, quant=mode)

@@ -236,6 +236,16 @@ def _llama_rows(n: int, n_head: int) -> np.ndarray:
     return idx.reshape(n_head, n // n_head // 2, 2).swapaxes(2, 1).reshape(n)
 
 
+def _check_repack(deq: torch.Tensor, weight: torch.Tensor, tolerance: float, what: str) -> None:
+    """Raise QuantError unless the repacked weights `deq` equal the loaded `weight` (relative to its largest
+    entry; a bfloat16 model holds rounded weights, so its own precision is allowed)."""
+    ref = weight.detach().float()
+    err = (deq - ref).abs().max().item()
+    if not err <= max(tolerance, torch.finfo(weight.dtype).eps) * max(ref.abs().max().item(), 1e-12):
+        raise QuantError(f"{what} differ from the loaded weights by {err:.3g}: is this the GGUF the checkpoint "
+                         "was built from?")
+
+
 def _dequant(codes, scale, zero) -> torch.Tensor:
     n, k = codes.shape
     w = (codes.reshape(n, k // GROUP, GROUP).astype(np.float32) - 8) * scale[..., None] + zero[..., None]
@@ -280,13 +290,12 @@ class FusedPart(nn.Module):
     called on another input (the `fill` policy's K/V-only path calls k and v alone), a part runs its own
     kernel, so skipped layers still read only the K/V weights."""
 
-    def __init__(self, group: _Group, index: int, own: nn.Module):
+    def __init__(self, group: _Group, index: int, own: nn.Module | None):
         super().__init__()
         self.group, self.index = group, index
         if index == 0:
             self.fused = group.module
-        self._own = (own,)  # not a registered submodule: weight_bytes counts the fused weights once
-        self.in_features, self.out_features = own.in_features, own.out_features
+        self._own = own and (own,)  # not a registered submodule: weight_bytes counts the fused weights once
 
     @property
     def weight_bytes(self) -> int:
@@ -303,7 +312,9 @@ class FusedPart(nn.Module):
             if self.index == len(g.sizes) - 1:
                 g.last = None
             return out
-        return self._own[0](x)
+        if self._own:
+            return self._own[0](x)
+        return g.module(x).split(g.sizes, dim=-1)[self.index]  # a part nothing calls alone (up) has no own
 
 
 def _install(layer: nn.Module, parts: dict[str, tuple], fuse: bool) -> None:
@@ -320,7 +331,8 @@ def _install(layer: nn.Module, parts: dict[str, tuple], fuse: bool) -> None:
             group = _Group(Int4Linear(*(torch.from_numpy(a) for a in cat), bias),
                            [parts[n][1].shape[0] for n in names])
             for j, n in enumerate(names):
-                own = Int4Linear(*(torch.from_numpy(a) for a in parts[n][1:4]), parts[n][4])
+                alone = n in ("self_attn.k_proj", "self_attn.v_proj")  # Backbone.kv calls them without q
+                own = Int4Linear(*(torch.from_numpy(a) for a in parts[n][1:4]), parts[n][4]) if alone else None
                 _set(layer, n, FusedPart(group, j, own))
                 done.add(n)
     for n, part in parts.items():
@@ -355,12 +367,8 @@ def quantize_gguf(bb, gguf_path, tolerance: float = 1e-4, fuse: bool = True, hea
                     heads = cfg.num_attention_heads if name == "self_attn.q_proj" else cfg.num_key_value_heads
                     order = _llama_rows(n, heads)
                     codes, scale, zero = codes[order], scale[order], zero[order]
-                ref = lin.weight.detach().float()
-                err = (_dequant(codes, scale, zero) - ref).abs().max().item()
-                tol = max(tolerance, torch.finfo(lin.weight.dtype).eps)  # a bf16 model holds rounded weights
-                if not err <= tol * max(ref.abs().max().item(), 1e-12):
-                    raise QuantError(f"{gguf_path}: the repacked {qtype} blocks of layer {i} {name} differ from the "
-                                     f"loaded weights by {err:.3g}: is this the GGUF the checkpoint was built from?")
+                _check_repack(_dequant(codes, scale, zero), lin.weight, tolerance,
+                              f"{gguf_path}: the repacked {qtype} blocks of layer {i} {name}")
                 bias = None if lin.bias is None else lin.bias.detach().float()
                 parts[name] = ("int4", codes, scale, zero, bias)
                 kind = f"{qtype} as int4"
@@ -375,11 +383,8 @@ def quantize_gguf(bb, gguf_path, tolerance: float = 1e-4, fuse: bool = True, hea
     n, k = bb.lm_head.weight.shape
     if raw_head is not None and raw_head[0] == "Q8_0" and k % GROUP == 0 and n % 16 == 0:
         q, d = gguf_q8_0(raw_head[1], n, k)
-        ref = bb.lm_head.weight.detach().float()
-        err = (torch.from_numpy((q.reshape(n, -1, GROUP) * d[..., None]).reshape(n, k)) - ref).abs().max().item()
-        tol = max(tolerance, torch.finfo(bb.lm_head.weight.dtype).eps)
-        if not err <= tol * max(ref.abs().max().item(), 1e-12):
-            raise QuantError(f"{gguf_path}: the Q8_0 LM head differs from the loaded one by {err:.3g}")
+        _check_repack(torch.from_numpy((q.reshape(n, -1, GROUP) * d[..., None]).reshape(n, k)), bb.lm_head.weight,
+                      tolerance, f"{gguf_path}: the Q8_0 LM head's blocks")
         bb.replace_head(Q8AsInt4Linear(q, d, getattr(bb.lm_head, "bias", None)))
         counts["LM head Q8_0 as two int4"] = 1
     else:
@@ -407,7 +412,7 @@ def apply_quant(bb, mode: str, gguf_path=None, fuse: bool = True, head: str = "f
         return quantize_gguf(bb, gguf_path, fuse=fuse, head=head)
 
 
-def weight_bytes(bb, layers=None) -> dict[str, int]:
+def weight_bytes(bb) -> dict[str, int]:
     """Bytes one decode step reads from weights: {"layer": per decoder layer (mean), "head": LM head}."""
     def size(m: nn.Module) -> int:
         if hasattr(m, "weight_bytes"):

@@ -124,16 +124,9 @@ def _write_cache(name: str, src: PackagedGGUF, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        if len(parts) == 1:
-            gguf_dir, gguf_name = parts[0].parent, parts[0].name
-        else:  # split across packages: concatenate in order into one GGUF
-            gguf_dir, gguf_name = work, "model.gguf"
-            with open(work / gguf_name, "wb") as out:
-                for p in parts:
-                    with open(p, "rb") as f:
-                        shutil.copyfileobj(f, out, 1 << 24)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+        with gguf_file(src) as path:
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         out_dir = work / "ckpt"
         out_dir.mkdir()
         cfg = model.config
@@ -148,8 +141,6 @@ def _write_cache(name: str, src: PackagedGGUF, target: Path) -> None:
         meta = {"name": name, "source": [str(p) for p in parts], "sha256": _sha256_files(parts),
                 "files": _file_digests(out_dir)}  # checked at every load (verify_cache)
         (out_dir / "buddy-source.json").write_text(json.dumps(meta, indent=1))
-        if gguf_dir == work:
-            (work / gguf_name).unlink()
         if target.exists():
             shutil.rmtree(target)
         os.replace(out_dir, target)
@@ -246,7 +237,7 @@ def load_backbone(model: str = "smollm2", device: str = "auto", dtype: str = "au
         from ..quant import apply_quant
 
         if quant == "gguf" and name in MODELS:
-            with _one_gguf(MODELS[name]) as gguf_path:
+            with gguf_file(MODELS[name]) as gguf_path:
                 bb.quant = apply_quant(bb, quant, gguf_path)
         else:
             bb.quant = apply_quant(bb, quant)
@@ -254,8 +245,9 @@ def load_backbone(model: str = "smollm2", device: str = "auto", dtype: str = "au
 
 
 @contextlib.contextmanager
-def _one_gguf(src: PackagedGGUF):
-    """The packaged GGUF as one file: the file itself, or its split parts joined in a temporary file."""
+def gguf_file(src: PackagedGGUF):
+    """The packaged GGUF as one file: the file itself, or its split parts joined in order in a temporary
+    file (removed on exit). Used to build the cache and by `--quant gguf` and `--compare llama.cpp`."""
     parts = src.locate()
     if len(parts) == 1:
         yield parts[0]

@@ -135,10 +135,10 @@ def run_latency(model: str, dtype: str, device: str, cfg: LatencyConfig, progres
         for P in prompt_lens:
             prompts = torch.randint(bb.shapes.vocab // 4, bb.shapes.vocab // 2, (B, P), generator=gen)  # ordinary tokens
             if cfg.compare == "llama.cpp" and B == 1:
-                from ..backbone.loading import MODELS, _one_gguf
+                from ..backbone.loading import MODELS, gguf_file
                 from .llamacpp import time_llamacpp
 
-                with _one_gguf(MODELS[model]) as gguf_path:
+                with gguf_file(MODELS[model]) as gguf_path:
                     lc_ttft, lc_ms = time_llamacpp(gguf_path, prompts[0].tolist(), new_tokens, repeats,
                                                    torch.get_num_threads())
                 rows.append({"impl": "llama.cpp", "planner": "full", "batch": 1, "prompt_len": P, "k": L,
