@@ -29,6 +29,7 @@ ROUTER_PLANNERS = {  # name -> RouterPlanner options (ablations of the trained r
 PLANNERS = ("full", *STATIC_PLANNERS, *ROUTER_PLANNERS)
 ROUTERS = Path(__file__).parent / "data" / "routers"
 PREDICTORS = Path(__file__).parent / "data" / "predictors"
+DEPTHS = Path(__file__).parent / "data" / "depth"
 
 
 def make_predictor(bb: Backbone, path: str | None = None):
@@ -40,6 +41,18 @@ def make_predictor(bb: Backbone, path: str | None = None):
         return None
     module, _ = load_predictor(d, checksum=bb.checksum)
     return module.to(bb.device)
+
+
+def make_depth(bb: Backbone, kv_policy: str, path: str | None = None):
+    """The depth head for allocation="token": from `path`, else the one shipped for the model and KV policy,
+    else None."""
+    from .allocation import load_depth
+
+    d = Path(path) if path else DEPTHS / f"{bb.name}-{kv_policy}"
+    if not path and not (d / "depth.json").is_file():
+        return None
+    head, _ = load_depth(d, checksum=bb.checksum, n_layers=bb.n_layers)
+    return head.to(bb.device)
 
 
 def router_dir(bb: Backbone, kv_policy: str) -> Path | None:
@@ -93,7 +106,7 @@ def make_planner(name: str | None, bb: Backbone, kv_policy: str = LoadConfig.kv_
 
 def load(model: str = LoadConfig.model, **options) -> Engine:
     """A ready Engine. `options` are the fields of `buddy.config.LoadConfig` (planner, kv_policy, device,
-    dtype, router, reroute_every, predictor, calibration); unknown names raise ConfigError."""
+    dtype, router, reroute_every, predictor, calibration, depth); unknown names raise ConfigError."""
     from dataclasses import fields
 
     from .config import ConfigError
@@ -105,4 +118,4 @@ def load(model: str = LoadConfig.model, **options) -> Engine:
     cfg = LoadConfig(model=model, **options)
     bb = load_backbone(cfg.model, cfg.device, cfg.dtype, cfg.quant)
     return Engine(bb, make_planner(cfg.planner, bb, cfg.kv_policy, cfg.router, cfg.reroute_every, cfg.calibration),
-                  cfg.kv_policy, make_predictor(bb, cfg.predictor))
+                  cfg.kv_policy, make_predictor(bb, cfg.predictor), make_depth(bb, cfg.kv_policy, cfg.depth))

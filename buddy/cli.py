@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .budget import AUTO, Budget, budget_echo, request_budget
 from .config import (
+    ALLOCATIONS,
     DTYPES,
     KV_POLICIES,
     QUANT_MODES,
@@ -98,7 +99,7 @@ def _add_load_args(p: argparse.ArgumentParser, planner: bool = True, skip: tuple
         p.add_argument("--planner", default=d.planner, help=_doc_of(LoadConfig, "planner"))
         p.add_argument("--kv-policy", default=d.kv_policy, choices=KV_POLICIES, help=_doc_of(LoadConfig, "kv_policy"))
         p.add_argument("--router", default=d.router, help=_doc_of(LoadConfig, "router"))
-        for name, kind in (("reroute_every", int), ("predictor", str), ("calibration", str)):
+        for name, kind in (("reroute_every", int), ("predictor", str), ("calibration", str), ("depth", str)):
             if name not in skip:
                 p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
                                help=_doc_of(LoadConfig, name))
@@ -123,8 +124,8 @@ def _load(args):
     from .api import load
 
     return load(args.model, planner=args.planner, kv_policy=args.kv_policy, device=args.device, dtype=args.dtype,
-                quant=args.quant, router=args.router, reroute_every=args.reroute_every, predictor=args.predictor,
-                calibration=args.calibration)
+                quant=args.quant, router=args.router, reroute_every=args.reroute_every,
+                predictor=getattr(args, "predictor", None), calibration=args.calibration, depth=getattr(args, "depth", None))
 
 
 def cmd_generate(args) -> int:
@@ -229,9 +230,11 @@ def cmd_eval_ppl(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     r = evaluate_windows(m, windows, **({"budget": AUTO} if k == AUTO else {"layers": k}),
-                         batch_size=cfg.batch_size, progress=not args.json, prefill=cfg.prefill)
+                         batch_size=cfg.batch_size, progress=not args.json, prefill=cfg.prefill,
+                         allocation=cfg.allocation)
     out = {"ppl": round(r.ppl, 4), "tokens": r.tokens, "layers_per_token": round(r.layers_per_token, 3),
-           "planner": m.planner.name, "kv_policy": m.kv_policy, **budget_echo(budget, k), "model": m.bb.name}
+           "planner": m.planner.name, "kv_policy": m.kv_policy, **budget_echo(budget, k), "model": m.bb.name,
+           "allocation": cfg.allocation}
     if r.chosen_k:
         out["chosen_k"] = r.chosen_k
     if args.json:
@@ -348,7 +351,7 @@ def cmd_serve(args) -> int:
     require_extra("uvicorn", "serve", "buddy serve")
     import uvicorn
 
-    from .api import make_planner, make_predictor
+    from .api import make_depth, make_planner, make_predictor
     from .backbone import load_backbone
     from .config import ServeConfig
     from .engine import Engine
@@ -357,7 +360,8 @@ def cmd_serve(args) -> int:
     cfg = ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig)})
     bb = load_backbone(args.model, args.device, args.dtype, getattr(args, "quant", "none"))
     predictor = make_predictor(bb, args.predictor)
-    engines = {p: Engine(bb, make_planner(args.planner, bb, p, args.router, calibration=args.calibration), p, predictor)
+    engines = {p: Engine(bb, make_planner(args.planner, bb, p, args.router, calibration=args.calibration), p, predictor,
+                         make_depth(bb, p, args.depth))
                for p in cfg.policies}
     server = Server(engines, bb.name, cfg)
     planner = engines[cfg.policies[0]].planner.name
@@ -492,6 +496,32 @@ def cmd_train_predictor(args) -> int:
     return 0
 
 
+def cmd_train_depth(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .allocation import save_depth
+    from .corpus import VERSION, describe, mix_windows
+    from .train.depth import DepthTrainConfig, fit_depth
+
+    cfg = _config(DepthTrainConfig, args)
+    out = _out_dir(args.out or f"runs/depth-{Path(args.model).name}-{args.kv_policy}", "--out")
+    m = _load(args)
+    train = mix_windows(m.tokenizer, "train", cfg.window, cfg.windows)
+    val = mix_windows(m.tokenizer, "validation", cfg.window, cfg.val_windows)
+    data = (f"training mix v{VERSION} (buddy/corpus.py), windows of {cfg.window} tokens, first {cfg.prefill} as the "
+            f"prompt; train: {describe(train)}; validation: {describe(val)}")
+    command = "buddy train depth " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+    head, meta = fit_depth(m, torch.cat(list(train.values())), torch.cat(list(val.values())), cfg, data, command)
+    save_depth(head, meta, out)
+    print(f"wrote {out}/depth.safetensors and depth.json (levels {list(head.cfg.levels)})")
+    for k, r in meta.validation["table"].items():
+        print(f"validation, mean {k} layers: per-token {r['ppl']:.3f} at {r['layers']:.2f} layers, fixed "
+              f"{r['fixed_ppl']:.3f} ({100 * r['change']:+.1f}%; table estimate)")
+    return 0
+
+
 def cmd_export(args) -> int:
     _out_dir(args.out, "--out", empty=True)
     from .backbone import load_backbone
@@ -566,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=d.top_p, help=_doc_of(GenerateConfig, "top_p"))
     g.add_argument("--seed", type=int, default=d.seed, help=_doc_of(GenerateConfig, "seed"))
     g.add_argument("--chat", action="store_true", help=_doc_of(GenerateConfig, "chat"))
+    g.add_argument("--allocation", default=d.allocation, choices=ALLOCATIONS, help=_doc_of(GenerateConfig, "allocation"))
     g.add_argument("--trace", help="write one JSON line per generated token: token, text, executed_layers, "
                                    "budget, layers, k, n_layers, ms")
     g.add_argument("--quiet-summary", action="store_true", help="print the summary line to stderr")
@@ -582,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="output JSON (default: the user cache, never the installed package)")
     c.set_defaults(func=cmd_calibrate)
 
-    t = sub.add_parser("train", help="train the router")
+    t = sub.add_parser("train", help="train the router, the budget predictor or the depth head")
     tsub = t.add_subparsers(dest="train_command", required=True)
     tr = tsub.add_parser("router", help="train a Decision Module on a frozen backbone")
     from .train.router import TrainConfig
@@ -596,11 +627,19 @@ def build_parser() -> argparse.ArgumentParser:
     tp = tsub.add_parser("predictor", help="train the Budget Predictor (GRPO) for budget=auto")
     from .train.predictor import PredictorTrainConfig
 
-    _add_load_args(tp, skip=("reroute_every", "predictor"), quant=False)  # it trains the predictor, on every-token routing
+    _add_load_args(tp, skip=("reroute_every", "predictor", "depth"), quant=False)  # it trains the predictor, on every-token routing
     _add_dataclass_args(tp, PredictorTrainConfig)
     tp.add_argument("--out", help="output directory (default runs/predictor-<model>)")
     tp.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
     tp.set_defaults(func=cmd_train_predictor)
+
+    td = tsub.add_parser("depth", help="fit the depth head for allocation=token (ridge regression, minutes)")
+    from .train.depth import DepthTrainConfig
+
+    _add_load_args(td, skip=("predictor", "depth"), quant=False)
+    _add_dataclass_args(td, DepthTrainConfig)
+    td.add_argument("--out", help="output directory (default runs/depth-<model>-<kv policy>)")
+    td.set_defaults(func=cmd_train_depth)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_command", required=True)
@@ -622,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.sweep import ALL_TASKS
 
     zs = esub.add_parser("zeroshot", help="benchmark tasks: multiple-choice log-likelihood, LAMBADA, GSM8K")
-    _add_load_args(zs)
+    _add_load_args(zs, skip=("depth",))
     _add_budget_args(zs)
     zs.add_argument("--tasks", type=_csv(str), help=f"comma-separated, from: {', '.join(ALL_TASKS)}")
     zs.add_argument("--mc-file", help='your own JSONL, one {"question", "choices", "gold"} per line')
@@ -631,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     zs.set_defaults(func=cmd_eval_zeroshot)
 
     co = esub.add_parser("code", help="HumanEval pass@1: greedy completions, tests run in a sandbox")
-    _add_load_args(co)
+    _add_load_args(co, skip=("depth",))
     _add_budget_args(co)
     _add_dataclass_args(co, CodeEvalConfig)
     co.add_argument("--json", action="store_true", help="print one JSON line")
@@ -652,6 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--router", default=None, help=_doc_of(LoadConfig, "router"))
     sv.add_argument("--predictor", default=None, help=_doc_of(LoadConfig, "predictor"))
     sv.add_argument("--calibration", default=LoadConfig.calibration, help=_doc_of(LoadConfig, "calibration"))
+    sv.add_argument("--depth", default=None, help=_doc_of(LoadConfig, "depth"))
     _add_dataclass_args(sv, ServeConfig)
     sv.set_defaults(func=cmd_serve)
 

@@ -15,10 +15,17 @@ KV_POLICIES = ("fill", "mask", "zero")
 DEFAULT_KV_POLICY = KV_POLICIES[0]  # the one place the default KV policy is named
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANT_MODES = ("none", "int8", "gguf")
+ALLOCATIONS = ("request", "token")  # how a budget is spent: every token k layers, or each token its own depth
 
 
 class ConfigError(BuddyError):
     """A setting is not valid; the message names the value and what is allowed."""
+
+
+def _one_of(cfg, name: str, allowed: tuple[str, ...]) -> None:
+    v = getattr(cfg, name)
+    if v not in allowed:
+        raise ConfigError(f"invalid {name} {v!r}: must be one of {', '.join(allowed)}")
 
 
 def cache_dir() -> Path:
@@ -48,6 +55,8 @@ class LoadConfig:
     router: a router directory (router.safetensors + router.json); default: the one shipped for the model.
     reroute_every: router planners re-plan every N decode tokens (1 = every token, 0 = frozen after prefill).
     predictor: a budget predictor directory for budget="auto"; default: the one shipped for the model.
+    depth: a depth head directory for allocation="token" (`buddy train depth`); default: the one shipped for
+        the model and KV policy.
     calibration: the layer calibration behind the static planners: `mix` (measured on the training mix),
         `sotu` (on SOTU speeches, the earlier default), or a JSON file from `buddy calibrate`; default: the
         shipped `mix` calibration, else the shipped `sotu` one.
@@ -63,6 +72,7 @@ class LoadConfig:
     reroute_every: int = 1
     predictor: str | None = None
     calibration: str | None = None
+    depth: str | None = None
 
     def __post_init__(self):
         if isinstance(self.reroute_every, bool) or not isinstance(self.reroute_every, int) or self.reroute_every < 0:
@@ -85,6 +95,8 @@ class GenerateConfig:
     seed: random seed for sampling.
     chat: wrap the prompt in the model's chat template.
     ignore_eos: keep generating past end-of-sequence tokens (benchmarks need a fixed length).
+    allocation: `request` (every generated token runs the budget's k layers) or `token` (each token its own
+        depth from the depth head; the request's mean stays within half a layer of k; buddy/allocation.py).
     """
 
     max_new_tokens: int = 64
@@ -93,8 +105,10 @@ class GenerateConfig:
     seed: int = 0
     chat: bool = False
     ignore_eos: bool = False
+    allocation: str = ALLOCATIONS[0]
 
     def __post_init__(self):
+        _one_of(self, "allocation", ALLOCATIONS)
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"invalid max_new_tokens {self.max_new_tokens!r}: must be an integer >= 1")
         if not self.temperature >= 0:
@@ -201,6 +215,8 @@ class PplConfig:
     max_windows: evenly spaced windows at most.
     batch_size: windows scored together.
     prefill: route each window's first N tokens as a prompt, the rest as decode (0: all prompt).
+    allocation: `request` (every token the budget's k layers) or `token` (the decode part takes per-token
+        depths from the depth head, the mean exact; prefill 0 then acts as 1).
     """
 
     text_file: str
@@ -208,8 +224,10 @@ class PplConfig:
     max_windows: int = 64
     batch_size: int = 4
     prefill: int = 0
+    allocation: str = ALLOCATIONS[0]
 
     def __post_init__(self):
+        _one_of(self, "allocation", ALLOCATIONS)
         _at_least(self, 2, "window")
         _at_least(self, 1, "max_windows", "batch_size")
         _at_least(self, 0, "prefill")

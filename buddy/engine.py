@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .allocation import AllocationError, TokenAccount
 from .backbone import Backbone
 from .budget import AUTO, BudgetError, request_budget
 from .config import DEFAULT_KV_POLICY, GenerateConfig
@@ -59,11 +60,13 @@ class Step:
 
 
 class Engine:
-    def __init__(self, backbone: Backbone, planner: Planner, kv_policy: str = DEFAULT_KV_POLICY, predictor=None):
+    def __init__(self, backbone: Backbone, planner: Planner, kv_policy: str = DEFAULT_KV_POLICY, predictor=None,
+                 depth=None):
         self.bb = backbone
         self.planner = planner
         self.kv_policy = kv_policy
         self.predictor = predictor  # BudgetPredictor for budget="auto", or None
+        self.depth = depth  # DepthHead for allocation="token", or None
 
     @property
     def n_layers(self) -> int:
@@ -81,6 +84,13 @@ class Engine:
         return KVCache(self.bb.shapes, batch, max_len, self.kv_policy, self.bb.dtype, self.bb.device,
                        pool_kv0=self.planner.needs_kv0)
 
+    def token_account(self, ks, per_token=True) -> TokenAccount:
+        """The layer account of allocation="token" for rows with target counts ks (see buddy/allocation.py)."""
+        if self.depth is None and (per_token is True or any(per_token)):
+            raise AllocationError(f"allocation 'token' needs a depth head for model {self.bb.name!r}: fit one with "
+                                  f"`buddy train depth --model {self.bb.name}` and pass --depth DIR")
+        return TokenAccount(self.depth, ks, per_token, self.n_layers)
+
     # --- the routed loop ----------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: KVCache, k, valid: torch.Tensor | None = None):
@@ -90,6 +100,8 @@ class Engine:
     def _forward(self, input_ids, cache, k, valid=None):
         bb = self.bb
         h, rope = prologue(bb, input_ids, cache, valid)
+        if cache.account is not None:  # allocation="token": each token's own count, the request's mean exact
+            k = cache.account.depths(h, prompt=cache.slot[0] == 0)
         plan = self.planner.plan(h, cache, k)
         cache.route(plan)
         runs_all, runs_any = plan.all(dim=(0, 1)).tolist(), plan.any(dim=(0, 1)).tolist()  # one host sync
@@ -193,6 +205,8 @@ class Engine:
             ks = [next(chosen) if k == AUTO else k for k in ks]
         B, P = len(rows), max(len(r) for r in rows)
         cache = self.new_cache(B, P + cfg.max_new_tokens)
+        if cfg.allocation == "token":
+            cache.account = self.token_account(ks)
         dev = self.bb.device
         x = torch.tensor([[0] * (P - len(r)) + r for r in rows], device=dev)
         valid = torch.tensor([[False] * (P - len(r)) + [True] * len(r) for r in rows], device=dev)

@@ -53,6 +53,7 @@ class KVCache:
         self.keep = None  # [B, T] bool while a layer runs on tokens of which only some execute it
         self.rows = None  # LongTensor of the batch rows a layer runs on (decode with per-row plans)
         self.planner_state = None  # per-sequence state a planner keeps between forwards
+        self.account = None  # allocation="token": the rows' TokenAccount (buddy/allocation.py)
         self.store = store
         self._slot = (0, 0)
         self._valid = None
@@ -147,6 +148,8 @@ class KVCache:
         if self.planner_state:
             self.planner_state = {n: t[index] if torch.is_tensor(t) and t.dim() else t
                                   for n, t in self.planner_state.items()}
+        if self.account is not None:
+            self.account.take_rows(index)
         self.batch = int(index.numel())
 
     @classmethod

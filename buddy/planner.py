@@ -1,6 +1,7 @@
 """Planners: turn a layer budget k into a Plan, a [B, T, L] boolean tensor (True = the token runs the layer).
 
-Every plan executes exactly k layers per token, layer 0 and layer L-1 among them. A planner is called
+Every plan executes exactly k layers per token, layer 0 and layer L-1 among them; k is one count, one per
+row, or one per token ([B, T], allocation="token"). A planner is called
 by the engine after layer 0 has run, with layer 0's output for the new tokens and the KV cache (whose
 pooled layer-0 K/V is the router's context feature).
 """
@@ -27,19 +28,21 @@ def plan_table(order: list[int], n_layers: int) -> torch.Tensor:
 
 
 def topk_plan(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Exact top-(k-2) of the intermediate-layer scores [B, T, L-2] -> plan [B, T, L]; k is [B] (per row)."""
+    """Exact top-(k-2) of the intermediate-layer scores [B, T, L-2] -> plan [B, T, L]; k is [B] (per row) or
+    [B, T] (per token)."""
     B, T, M = scores.shape
     ranks = scores.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = best
-    mid = ranks < (k.view(B, 1, 1) - ALWAYS_ON)
+    mid = ranks < (k.view(B, -1, 1) - ALWAYS_ON)
     on = torch.ones(B, T, 1, dtype=torch.bool, device=scores.device)
     return torch.cat([on, mid, on], dim=-1)
 
 
 def as_row_budgets(k, batch: int, device) -> torch.Tensor:
-    """An int or a sequence of per-row layer counts -> LongTensor [B]."""
+    """An int or a sequence of per-row layer counts -> LongTensor [B]; per-token counts [B, T] pass through."""
     if isinstance(k, int):
         return torch.full((batch,), k, dtype=torch.long, device=device)
-    return torch.as_tensor(k, dtype=torch.long, device=device).view(batch)
+    k = torch.as_tensor(k, dtype=torch.long, device=device)
+    return k if k.dim() == 2 else k.view(batch)
 
 
 class Planner:
@@ -103,5 +106,5 @@ class StaticPlanner(Planner):
 
     def plan(self, h0, cache, k):
         B, T = h0.shape[:2]
-        rows = self.table.to(h0.device)[as_row_budgets(k, B, h0.device)]  # [B, L]
-        return rows[:, None, :].expand(B, T, rows.shape[-1])
+        rows = self.table.to(h0.device)[as_row_budgets(k, B, h0.device)]  # [B, L], or [B, T, L] per token
+        return rows if rows.dim() == 3 else rows[:, None, :].expand(B, T, rows.shape[-1])

@@ -137,14 +137,25 @@ class RouterPlanner(Planner):
             s = s + self.prior.to(h0.device)
         return s, (gate if self.use_gate else None)
 
-    def plan(self, h0, cache, k):
-        B = h0.shape[0]
-        ks = as_row_budgets(k, B, h0.device)
-        s, gate = self.scores(h0, cache, k)
+    def routed(self, h0, cache, ks: torch.Tensor) -> torch.Tensor:
+        """Plans [B, T, L] for per-row layer counts ks [B]."""
+        s, gate = self.scores(h0, cache, ks)
         plan = topk_plan(s, ks)
         if gate is not None:  # tokens whose gate is closed run the prior's plan
             prior_plan = topk_plan(self.prior.to(h0.device).expand_as(s), ks)
             plan = torch.where(gate[..., None] > 0, plan, prior_plan)
+        return plan
+
+    def plan(self, h0, cache, k):
+        B = h0.shape[0]
+        ks = as_row_budgets(k, B, h0.device)
+        if ks.dim() == 1:
+            plan = self.routed(h0, cache, ks)
+        else:  # per-token counts: each token takes the router's plan at its own count
+            plan = None
+            for v in ks.unique().tolist():
+                p = self.routed(h0, cache, torch.full((B,), v, dtype=torch.long, device=h0.device))
+                plan = p if plan is None else torch.where((ks == v)[..., None], p, plan)
         start, end = cache.slot
         if start == 0:  # prefill: every prompt token routed; remember where decoding starts
             cache.planner_state = {"prefill_end": end, "last": plan[:, -1]}

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "buddy"
-CORE = ("config", "errors", "budget", "backbone", "kv_cache", "router", "planner", "engine", "sampling", "quant")
+CORE = ("config", "errors", "budget", "backbone", "kv_cache", "router", "planner", "engine", "sampling", "quant",
+        "allocation")
 OUTER = ("train", "eval", "serve", "cli", "harness", "api")
 
 

@@ -81,6 +81,8 @@ CASES = [
     ("kv_policy list", C, hi(kv_policy=["fill"]), 400, "kv_policy"),
     ("kv_policy object", C, hi(kv_policy={"a": 1}), 400, "kv_policy"),
     ("kv_policy number", C, hi(kv_policy=5), 400, "kv_policy"),
+    ("allocation unknown", C, hi(allocation="layer"), 400, "allocation"),
+    ("allocation list", C, hi(allocation=["token"]), 400, "allocation"),
     ("unknown model", C, hi(model="gpt-9"), 404, "model"),
     # prompts
     ("prompt empty", C, {"prompt": ""}, 400, "prompt"),

@@ -28,11 +28,15 @@ class PplResult:
 
 
 @torch.inference_mode()
-def window_logits(engine, ids: torch.Tensor, k: int, prefill: int = 0):
+def window_logits(engine, ids: torch.Tensor, k: int, prefill: int = 0, allocation: str = "request"):
     """Teacher-forced logits of ids [B, T]: the first `prefill` tokens as a prompt, the rest as decode
     (one parallel forward each; equal to step-by-step decode). prefill=0: the whole window as a prompt.
-    k: one layer count, or one per row."""
+    k: one layer count, or one per row. allocation="token": the decode part takes per-token depths with the
+    row's mean exact (buddy/allocation.py); prefill 0 then acts as 1."""
     cache = engine.new_cache(ids.shape[0], ids.shape[1])
+    if allocation == "token":
+        cache.account = engine.token_account([k] * ids.shape[0] if isinstance(k, int) else list(k))
+        prefill = prefill or 1
     if not 0 < prefill < ids.shape[1]:
         h, plan = engine.forward(ids, cache, k)
         return engine.bb.head(h), plan
@@ -47,10 +51,12 @@ def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate_windows(engine, windows: torch.Tensor, budget=None, layers=None, batch_size: int = PplConfig.batch_size,
-                     progress: bool = False, prefill: int = 0, per_window: bool = False) -> PplResult:
+                     progress: bool = False, prefill: int = 0, per_window: bool = False,
+                     allocation: str = PplConfig.allocation) -> PplResult:
     """Mean next-token NLL over windows [N, T] (the first token of each window is context only).
     `prefill`: tokens of each window routed as the prompt; later ones follow decode-time rerouting.
-    `per_window`: also return each window's mean NLL (`window_nll`)."""
+    `per_window`: also return each window's mean NLL (`window_nll`).
+    `allocation`: `request` (every token k layers) or `token` (per-token depth, mean exact; see window_logits)."""
     total, count, layer_sum, window_nll = 0.0, 0, 0.0, []
     k = engine.resolve_k(budget, layers)
     ks = None
@@ -59,7 +65,7 @@ def evaluate_windows(engine, windows: torch.Tensor, budget=None, layers=None, ba
     it = range(0, windows.shape[0], batch_size)
     for s in tqdm(it, desc="ppl", unit="batch", disable=not progress, leave=False):
         ids = windows[s:s + batch_size].to(engine.bb.device)
-        logits, plan = window_logits(engine, ids, ks[s:s + batch_size] if ks else k, prefill)
+        logits, plan = window_logits(engine, ids, ks[s:s + batch_size] if ks else k, prefill, allocation)
         # one flat sum, as always: documented perplexities and the calibration reproduce bit for bit
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"

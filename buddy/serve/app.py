@@ -5,7 +5,8 @@
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (the model's chat
 template); streaming (server-sent events) and not. Buddy's own request fields, which the `openai` client sends
 with `extra_body=`: `budget` (a fraction in (0, 1] or "auto") or `layers` (an exact layer count), and
-`kv_policy`. `usage` adds `layers_per_token` (measured), `budget`, `layers` and `k`. Errors use OpenAI's
+`kv_policy`, and `allocation` ("request", the default, or "token": each token its own depth, the mean exact).
+`usage` adds `layers_per_token` (measured), `budget`, `layers`, `k` and `allocation`. Errors use OpenAI's
 format with a 4xx status.
 """
 
@@ -24,7 +25,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..budget import AUTO, Budget, BudgetError, budget_echo, request_budget
-from ..config import KV_POLICIES, ServeConfig
+from ..config import ALLOCATIONS, KV_POLICIES, ServeConfig
 from .scheduler import Request, Scheduler
 
 
@@ -144,6 +145,13 @@ class Server:
             engine.planner.check(k, self.engine.n_layers)
         except BudgetError as e:
             raise APIError(400, str(e), "budget") from None
+        allocation = body.get("allocation") or ALLOCATIONS[0]
+        if not isinstance(allocation, str) or allocation not in ALLOCATIONS:
+            raise APIError(400, f"invalid allocation {allocation!r}: must be one of {', '.join(ALLOCATIONS)}",
+                           "allocation")
+        if allocation == "token" and engine.depth is None:
+            raise APIError(400, "allocation 'token' needs a depth head, and this server has none for kv_policy "
+                                f"{policy!r} (start it with --depth DIR)", "allocation")
         temperature = body.get("temperature")
         temperature = 1.0 if temperature is None else temperature  # OpenAI's default; 0 is greedy
         top_p = 1.0 if body.get("top_p") is None else body["top_p"]
@@ -165,7 +173,7 @@ class Server:
         opts = body.get("stream_options") or {}
         return ids, {"k": k, "kv_policy": policy, "max_tokens": max_tokens, "temperature": float(temperature),
                      "top_p": float(top_p), "seed": seed, "stop": stop, "stream": stream, "budget": budget,
-                     "include_usage": bool(isinstance(opts, dict) and opts.get("include_usage"))}
+                     "allocation": allocation, "include_usage": bool(isinstance(opts, dict) and opts.get("include_usage"))}
 
     # --- running a request --------------------------------------------------------------------------
     def submit(self, ids: list[int], o: dict) -> tuple[Request, asyncio.Queue]:
@@ -176,7 +184,7 @@ class Server:
             loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
 
         req = Request(prompt=ids, k=o["k"], kv_policy=o["kv_policy"], max_tokens=o["max_tokens"], on_event=on_event,
-                      temperature=o["temperature"], top_p=o["top_p"], seed=o["seed"])
+                      temperature=o["temperature"], top_p=o["top_p"], seed=o["seed"], allocation=o["allocation"])
         self.scheduler.submit(req)
         return req, events
 
@@ -211,7 +219,7 @@ class Server:
         n = len(req.tokens)
         return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n,
                 "layers_per_token": round(req.layer_sum / max(n, 1), 3), **budget_echo(o["budget"], o["k"]),
-                "n_layers": self.engine.n_layers}
+                "allocation": o["allocation"], "n_layers": self.engine.n_layers}
 
 
 class _Guard:

@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..allocation import TokenAccount
 from ..kv_cache import KVCache
 from ..sampling import Detokenizer, sample
 
 
 @dataclass
 class Request:
-    """One generation: prompt token ids, exact layer count k, KV policy and sampling settings.
+    """One generation: prompt token ids, exact layer count k (the mean, with allocation "token"), KV policy and
+    sampling settings.
 
     `on_event(kind, payload)` is called from the scheduler thread with ("token", (text, layers)) per token and
     ("done", finish_reason) once (finish_reason: "stop", "length", "cancelled" or "error: ...")."""
@@ -36,6 +38,7 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    allocation: str = "request"  # or "token": per-token depth, mean exact (buddy/allocation.py)
     cancelled: bool = False
     tokens: list[int] = field(default_factory=list)
     layer_sum: int = 0
@@ -130,6 +133,8 @@ class Scheduler:
         engine = self.engines[req.kv_policy]
         try:
             cache = engine.new_cache(1, len(req.prompt) + req.max_tokens)
+            if req.allocation == "token":
+                cache.account = engine.token_account([req.k])
             h, plan = engine.forward(torch.tensor([req.prompt], device=engine.bb.device), cache, req.k)
             row = _Row(req, Detokenizer(engine.tokenizer), torch.Generator(device=engine.bb.device).manual_seed(req.seed))
             if self._emit(row, engine.bb.head(h[:, -1]), plan[0, -1]):
@@ -173,11 +178,11 @@ class Scheduler:
         if gone:
             g.rows = [r for r in g.rows if not r.req.cancelled]
             g.dirty = True
+        engine = self.engines[policy]
         if g.dirty:
-            self._rebuild(g)
+            self._rebuild(g, engine)
         if not g.rows:
             return
-        engine = self.engines[policy]
         x = torch.tensor([[r.last] for r in g.rows], device=engine.bb.device)
         h, plan = engine.forward(x, g.cache, [r.req.k for r in g.rows])
         logits = engine.bb.head(h[:, -1])
@@ -187,9 +192,10 @@ class Scheduler:
             g.rows = [r for r, kp in zip(g.rows, keep) if kp]
             g.dirty = True
 
-    def _rebuild(self, g: _Group) -> None:
+    def _rebuild(self, g: _Group, engine) -> None:
         """One batch cache for the group's current rows plus the newly prefilled ones."""
         parts = [(g.cache, r.index) for r in g.rows] + [(c, 0) for _, c in g.pending]
+        accounts = [(c.account, i, r.req.k) for (c, i), r in zip(parts, g.rows + [r for r, _ in g.pending])]
         g.rows = g.rows + [r for r, _ in g.pending]
         for i, r in enumerate(g.rows):
             r.index = i
@@ -199,4 +205,5 @@ class Scheduler:
             return
         reserve = max(r.req.max_tokens - len(r.req.tokens) for r in g.rows)
         g.cache = KVCache.from_rows(parts, reserve)
+        g.cache.account = TokenAccount.join(accounts, engine.depth, engine.n_layers)
 
