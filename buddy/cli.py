@@ -32,6 +32,7 @@ from .config import (
     PplConfig,
     ServeConfig,
     SweepConfig,
+    ZeroshotConfig,
 )
 from .errors import BuddyError, require_extra
 
@@ -251,22 +252,19 @@ def cmd_eval_zeroshot(args) -> int:
     from .eval.sweep import check_task, run_task
 
     budget = _budget(args)
-    tasks = list(args.tasks or ())
-    if args.mc_file:
-        _in_text_file(args.mc_file, "--mc-file")
-        tasks.append(f"mc:{args.mc_file}")
-    if not tasks:
-        raise UsageError("give --tasks and/or --mc-file")
+    cfg = _config(ZeroshotConfig, args)
+    tasks = list(cfg.tasks)
+    if cfg.mc_file:
+        _in_text_file(cfg.mc_file, "--mc-file")
+        tasks.append(f"mc:{cfg.mc_file}")
     for t in tasks:
         check_task(t)
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"invalid --limit {args.limit}: must be >= 1")
     m = _load(args)
     k = m.resolve_k(budget)
     rows = []
     for t in tasks:
         r = {"task": t, "model": m.bb.name, "planner": m.planner.name, "kv_policy": m.kv_policy, **budget_echo(budget, k),
-             **run_task(m, t, k, args.limit, progress=not args.json)}
+             **run_task(m, t, k, cfg.limit, progress=not args.json)}
         rows.append(r)
         if args.json:
             print(json.dumps(r), flush=True)
@@ -393,8 +391,8 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] =
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                            help=f"{doc} (default {default!r})")
         elif isinstance(default, tuple):  # comma-separated values of the elements' type
-            p.add_argument(flag, type=_csv(type(default[0])), default=default,
-                           help=f"{doc} (default {','.join(map(str, default))})")
+            p.add_argument(flag, type=_csv(type(default[0]) if default else str), default=default,
+                           help=f"{doc} (default {','.join(map(str, default)) or 'none'})")
         else:
             p.add_argument(flag, type=kind, default=default, help=f"{doc} (default {default!r})")
 
@@ -660,12 +658,11 @@ def build_parser() -> argparse.ArgumentParser:
     pp.set_defaults(func=cmd_eval_ppl)
     from .eval.sweep import ALL_TASKS
 
-    zs = esub.add_parser("zeroshot", help="benchmark tasks: multiple-choice log-likelihood, LAMBADA, GSM8K")
+    zs = esub.add_parser("zeroshot", help="benchmark tasks: multiple-choice log-likelihood, LAMBADA, GSM8K",
+                         description=f"tasks: {', '.join(ALL_TASKS)}")
     _add_load_args(zs, skip=("depth",))
     _add_budget_args(zs)
-    zs.add_argument("--tasks", type=_csv(str), help=f"comma-separated, from: {', '.join(ALL_TASKS)}")
-    zs.add_argument("--mc-file", help='your own JSONL, one {"question", "choices", "gold"} per line')
-    zs.add_argument("--limit", type=int, help="first N documents per task (default all)")
+    _add_dataclass_args(zs, ZeroshotConfig)
     zs.add_argument("--json", action="store_true", help="print one JSON line per task")
     zs.set_defaults(func=cmd_eval_zeroshot)
 

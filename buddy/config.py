@@ -260,6 +260,25 @@ class CodeEvalConfig:
 
 
 @dataclass
+class ZeroshotConfig:
+    """Settings of `buddy eval zeroshot` (multiple-choice log-likelihood, LAMBADA, GSM8K).
+
+    tasks: comma-separated task names (listed at the top of `buddy eval zeroshot --help`).
+    mc_file: your own JSONL, one {"question", "choices", "gold"} per line.
+    limit: first N documents per task (None: all).
+    """
+
+    tasks: tuple[str, ...] = ()
+    mc_file: str | None = None
+    limit: int | None = None
+
+    def __post_init__(self):
+        _at_least(self, 1, "limit", optional=True)
+        if not self.tasks and not self.mc_file:
+            raise ConfigError("give --tasks and/or --mc-file")
+
+
+@dataclass
 class SweepConfig:
     """Settings of `buddy sweep` (a resumable grid of methods x layer counts x tasks into JSONL).
 
