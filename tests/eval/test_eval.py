@@ -283,7 +283,7 @@ def test_router_vs_static_benchmark_reads_sweep_rows(tmp_path):
     f = tmp_path / "r.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = subprocess.run([sys.executable, "benchmarks/router_vs_static.py", str(f)], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+                         cwd=Path(__file__).resolve().parents[2], timeout=120)
     assert out.returncode == 0, out.stderr
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last["cells"] == 2 and last["never_worse"] and last["worst"]["static"] == "static-greedy"
