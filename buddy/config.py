@@ -197,7 +197,8 @@ class ServeConfig:
         return [p.strip() for p in self.kv_policies.split(",") if p.strip()]
 
 
-def _at_least(cfg, minimum: int, *names: str, optional: bool = False) -> None:
+def at_least(cfg, minimum: int, *names: str, optional: bool = False) -> None:
+    """ConfigError unless each named field of cfg is an integer >= minimum (None allowed with `optional`)."""
     for name in names:
         v = getattr(cfg, name)
         if optional and v is None:
@@ -228,9 +229,9 @@ class PplConfig:
 
     def __post_init__(self):
         _one_of(self, "allocation", ALLOCATIONS)
-        _at_least(self, 2, "window")
-        _at_least(self, 1, "max_windows", "batch_size")
-        _at_least(self, 0, "prefill")
+        at_least(self, 2, "window")
+        at_least(self, 1, "max_windows", "batch_size")
+        at_least(self, 0, "prefill")
         if self.prefill >= self.window:
             raise ConfigError(f"invalid prefill {self.prefill}: must be in [0, {self.window})")
 
@@ -255,8 +256,8 @@ class CodeEvalConfig:
     samples_out: str | None = None
 
     def __post_init__(self):
-        _at_least(self, 1, "limit", optional=True)
-        _at_least(self, 1, "max_new_tokens", "batch_size", "timeout")
+        at_least(self, 1, "limit", optional=True)
+        at_least(self, 1, "max_new_tokens", "batch_size", "timeout")
 
 
 @dataclass
@@ -273,7 +274,7 @@ class ZeroshotConfig:
     limit: int | None = None
 
     def __post_init__(self):
-        _at_least(self, 1, "limit", optional=True)
+        at_least(self, 1, "limit", optional=True)
         if not self.tasks and not self.mc_file:
             raise ConfigError("give --tasks and/or --mc-file")
 
@@ -296,6 +297,6 @@ class SweepConfig:
     limit: int | None = None
 
     def __post_init__(self):
-        _at_least(self, 1, "limit", optional=True)
+        at_least(self, 1, "limit", optional=True)
         if not self.tasks:
             raise ConfigError("give at least one task")

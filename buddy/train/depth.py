@@ -25,7 +25,7 @@ from ..allocation import (
     fit_ridge,
 )
 from ..artifacts import git_commit
-from ..config import ConfigError, _at_least
+from ..config import ConfigError, at_least
 from ..engine import layer0
 
 
@@ -51,8 +51,8 @@ class DepthTrainConfig:
     targets: str = ""
 
     def __post_init__(self):
-        _at_least(self, 1, "windows", "val_windows", "batch_size", "prefill")
-        _at_least(self, 2, "window")
+        at_least(self, 1, "windows", "val_windows", "batch_size", "prefill")
+        at_least(self, 2, "window")
         if self.prefill >= self.window - 1:
             raise ConfigError(f"invalid prefill {self.prefill}: must be below window - 1 ({self.window - 1})")
         if not self.ridge > 0:

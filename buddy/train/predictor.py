@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from ..artifacts import git_commit, load_state, save_state
 from ..budget import Budget
-from ..config import DEFAULT_KV_POLICY, ConfigError, cache_dir
+from ..config import DEFAULT_KV_POLICY, ConfigError, at_least, cache_dir
 from ..predictor import (
     BudgetPredictor,
     PredictorConfig,
@@ -90,10 +90,7 @@ class PredictorTrainConfig:
             PredictorConfig(1, 1, self.level_list)
         except ValueError:
             raise ConfigError(f"invalid --levels {self.levels!r}: increasing fractions in (0, 1], e.g. 0.5,0.75,1") from None
-        for name in ("group", "steps", "batch", "inner", "prompts", "val_prompts", "prompt_len", "cont_len", "width"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"invalid {name} {v!r}: must be an integer >= 1")
+        at_least(self, 1, "group", "steps", "batch", "inner", "prompts", "val_prompts", "prompt_len", "cont_len", "width")
         if self.group < 2:
             raise ConfigError(f"invalid group {self.group}: GRPO needs at least 2 samples per prompt")
         if self.data not in ("mix", "sotu"):
