@@ -16,7 +16,6 @@ token comes from the prompt's forward, which runs every prompt token at k.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,27 +204,10 @@ def save_depth(head: DepthHead, meta: DepthMeta, out_dir: Path) -> None:
 
 def load_depth(path: Path, checksum: str | None = None, n_layers: int | None = None) -> tuple[DepthHead, DepthMeta]:
     """(DepthHead, DepthMeta) from a depth directory; checks it was made for this model."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from .artifacts import read_artifact
 
-    path = Path(path)
-    wf, jf = path / "depth.safetensors", path / "depth.json"
-    if not wf.is_file() or not jf.is_file():
-        raise DepthFileError(f"{path} is not a depth head directory (needs depth.safetensors and depth.json)")
-    try:
-        meta = DepthMeta(**json.loads(jf.read_text()))
-        head = DepthHead(DepthConfig(**meta.config))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise DepthFileError(f"{jf} is corrupt ({e})") from None
-    if n_layers is not None and meta.n_layers != n_layers:
-        raise DepthFileError(f"{path}: depth head was fitted for a {meta.n_layers}-layer model, this one has {n_layers}")
-    if checksum is not None and meta.checksum != checksum:
-        raise DepthFileError(f"{path}: depth head was fitted for model {meta.model!r} with other weights "
-                             f"(checksum {meta.checksum[:12]} != {checksum[:12]})")
-    try:
-        head.load_state_dict(load_file(wf))
-    except (SafetensorError, RuntimeError, OSError) as e:
-        raise DepthFileError(f"{wf} is corrupt ({e})") from None
+    head, meta = read_artifact(path, "depth", DepthMeta, lambda m: DepthHead(DepthConfig(**m.config)), DepthFileError,
+                               "depth head", checksum, n_layers)
     if not torch.isfinite(head.weight).all() or math.isnan(float(head.mu_table[head.cfg.levels[0]])):
-        raise DepthFileError(f"{wf} is corrupt (non-finite weights or an empty mu table)")
+        raise DepthFileError(f"{Path(path) / 'depth.safetensors'} is corrupt (non-finite weights or an empty mu table)")
     return head, meta

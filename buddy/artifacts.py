@@ -45,6 +45,34 @@ def write_artifact(module: nn.Module, meta, out_dir: Path, stem: str, skip: tupl
     os.replace(tmp_w, out_dir / f"{stem}.safetensors")
 
 
+def read_artifact(path: Path, stem: str, meta_cls, build, error, what: str, checksum: str | None = None,
+                  n_layers: int | None = None):
+    """(module, meta) from `<stem>.safetensors` and `<stem>.json` in `path`: `build(meta)` makes the module, and
+    every problem (missing or corrupt files, another model's weights or layer count) is `error` naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    wf, jf = path / f"{stem}.safetensors", path / f"{stem}.json"
+    if not wf.is_file() or not jf.is_file():
+        raise error(f"{path} is not a {what} directory (needs {wf.name} and {jf.name})")
+    try:
+        meta = meta_cls(**json.loads(jf.read_text()))
+        module = build(meta)
+    except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
+        raise error(f"{jf} is corrupt ({e})") from None
+    if n_layers is not None and meta.n_layers != n_layers:
+        raise error(f"{path}: the {what} was made for a {meta.n_layers}-layer model, this one has {n_layers}")
+    if checksum is not None and meta.checksum != checksum:
+        raise error(f"{path}: the {what} was made for model {meta.model!r} with other weights "
+                    f"(checksum {meta.checksum[:12]} != {checksum[:12]})")
+    try:
+        module.load_state_dict(load_file(wf))
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise error(f"{wf} is corrupt ({e})") from None
+    return module, meta
+
+
 def save_state(path: Path, state: dict) -> None:
     """Training state (tensors, numbers, lists, dicts) written atomically with torch.save."""
     path = Path(path)

@@ -8,7 +8,6 @@ buddy/train/predictor.py) samples. Costs one layer-0 pass over the prompt.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,23 +105,8 @@ def save_predictor(module: BudgetPredictor, meta: PredictorMeta, out_dir: Path) 
 
 
 def load_predictor(path: Path, checksum: str | None = None) -> tuple[BudgetPredictor, PredictorMeta]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from .artifacts import read_artifact
 
-    path = Path(path)
-    wf, jf = path / "predictor.safetensors", path / "predictor.json"
-    if not wf.is_file() or not jf.is_file():
-        raise PredictorFileError(f"{path} is not a predictor directory (needs predictor.safetensors and predictor.json)")
-    try:
-        meta = PredictorMeta(**json.loads(jf.read_text()))
-        module = BudgetPredictor(PredictorConfig(**meta.config))
-    except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
-        raise PredictorFileError(f"{jf} is corrupt ({e})") from None
-    if checksum is not None and meta.checksum != checksum:
-        raise PredictorFileError(f"{path}: predictor was trained for model {meta.model!r} with other weights "
-                                 f"(checksum {meta.checksum[:12]} != {checksum[:12]})")
-    try:
-        module.load_state_dict(load_file(wf))
-    except (SafetensorError, RuntimeError, OSError) as e:
-        raise PredictorFileError(f"{wf} is corrupt ({e})") from None
+    module, meta = read_artifact(path, "predictor", PredictorMeta, lambda m: BudgetPredictor(PredictorConfig(**m.config)),
+                                 PredictorFileError, "predictor", checksum)
     return module.eval(), meta
