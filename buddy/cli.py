@@ -110,8 +110,13 @@ def _add_load_args(p: argparse.ArgumentParser, planner: bool = True, skip: tuple
         p.add_argument("--quant", default=d.quant, choices=QUANT_MODES, help=_doc_of(LoadConfig, "quant"))
 
 
-def _add_budget_args(p: argparse.ArgumentParser) -> None:
+def _add_budget_args(p: argparse.ArgumentParser, export: bool = False) -> None:
     g = p.add_mutually_exclusive_group()
+    if export:  # hf: the one fixed depth; vllm: the default of requests that name no budget
+        g.add_argument("--budget", "--default-budget", help="fraction of layers, in (0, 1] (default 1); for "
+                                                            "--format vllm the budget of requests that give none")
+        g.add_argument("--layers", help="exact number of layers (2..L)")
+        return
     g.add_argument("--budget", help="fraction of layers each token executes, in (0, 1] (default 1), or `auto` "
                                     "(the budget predictor chooses per prompt)")
     g.add_argument("--layers", help="exact number of layers each token executes (2..L)")
@@ -696,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="a plain Hugging Face checkpoint with a fixed k-layer static plan")
     _add_load_args(ex, planner=False, quant=False)
-    _add_budget_args(ex)
+    _add_budget_args(ex, export=True)
     ex.add_argument("--planner", default="static-greedy", choices=EXPORT_PLANNERS,
                     help="which static layer order (router-prior: the shipped router's prior; default static-greedy)")
     ex.add_argument("--calibration", default=LoadConfig.calibration, help=_doc_of(LoadConfig, "calibration"))

@@ -94,6 +94,8 @@ def test_vllm_export_holds_the_model_router_and_budget_settings(tiny_ckpt, tmp_p
     assert (tmp_path / "v" / "model.safetensors").is_file() and (tmp_path / "v" / "tokenizer.json").is_file()
     assert main(base + ["--out", str(tmp_path / "w")]) == 0
     assert json.loads((tmp_path / "w" / "config.json").read_text())["buddy"]["default_layers"] == 6  # all layers
+    assert main(base + ["--default-budget", "0.5", "--out", str(tmp_path / "d")]) == 0  # the vLLM spelling
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["buddy"]["default_layers"] == 3
     capsys.readouterr()
     with pytest.raises(SystemExit):  # vLLM's attention kernel has no per-position mask
         main(base + ["--kv-policy", "mask", "--out", str(tmp_path / "x")])
