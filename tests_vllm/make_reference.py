@@ -1,5 +1,6 @@
-"""Run in Buddy's main environment (transformers as pinned): a tiny Llama checkpoint, a random router, their
-`export --format vllm` directory, and Buddy's own greedy tokens for the asks the vLLM test makes.
+"""Run in Buddy's main environment (transformers as pinned): tiny Llama and Qwen2 checkpoints, random routers,
+their `export --format vllm` directories, and Buddy's own greedy tokens for the asks the vLLM test makes; the
+same for the embedded SmolLM2 with its shipped router, when it is installed (`make`).
 
     .venv/bin/python tests_vllm/make_reference.py OUT_DIR      # writes OUT_DIR/model and OUT_DIR/reference.json
 """
@@ -34,6 +35,7 @@ def main(out: Path) -> None:
     ref = {"n_layers": L, "new_tokens": NEW}
     for family in FAMILIES:
         ref[family] = family_reference(out, family)
+    ref["smollm2"] = smollm2_reference(out)
     (out / "reference.json").write_text(json.dumps(ref))
 
 
@@ -58,6 +60,32 @@ def family_reference(out: Path, family: str) -> list[dict]:
         toks = [s.token for s in eng.generate(ids, layers=k, max_new_tokens=NEW, ignore_eos=True)]
         ref.append({"prompt_ids": ids, "layers": k, "kv_policy": policy, "tokens": toks})
     return ref
+
+
+SMOLLM2_PROMPTS = ("The capital of France is", "def fibonacci(n):")
+SMOLLM2_ASKS = [(0, 15), (1, 23), (0, 30), (1, 30)]  # (prompt, layers)
+
+
+def smollm2_reference(out: Path) -> dict | None:
+    """The embedded model with its shipped fill router, float32: the export and Buddy's greedy tokens."""
+    from buddy.api import load, router_dir
+    from buddy.backbone.loading import ModelNotFoundError
+    from buddy.config import cache_dir
+    from buddy.router import load_router
+
+    try:
+        m = load("smollm2", device="cpu", dtype="float32")
+    except ModelNotFoundError:
+        return None
+    bb = m.bb
+    module, meta = load_router(router_dir(bb, "fill"), checksum=bb.checksum, n_layers=bb.n_layers)
+    export_vllm(bb, module, meta, out / "model-smollm2", default_layers=bb.n_layers, command="test", kv_policy="fill")
+    asks = []
+    for p, k in SMOLLM2_ASKS:
+        ids = m.encode(SMOLLM2_PROMPTS[p])
+        toks = [s.token for s in m.generate(ids, layers=k, max_new_tokens=NEW, ignore_eos=True)]
+        asks.append({"prompt_ids": ids, "layers": k, "tokens": toks})
+    return {"n_layers": bb.n_layers, "dense": str(cache_dir() / "models" / "smollm2"), "asks": asks}
 
 
 if __name__ == "__main__":

