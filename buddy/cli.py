@@ -639,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     td = tsub.add_parser("depth", help="fit the depth head for allocation=token (ridge regression, minutes)")
     from .train.depth import DepthTrainConfig
 
-    _add_load_args(td, skip=("predictor", "depth"), quant=False)
+    _add_load_args(td, skip=("predictor", "depth"))
     _add_dataclass_args(td, DepthTrainConfig)
     td.add_argument("--out", help="output directory (default runs/depth-<model>-<kv policy>)")
     td.set_defaults(func=cmd_train_depth)
