@@ -28,6 +28,7 @@ from .errors import BuddyError
 
 DEPTH_LEVELS = (0.35, 0.42, 0.5, 0.58, 0.63, 0.7, 0.77, 0.83, 0.9, 1.0)  # fractions of L: the depths a token may take
 HORIZON = 16  # tokens over which a surplus (or saving) of layers is paid back
+SPAN = 0  # a token's depth stays within SPAN layers of the request's k (0: any level); see research/depth_span.py
 
 
 class AllocationError(BuddyError):
@@ -49,6 +50,7 @@ class DepthConfig:
     n_layers: int
     levels: tuple[int, ...]
     horizon: int = HORIZON
+    span: int = SPAN
 
     def __post_init__(self):
         self.levels = tuple(int(x) for x in self.levels)
@@ -57,6 +59,8 @@ class DepthConfig:
             raise ValueError(f"invalid depth levels {self.levels}: increasing layer counts in [2, {self.n_layers}]")
         if self.horizon < 1:
             raise ValueError(f"invalid horizon {self.horizon}: must be >= 1")
+        if self.span < 0:
+            raise ValueError(f"invalid span {self.span}: must be >= 0 (0: any level)")
 
 
 class DepthHead(nn.Module):
@@ -87,10 +91,15 @@ class DepthHead(nn.Module):
         t = self.mu_table.to(g.device)
         return t[i0] * (1 - w) + t[i0 + 1] * w
 
-    def choose(self, pred: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-        """Level (layer count) minimising predicted NLL + mu * k: pred [B, n_levels], mu [B] -> [B] long."""
+    def choose(self, pred: torch.Tensor, mu: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """Level (layer count) minimising predicted NLL + mu * k: pred [B, n_levels], mu [B] -> [B] long. With a
+        span and the rows' targets [B], levels farther than `span` from the target are out (the nearest stays)."""
         ks = self.ks.to(pred.device)
-        return ks[(pred + mu[:, None] * ks).argmin(-1)].long()
+        cost = pred + mu[:, None] * ks
+        if self.cfg.span and target is not None:
+            off = (ks[None] - target[:, None].float()).abs()
+            cost = torch.where(off <= self.cfg.span, cost, 1e4 * (1 + off))
+        return ks[cost.argmin(-1)].long()
 
 
 def fit_mu_table(pred: torch.Tensor, levels: list[int], n_layers: int, iters: int = 60) -> torch.Tensor:
@@ -151,7 +160,7 @@ class TokenAccount:
             if pred is not None:
                 surplus = (spent - (c - 1) * k).float()
                 goal = k.float() - surplus / self.head.cfg.horizon
-                chosen = self.head.choose(pred[:, t], self.head.mu(goal))
+                chosen = self.head.choose(pred[:, t], self.head.mu(goal), k)
                 lo = (c * k - c // 2 - spent).clamp(min=ALWAYS_ON)
                 hi = (c * k + c // 2 - spent).clamp(max=self.n_layers)
                 k = torch.where(free, torch.maximum(torch.minimum(chosen, hi), lo), k)

@@ -295,3 +295,13 @@ def test_train_depth_then_generate_and_eval_with_it(tiny_ckpt, tmp_path, monkeyp
                  "--text-file", str(text), "--window", "32", "--prefill", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["allocation"] == "token" and abs(out["layers_per_token"] - 4) <= 0.5
+
+
+def test_a_span_keeps_every_token_near_k():
+    head = random_head()
+    head.cfg.span = 2
+    acc = TokenAccount(head, [6, 7], True, L)
+    acc.depths(torch.randn(2, 3, 64), prompt=True)
+    d = torch.cat([acc.depths(torch.randn(2, 1, 64) * 2, prompt=False) for _ in range(60)], dim=1)
+    assert ((d - torch.tensor([[6], [7]])).abs() <= 2).all() and len(set(d[0].tolist())) > 1
+    assert all(abs(m - k) <= 0.5 for m, k in zip(acc.mean(), (6, 7)))

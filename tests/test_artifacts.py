@@ -1,4 +1,4 @@
-"""Shipped artifacts (calibrations, routers, predictors) agree with each other and name how they were made.
+"""Shipped artifacts (calibrations, routers, predictors, depth heads) agree with each other and name how they were made.
 
 These read only the packaged files, so they run without any model installed.
 """
@@ -8,13 +8,15 @@ import re
 
 import pytest
 
-from buddy.api import PREDICTORS, ROUTERS
+from buddy.allocation import load_depth
+from buddy.api import DEPTHS, PREDICTORS, ROUTERS
 from buddy.predictor import load_predictor
 from buddy.prior import PACKAGED
 from buddy.router import load_router
 
 ROUTER_DIRS = sorted(p for p in ROUTERS.iterdir() if p.is_dir())
 PREDICTOR_DIRS = sorted(p for p in PREDICTORS.iterdir() if p.is_dir())
+DEPTH_DIRS = sorted(p for p in DEPTHS.iterdir() if p.is_dir()) if DEPTHS.is_dir() else []
 
 
 def _calibration(model: str, data: str = "sotu") -> dict:
@@ -57,3 +59,13 @@ def test_shipped_predictor_matches_its_model(d):
     assert meta.model == d.name and meta.steps > 0 and meta.command.startswith("buddy train predictor")
     assert re.fullmatch(r"[0-9a-f]{40}", meta.git_commit)
     assert module.cfg.levels == tuple(sorted(module.cfg.levels))
+
+
+@pytest.mark.parametrize("d", DEPTH_DIRS, ids=lambda p: p.name)
+def test_shipped_depth_head_matches_its_model_and_router(d):
+    head, meta = load_depth(d)
+    cal = _calibration(meta.model, "mix")
+    assert d.name == f"{meta.model}-{meta.kv_policy}" and (ROUTERS / d.name).is_dir()
+    assert meta.checksum == cal["checksum"] and meta.n_layers == cal["n_layers"] == head.cfg.n_layers
+    assert meta.command.startswith("buddy train depth") and f"--model {meta.model}" in meta.command
+    assert re.fullmatch(r"[0-9a-f]{40}", meta.git_commit) and meta.data and meta.validation["table"]

@@ -35,6 +35,22 @@ def buddy_generate(prompt, budget, n, chat=False):
     return r.stdout[:-1]  # the trailing newline after the streamed text
 
 
+def test_token_allocation_keeps_the_mean_and_says_so(client):
+    """allocation="token" with the shipped depth head: each token its own depth, the mean within half a layer."""
+    from buddy.api import DEPTHS
+
+    if not (DEPTHS / "smollm2-fill" / "depth.json").is_file():
+        pytest.skip("no depth head ships for smollm2")
+    r = client.completions.create(model="smollm2", prompt=PROMPTS[0], max_tokens=24, temperature=0,
+                                  extra_body={"budget": 0.5, "allocation": "token"})
+    u = r.usage.model_dump()
+    assert u["allocation"] == "token" and u["k"] == 15
+    assert abs(u["layers_per_token"] - 15) <= 0.5
+    plain = client.completions.create(model="smollm2", prompt=PROMPTS[0], max_tokens=24, temperature=0,
+                                      extra_body={"budget": 0.5})
+    assert plain.usage.model_dump()["allocation"] == "request"
+
+
 def test_completion_and_chat_equal_buddy_generate(client):
     r = client.completions.create(model="smollm2", prompt=PROMPTS[0], max_tokens=12, temperature=0,
                                   extra_body={"budget": 0.5})
