@@ -28,7 +28,7 @@ from .errors import BuddyError
 
 DEPTH_LEVELS = (0.35, 0.42, 0.5, 0.58, 0.63, 0.7, 0.77, 0.83, 0.9, 1.0)  # fractions of L: the depths a token may take
 HORIZON = 16  # tokens over which a surplus (or saving) of layers is paid back
-SPAN = 0  # a token's depth stays within SPAN layers of the request's k (0: any level); see research/depth_span.py
+SPAN = 4  # a token's depth stays within SPAN layers of k (0: any level); chosen on validation by research/depth_span.py
 
 
 class AllocationError(BuddyError):

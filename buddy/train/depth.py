@@ -99,6 +99,7 @@ def table_report(head: DepthHead, x: torch.Tensor, y: torch.Tensor, targets: lis
 
 def fit_depth(engine, train: torch.Tensor, val: torch.Tensor, cfg: DepthTrainConfig, data: str, command: str):
     """Fit the depth head for `engine` (its planner and KV policy) -> (DepthHead, DepthMeta)."""
+    commit = git_commit()  # the code that runs the fit (edits made while it runs do not count)
     L = engine.n_layers
     levels = depth_levels(L)
     head = DepthHead(DepthConfig(hidden_dim=engine.bb.shapes.hidden, n_layers=L, levels=tuple(levels)))
@@ -109,6 +110,6 @@ def fit_depth(engine, train: torch.Tensor, val: torch.Tensor, cfg: DepthTrainCon
     targets = [int(t) for t in cfg.targets.split(",")] if cfg.targets else default_targets(L)
     meta = DepthMeta(model=engine.bb.name, checksum=engine.bb.checksum, n_layers=L, kv_policy=engine.kv_policy,
                      router=engine.planner.name, config=asdict(head.cfg), ridge=cfg.ridge, data=data,
-                     command=command, git_commit=git_commit(),
+                     command=command, git_commit=commit,
                      validation={"tokens": int(xv.shape[0]), "table": table_report(head, xv, yv, targets)})
     return head, meta
