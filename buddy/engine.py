@@ -87,8 +87,9 @@ class Engine:
     def token_account(self, ks, per_token=True) -> TokenAccount:
         """The layer account of allocation="token" for rows with target counts ks (see buddy/allocation.py)."""
         if self.depth is None and (per_token is True or any(per_token)):
-            raise AllocationError(f"allocation 'token' needs a depth head for model {self.bb.name!r}: fit one with "
-                                  f"`buddy train depth --model {self.bb.name}` and pass --depth DIR")
+            raise AllocationError(f"allocation 'token' needs a depth head for model {self.bb.name!r} and kv policy "
+                                  f"{self.kv_policy!r}: fit one with `buddy train depth --model {self.bb.name} "
+                                  f"--kv-policy {self.kv_policy}` and pass --depth DIR")
         return TokenAccount(self.depth, ks, per_token, self.n_layers)
 
     # --- the routed loop ----------------------------------------------------------------------------
