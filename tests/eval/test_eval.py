@@ -220,7 +220,7 @@ def test_trace_plot_from_generate(tmp_path):
 @pytest.mark.integration
 def test_eval_cli_errors():
     for args, needle in ((["--tasks", "nope"], "unknown task"), (["--mc-file", "/nonexistent.jsonl"], "not found"),
-                         (["--tasks", "arc_easy", "--limit", "0"], "--limit"), ([], "--tasks")):
+                         (["--tasks", "arc_easy", "--limit", "0"], "invalid limit 0"), ([], "--tasks")):
         r = subprocess.run([sys.executable, "-m", "buddy", "eval", "zeroshot", *args], capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
