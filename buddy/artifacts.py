@@ -46,8 +46,9 @@ def write_artifact(module: nn.Module, meta, out_dir: Path, stem: str, skip: tupl
 
 
 def read_artifact(path: Path, stem: str, meta_cls, build, error, what: str, checksum: str | None = None,
-                  n_layers: int | None = None):
-    """(module, meta) from `<stem>.safetensors` and `<stem>.json` in `path`: `build(meta)` makes the module, and
+                  n_layers: int | None = None, skip: tuple[str, ...] = ()):
+    """(module, meta) from `<stem>.safetensors` and `<stem>.json` in `path`: `build(meta)` makes the module (a
+    ValueError there means a corrupt file), `skip` names tensors that are not stored (as in write_artifact), and
     every problem (missing or corrupt files, another model's weights or layer count) is `error` naming the file."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -67,9 +68,12 @@ def read_artifact(path: Path, stem: str, meta_cls, build, error, what: str, chec
         raise error(f"{path}: the {what} was made for model {meta.model!r} with other weights "
                     f"(checksum {meta.checksum[:12]} != {checksum[:12]})")
     try:
-        module.load_state_dict(load_file(wf))
+        missing, unexpected = module.load_state_dict(load_file(wf), strict=False)
     except (SafetensorError, RuntimeError, OSError) as e:
         raise error(f"{wf} is corrupt ({e})") from None
+    missing = sorted(set(missing) - set(skip))
+    if missing or unexpected:
+        raise error(f"{wf} is corrupt (missing {missing}, unexpected {sorted(unexpected)})")
     return module, meta
 
 

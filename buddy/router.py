@@ -8,7 +8,6 @@ This module knows nothing of transformers.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,40 +201,20 @@ def save_router(module: DecisionModule, meta: RouterMeta, out_dir: Path) -> None
 
 def load_router(path: Path, checksum: str | None = None, n_layers: int | None = None):
     """(DecisionModule, RouterMeta) from a router directory; checks it was made for this model."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from .artifacts import read_artifact
 
-    path = Path(path)
-    wf, jf = path / "router.safetensors", path / "router.json"
-    if not wf.is_file() or not jf.is_file():
-        raise RouterFileError(f"{path} is not a router directory (needs router.safetensors and router.json)")
-    try:
-        raw = json.loads(jf.read_text())
-        meta = RouterMeta(**{**raw, "budgets": tuple(raw["budgets"])})
-    except (json.JSONDecodeError, TypeError, KeyError) as e:
-        raise RouterFileError(f"{jf} is corrupt ({e})") from None
-    if n_layers is not None and meta.n_layers != n_layers:
-        raise RouterFileError(f"{path}: router was trained for a {meta.n_layers}-layer model, this one has {n_layers}")
-    if checksum is not None and meta.checksum != checksum:
-        raise RouterFileError(
-            f"{path}: router was trained for model {meta.model!r} with other weights (checksum "
-            f"{meta.checksum[:12]} != {checksum[:12]})"
-        )
-    if sorted(meta.prior_order) != list(range(1, meta.n_layers - 1)):
-        raise RouterFileError(f"{jf} is corrupt (prior_order must list each intermediate layer 1..{meta.n_layers - 2} "
-                              "exactly once)")
-    try:
-        module = DecisionModule(RouterConfig(**meta.config))
-        if module.cfg.n_layers != meta.n_layers:
-            raise ValueError(f"config n_layers {module.cfg.n_layers} != {meta.n_layers}")
-    except (TypeError, ValueError) as e:
-        raise RouterFileError(f"{jf} is corrupt (config: {e})") from None
-    try:
-        state = load_file(wf)
-        module.load_state_dict(state, strict=False)
-        missing = set(module.state_dict()) - set(state) - {"freqs"}
-        if missing:
-            raise RouterFileError(f"{wf} is corrupt (missing {sorted(missing)})")
-    except (SafetensorError, RuntimeError, OSError) as e:
-        raise RouterFileError(f"{wf} is corrupt ({e})") from None
-    return module, meta
+    def meta(**raw):
+        return RouterMeta(**{**raw, "budgets": tuple(raw["budgets"])})
+
+    def build(m: RouterMeta) -> DecisionModule:
+        if sorted(m.prior_order) != list(range(1, m.n_layers - 1)):
+            raise ValueError(f"prior_order must list each intermediate layer 1..{m.n_layers - 2} exactly once")
+        try:
+            module = DecisionModule(RouterConfig(**m.config))
+        except TypeError as e:
+            raise ValueError(f"config: {e}") from None
+        if module.cfg.n_layers != m.n_layers:
+            raise ValueError(f"config: n_layers {module.cfg.n_layers} != {m.n_layers}")
+        return module
+
+    return read_artifact(path, "router", meta, build, RouterFileError, "router", checksum, n_layers, skip=("freqs",))
