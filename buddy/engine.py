@@ -84,13 +84,13 @@ class Engine:
         return KVCache(self.bb.shapes, batch, max_len, self.kv_policy, self.bb.dtype, self.bb.device,
                        pool_kv0=self.planner.needs_kv0)
 
-    def token_account(self, ks, per_token=True) -> TokenAccount:
+    def token_account(self, ks) -> TokenAccount:
         """The layer account of allocation="token" for rows with target counts ks (see buddy/allocation.py)."""
-        if self.depth is None and (per_token is True or any(per_token)):
+        if self.depth is None:
             raise AllocationError(f"allocation 'token' needs a depth head for model {self.bb.name!r} and kv policy "
                                   f"{self.kv_policy!r}: fit one with `buddy train depth --model {self.bb.name} "
                                   f"--kv-policy {self.kv_policy}` and pass --depth DIR")
-        return TokenAccount(self.depth, ks, per_token, self.n_layers)
+        return TokenAccount(self.depth, ks, True, self.n_layers)
 
     # --- the routed loop ----------------------------------------------------------------------------
     @torch.inference_mode()
