@@ -71,7 +71,7 @@ class PlannerError(BuddyError):
 def make_planner(name: str | None, bb: Backbone, kv_policy: str = LoadConfig.kv_policy, router: str | None = None,
                  reroute_every: int | None = None, calibration: str | None = LoadConfig.calibration) -> Planner:
     """Build a planner by name; None picks the best available: the trained router, else static-greedy."""
-    from .prior import calibration_path, load_calibration
+    from .calibration import calibration_path, load_calibration
 
     rdir = Path(router) if router else router_dir(bb, kv_policy)
     if name is None:

@@ -22,11 +22,13 @@ from pathlib import Path
 
 from .budget import AUTO, Budget, budget_echo, request_budget
 from .config import (
-    ALLOCATIONS,
     DTYPES,
     KV_POLICIES,
     QUANT_MODES,
+    VLLM_KV_POLICIES,
+    CalibrateConfig,
     CodeEvalConfig,
+    ExportConfig,
     GenerateConfig,
     LoadConfig,
     PplConfig,
@@ -174,38 +176,32 @@ def cmd_calibrate(args) -> int:
 
     import torch
 
+    from .artifacts import git_commit
     from .backbone import load_backbone
-    from .prior import (
-        CALIBRATION_DATA,
-        calibrate,
-        save_calibration,
-        user_calibration_path,
-    )
+    from .calibration import calibrate, save_calibration, user_calibration_path
 
-    if args.data not in CALIBRATION_DATA:
-        raise UsageError(f"invalid --data {args.data!r}: use one of {', '.join(CALIBRATION_DATA)}")
-    out = Path(args.out) if args.out else None
+    cfg = _config(CalibrateConfig, args)
+    out = Path(cfg.out) if cfg.out else None
     if out is not None and (out.is_dir() or not out.parent.is_dir()):
-        raise UsageError(f"invalid --out {args.out!r}: give a file path in an existing directory")
-    if args.windows < 1 or args.window < 2:
-        raise UsageError(f"invalid --windows {args.windows} / --window {args.window}: need >= 1 and >= 2")
+        raise UsageError(f"invalid --out {cfg.out!r}: give a file path in an existing directory")
     bb = load_backbone(args.model, args.device, args.dtype, getattr(args, "quant", "none"))
-    if args.data == "sotu":
+    if cfg.data == "sotu":
         from .data import sotu_texts, token_windows
 
-        windows = token_windows(bb.tokenizer, sotu_texts("train"), args.window, args.windows)
+        windows = token_windows(bb.tokenizer, sotu_texts("train"), cfg.window, cfg.windows)
         data = f"SOTU train years (<= 2000), {windows.shape[0]} windows x {windows.shape[1]} tokens, evenly spaced"
     else:
         from .corpus import VERSION, describe, mix_windows
 
-        per = mix_windows(bb.tokenizer, "train", args.window, args.windows)
+        per = mix_windows(bb.tokenizer, "train", cfg.window, cfg.windows)
         windows = torch.cat(list(per.values()))
-        data = (f"training mix v{VERSION}, train split, {args.windows} evenly spaced windows x {args.window} tokens "
+        data = (f"training mix v{VERSION}, train split, {cfg.windows} evenly spaced windows x {cfg.window} tokens "
                 f"per domain ({describe(per)})")
     command = "buddy calibrate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    commit = git_commit()
     result = calibrate(bb, windows, command=command, data=data)
-    result["calibration_data"] = args.data
-    out = out or user_calibration_path(bb, args.data)
+    result["calibration_data"], result["git_commit"] = cfg.data, commit
+    out = out or user_calibration_path(bb, cfg.data)
     save_calibration(result, out)
     print(f"wrote {out}")
     print(f"static-bi order:     {result['orders']['static-bi']}")
@@ -329,12 +325,11 @@ def cmd_sweep(args) -> int:
     cfg = _config(SweepConfig, args)
     _out_file(cfg.out, "--out")
     from .backbone import load_backbone
-    from .eval.sweep import parse_layers_spec, sweep
+    from .eval.sweep import sweep
 
-    bb = load_backbone(args.model, args.device, args.dtype, getattr(args, "quant", "none"))
-    ks = parse_layers_spec(cfg.layers, bb.n_layers)
-    new = sweep(bb, list(cfg.methods), ks, list(cfg.tasks), cfg.out, kv_policy=args.kv_policy, limit=cfg.limit,
-                router=args.router, predictor=args.predictor, calibration=args.calibration)
+    load = _config(LoadConfig, args)
+    bb = load_backbone(load.model, load.device, load.dtype, load.quant)
+    new = sweep(bb, cfg, load)
     print(f"wrote {len(new)} new cells to {cfg.out}")
     return 0
 
@@ -416,8 +411,8 @@ def cmd_train_router(args) -> int:
     import torch.distributed as dist
 
     from .backbone import load_backbone
+    from .calibration import load_calibration
     from .data import sotu_texts, token_windows
-    from .prior import load_calibration
     from .train.router import RouterTrainer, TrainConfig, init_distributed
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
@@ -526,7 +521,8 @@ def cmd_train_depth(args) -> int:
 
 
 def cmd_export(args) -> int:
-    _out_dir(args.out, "--out", empty=True)
+    cfg = _config(ExportConfig, args)
+    _out_dir(cfg.out, "--out", empty=True)
     from .backbone import load_backbone
     from .export import export
 
@@ -534,12 +530,12 @@ def cmd_export(args) -> int:
     if budget == AUTO:
         raise UsageError("an export has one fixed depth (or, for vllm, one default): give --budget B or --layers K")
     command = "buddy export " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    if args.format == "vllm":
+    if cfg.format == "vllm":
         return _export_vllm(args, budget, command)
     bb = load_backbone(args.model, args.device, args.dtype, getattr(args, "quant", "none"))
     k = budget.k(bb.n_layers)
-    out, keep = export(bb, k, args.planner, args.out, command=command, calibration=args.calibration)
-    print(f"wrote {out}: {k} of {bb.n_layers} layers {keep} (planner {args.planner}); load it with "
+    out, keep = export(bb, k, cfg.planner, cfg.out, command=command, calibration=args.calibration)
+    print(f"wrote {out}: {k} of {bb.n_layers} layers {keep} (planner {cfg.planner}); load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
 
@@ -593,13 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text at a compute budget")
     _add_load_args(g)
     _add_budget_args(g)
-    d = GenerateConfig()
-    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=_doc_of(GenerateConfig, "max_new_tokens"))
-    g.add_argument("--temperature", type=float, default=d.temperature, help=_doc_of(GenerateConfig, "temperature"))
-    g.add_argument("--top-p", type=float, default=d.top_p, help=_doc_of(GenerateConfig, "top_p"))
-    g.add_argument("--seed", type=int, default=d.seed, help=_doc_of(GenerateConfig, "seed"))
-    g.add_argument("--chat", action="store_true", help=_doc_of(GenerateConfig, "chat"))
-    g.add_argument("--allocation", default=d.allocation, choices=ALLOCATIONS, help=_doc_of(GenerateConfig, "allocation"))
+    _add_dataclass_args(g, GenerateConfig)  # --max-new-tokens ... --allocation, --chat and --ignore-eos
     g.add_argument("--trace", help="write one JSON line per generated token: token, text, executed_layers, "
                                    "budget, layers, k, n_layers, ms")
     g.add_argument("--quiet-summary", action="store_true", help="print the summary line to stderr")
@@ -608,12 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("calibrate", help="measure layer importance (Block Influence, greedy removal)")
     _add_load_args(c, planner=False, quant=False)
-    c.add_argument("--data", default="mix", help="calibration text: `mix` (the training mix of buddy/corpus.py, "
-                                                 "train split) or `sotu` (SOTU training years) (default mix)")
-    c.add_argument("--windows", type=int, default=2,
-                   help="windows per domain for `mix`, windows in all for `sotu` (default 2)")
-    c.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
-    c.add_argument("--out", help="output JSON (default: the user cache, never the installed package)")
+    _add_dataclass_args(c, CalibrateConfig)
     c.set_defaults(func=cmd_calibrate)
 
     t = sub.add_parser("train", help="train the router, the budget predictor or the depth head")
@@ -697,21 +682,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_args(sv, ServeConfig)
     sv.set_defaults(func=cmd_serve)
 
-    from .export import EXPORT_PLANNERS
 
     ex = sub.add_parser("export", help="a plain Hugging Face checkpoint with a fixed k-layer static plan")
     _add_load_args(ex, planner=False, quant=False)
     _add_budget_args(ex, export=True)
-    ex.add_argument("--planner", default="static-greedy", choices=EXPORT_PLANNERS,
-                    help="which static layer order (router-prior: the shipped router's prior; default static-greedy)")
+    _add_dataclass_args(ex, ExportConfig)
     ex.add_argument("--calibration", default=LoadConfig.calibration, help=_doc_of(LoadConfig, "calibration"))
-    ex.add_argument("--format", default="hf", choices=("hf", "vllm"),
-                    help="hf: a plain checkpoint with only the k layers of a static plan (default); vllm: the whole "
-                         "model and its router for Buddy's vLLM plugin, with a per-request budget (docs/vllm.md)")
     ex.add_argument("--router", default=None, help="vllm: the router directory (default: the shipped one)")
-    ex.add_argument("--kv-policy", default=LoadConfig.kv_policy, choices=("fill", "zero"),
-                    help="vllm: the KV policy of the shipped router to export (default fill)")
-    ex.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    ex.add_argument("--kv-policy", default=LoadConfig.kv_policy, choices=VLLM_KV_POLICIES,
+                    help=f"vllm: the KV policy of the shipped router to export (default {LoadConfig.kv_policy})")
     ex.set_defaults(func=cmd_export)
 
     pl = sub.add_parser("plot", help="plots from sweep results and generation traces")

@@ -16,6 +16,10 @@ DEFAULT_KV_POLICY = KV_POLICIES[0]  # the one place the default KV policy is nam
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANT_MODES = ("none", "int8", "gguf")
 ALLOCATIONS = ("request", "token")  # how a budget is spent: every token k layers, or each token its own depth
+CALIBRATION_DATA = ("mix", "sotu")  # the text a calibration was measured on; the first is the default
+EXPORT_FORMATS = ("hf", "vllm")
+EXPORT_PLANNERS = ("static-greedy", "static-bi", "router-prior")
+VLLM_KV_POLICIES = ("fill", "zero")  # vLLM's attention kernel has no per-position mask
 
 
 class ConfigError(BuddyError):
@@ -300,3 +304,44 @@ class SweepConfig:
         at_least(self, 1, "limit", optional=True)
         if not self.tasks:
             raise ConfigError("give at least one task")
+
+
+@dataclass
+class CalibrateConfig:
+    """Settings of `buddy calibrate` (Block Influence and greedy layer removal; buddy/calibration.py).
+
+    data: calibration text: `mix` (the training mix of buddy/corpus.py, train split) or `sotu` (SOTU training years).
+    windows: windows per domain for `mix`, windows in all for `sotu`.
+    window: tokens per window.
+    out: output JSON (default: the user cache, never the installed package).
+    """
+
+    data: str = CALIBRATION_DATA[0]
+    windows: int = 2
+    window: int = 256
+    out: str | None = None
+
+    def __post_init__(self):
+        _one_of(self, "data", CALIBRATION_DATA)
+        at_least(self, 1, "windows")
+        at_least(self, 2, "window")
+
+
+@dataclass
+class ExportConfig:
+    """Settings of `buddy export` (the depth comes from --budget/--layers).
+
+    out: output directory (must not exist or be empty).
+    format: `hf`: a plain checkpoint with only the k layers of a static plan; `vllm`: the whole model and its
+        router for Buddy's vLLM plugin, with a per-request budget (docs/vllm.md).
+    planner: hf: which static layer order (`static-greedy`, `static-bi`, or `router-prior`: the shipped
+        router's prior).
+    """
+
+    out: str
+    format: str = EXPORT_FORMATS[0]
+    planner: str = EXPORT_PLANNERS[0]
+
+    def __post_init__(self):
+        _one_of(self, "format", EXPORT_FORMATS)
+        _one_of(self, "planner", EXPORT_PLANNERS)

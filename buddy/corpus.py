@@ -53,7 +53,8 @@ class CorpusError(BuddyError):
     """An unknown domain or split, or a held-out domain asked for in training or validation."""
 
 
-def _unique(xs):
+def unique(xs):
+    """The distinct non-empty items of xs, in first-seen order."""
     seen, out = set(), []
     for x in xs:
         if x and x not in seen:
@@ -63,18 +64,18 @@ def _unique(xs):
 
 
 @lru_cache(maxsize=None)
-def _task_texts(domain: str) -> tuple[str, ...]:
+def task_texts(domain: str) -> tuple[str, ...]:
     """All documents of a task-file domain, in file order."""
     from .eval.tasks import load_mc, task_requests
 
     if domain == "lambada":
         return tuple(r["request"]["context"] + r["request"]["continuation"] for r in task_requests("lambada", "bpb_0shot"))
     if domain == "squad":  # one document per paragraph (its questions share it)
-        return tuple(_unique(r["doc"]["query"].rsplit("\nQuestion:", 1)[0] for r in task_requests("squad", "bpb_5shot")))
+        return tuple(unique(r["doc"]["query"].rsplit("\nQuestion:", 1)[0] for r in task_requests("squad", "bpb_5shot")))
     if domain == "drop":
-        return tuple(_unique(r["doc"]["passage"] for r in task_requests("drop", "bpb_5shot")))
+        return tuple(unique(r["doc"]["passage"] for r in task_requests("drop", "bpb_5shot")))
     if domain == "coqa":
-        return tuple(_unique(r["doc"]["story"] for r in task_requests("coqa", "bpb_0shot")))
+        return tuple(unique(r["doc"]["story"] for r in task_requests("coqa", "bpb_0shot")))
     if domain == "gsm8k":
         return tuple(f"Question: {r['doc']['question']}\nAnswer:{r['request']['continuation']}"
                      for r in task_requests("gsm8k", "gold_bpb_5shot"))
@@ -185,7 +186,7 @@ def documents(domain: str, split: str, tokenizer=None) -> list[str]:
     if domain in HELDOUT_DOMAINS:
         if split != "test":
             raise CorpusError(f"domain {domain!r} is held out: it has only a test split")
-        return moby_dick_chapters() if domain == "moby_dick" else list(_task_texts("qasper"))
+        return moby_dick_chapters() if domain == "moby_dick" else list(task_texts("qasper"))
     if domain == "sotu":
         return sotu_texts(split)
     if domain == "code":
@@ -199,7 +200,7 @@ def documents(domain: str, split: str, tokenizer=None) -> list[str]:
     if domain not in DOMAINS:
         raise CorpusError(f"unknown domain {domain!r}: use one of {', '.join(DOMAINS)}")
     lo, hi = RANGES[split]
-    return list(_task_texts(domain)[lo:hi])
+    return list(task_texts(domain)[lo:hi])
 
 
 def domain_windows(tokenizer, domain: str, split: str, window: int, max_windows: int | None = None) -> torch.Tensor:

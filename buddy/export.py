@@ -18,11 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .config import DEFAULT_KV_POLICY
+from .config import DEFAULT_KV_POLICY, EXPORT_PLANNERS, VLLM_KV_POLICIES
 from .errors import BuddyError
 from .planner import plan_table
-
-EXPORT_PLANNERS = ("static-greedy", "static-bi", "router-prior")
 
 
 class ExportError(BuddyError):
@@ -40,7 +38,7 @@ def export_order(bb, planner: str, kv_policy: str = DEFAULT_KV_POLICY, calibrati
             raise ExportError(f"no trained router for model {bb.name!r}; use --planner static-greedy")
         return list(load_router(rdir, checksum=bb.checksum, n_layers=bb.n_layers)[1].prior_order)
     if planner in ("static-greedy", "static-bi"):
-        from .prior import load_calibration
+        from .calibration import load_calibration
 
         return list(load_calibration(bb, calibration)["orders"][planner])
     raise ExportError(f"unknown export planner {planner!r}: use one of {', '.join(EXPORT_PLANNERS)}")
@@ -107,7 +105,7 @@ def export_vllm(bb, module, meta, out: str | Path, default_layers: int, command:
     the Decision Module (tensor names `buddy_router.*`)."""
     from safetensors.torch import save_file
 
-    if kv_policy not in ("fill", "zero"):
+    if kv_policy not in VLLM_KV_POLICIES:
         raise ExportError(f"vLLM serves the KV policies fill and zero (its attention kernel has no per-position "
                           f"mask), not {kv_policy!r}")
     arch = VLLM_FAMILIES.get(bb.config.model_type)

@@ -45,13 +45,13 @@ def _spread(xs: list, n: int) -> list:
 
 def _texts(domain: str) -> list[str]:
     """The documents of a prose domain, in file order (deduplicated)."""
-    from .corpus import _task_texts, _unique
+    from .corpus import task_texts, unique
     from .eval.tasks import task_requests
 
     if domain == "qasper":  # the prompt mix uses the abstracts (the training mix: full texts, held out)
-        return _unique(r["doc"]["abstract"] for r in task_requests("qasper_yesno", "rc_5shot"))
+        return unique(r["doc"]["abstract"] for r in task_requests("qasper_yesno", "rc_5shot"))
     if domain in ("lambada", "squad", "drop", "coqa"):
-        return list(_task_texts(domain))
+        return list(task_texts(domain))
     raise ValueError(f"unknown prose domain {domain!r}")
 
 

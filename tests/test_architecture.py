@@ -73,7 +73,7 @@ def test_no_import_cycles():
 
 @pytest.mark.parametrize("middle", ("predictor", "data", "artifacts"))
 def test_modules_around_the_core_import_no_outer_layer(middle):
-    outer = (*OUTER, "prior", "corpus", "export")
+    outer = (*OUTER, "calibration", "corpus", "prompt_mix", "export")
     bad = sorted(t for t in GRAPH[f"buddy.{middle}"] if any(t == f"buddy.{o}" or t.startswith(f"buddy.{o}.")
                                                            for o in outer))
     assert not bad, f"buddy.{middle} imports {bad}"
@@ -96,3 +96,13 @@ def test_only_the_backbone_reaches_into_the_transformers_model():
     offenders = [f"{p.relative_to(PKG)}:{n}" for p in PKG.rglob("*.py") if "backbone" not in p.parts
                  for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\bbb\.model\b", line)]
     assert not offenders, f"use Backbone's accessors (config, eos_ids, dense_logits, ...): {offenders}"
+
+
+def test_no_module_imports_another_modules_private_names():
+    offenders = []
+    for p in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("buddy")):
+                offenders += [f"{p.relative_to(PKG)}:{node.lineno} {a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not offenders, f"make shared helpers public: {offenders}"

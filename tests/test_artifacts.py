@@ -10,8 +10,8 @@ import pytest
 
 from buddy.allocation import load_depth
 from buddy.api import DEPTHS, PREDICTORS, ROUTERS
+from buddy.calibration import PACKAGED
 from buddy.predictor import load_predictor
-from buddy.prior import PACKAGED
 from buddy.router import load_router
 
 ROUTER_DIRS = sorted(p for p in ROUTERS.iterdir() if p.is_dir())

@@ -43,7 +43,9 @@ def _cases(ckpt, tmp):
         (["export", "--model", str(ckpt), "--layers", "4", "--out", str(tmp / "full")], "not empty"),
         (["train", "router", "--model", str(ckpt), "--out", str(tmp / "file.txt")], "is a file"),
         (["train", "router", "--model", str(ckpt), "--val-layers", "abc"], "val_layers 'abc'"),
-        (["calibrate", "--model", str(ckpt), "--data", "wiki"], "--data 'wiki'"),
+        (["calibrate", "--model", str(ckpt), "--data", "wiki"], "invalid data 'wiki'"),
+        (["calibrate", "--model", str(ckpt), "--windows", "0"], "invalid windows 0"),
+        (["export", "--model", str(ckpt), "--layers", "4", "--format", "onnx", "--out", str(tmp / "x")], "invalid format"),
         (gen + ["--budget", "2", "w1"], "layers=2"),
     ]
 
@@ -76,7 +78,7 @@ def test_corrupt_router_files_are_named(tiny_ckpt, router_dir, capsys):
 
 def test_resume_from_a_truncated_state_is_one_line(tiny_ckpt, tmp_path, capsys, monkeypatch):
     from buddy.backbone import load_backbone
-    from buddy.prior import calibration_path, save_calibration
+    from buddy.calibration import calibration_path, save_calibration
 
     monkeypatch.setenv("BUDDY_CACHE", str(tmp_path / "cache"))
     import os

@@ -24,7 +24,7 @@ def test_commands_leave_the_checkout_as_it_was(tiny_ckpt, tmp_path, monkeypatch,
     text.write_text(" ".join(f"w{i % 90}" for i in range(400)))
     m = ["--model", str(tiny_ckpt), "--dtype", "float32"]
     from buddy.backbone import load_backbone
-    from buddy.prior import save_calibration
+    from buddy.calibration import save_calibration
 
     bb = load_backbone(str(tiny_ckpt), "cpu", "float32")
     cal = tmp_path / "cal.json"

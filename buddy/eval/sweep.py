@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..budget import AUTO
-from ..config import DEFAULT_KV_POLICY
+from ..config import LoadConfig, SweepConfig
 from .tasks import GEN_TASKS, MC_TASKS, TaskError
 
 PPL_TASKS = {"ppl-sotu": "test", "ppl-sotu-val": "validation"}  # task name -> SOTU split
@@ -146,12 +146,15 @@ def cell_key(row: dict) -> tuple:
             row.get("calibration", "sotu") if row["method"] in STATIC_METHODS else None)
 
 
-def sweep(bb, methods: list[str], ks: list[int], tasks: list[str], out: str | Path, kv_policy: str = DEFAULT_KV_POLICY,
-          limit: int | None = None, router: str | None = None, predictor: str | None = None,
-          calibration: str | None = None, progress: bool = True) -> list[dict]:
-    """Run every missing (method, k, task) cell and append it to `out`; returns the new rows.
+def sweep(bb, cfg: SweepConfig, load: LoadConfig | None = None, progress: bool = True) -> list[dict]:
+    """Run every missing (method, k, task) cell of `cfg` and append it to `cfg.out`; returns the new rows.
 
+    `load` gives the KV policy, router, predictor and calibration (its model, device and dtype are `bb`'s).
     `dense` runs once per task at k = L; other methods skip k = L (it is the dense model for every method)."""
+    load = load or LoadConfig(model=bb.name)
+    methods, tasks, out, limit = list(cfg.methods), list(cfg.tasks), cfg.out, cfg.limit
+    kv_policy, router, predictor, calibration = load.kv_policy, load.router, load.predictor, load.calibration
+    ks = parse_layers_spec(cfg.layers, bb.n_layers)
     from ..api import PLANNERS, make_planner
     from ..engine import Engine
 
@@ -172,7 +175,7 @@ def sweep(bb, methods: list[str], ks: list[int], tasks: list[str], out: str | Pa
         pred_module, meta = load_predictor(pdir, checksum=bb.checksum)
         pred_module, pred_name, pred_tradeoff = pred_module.to(bb.device), str(pdir), meta.tradeoff
     if any(m in STATIC_METHODS for m in methods):
-        from ..prior import calibration_label
+        from ..calibration import calibration_label
 
         calibration = calibration_label(bb, calibration)
     _drop_partial_line(Path(out))

@@ -11,7 +11,7 @@ import torch
 from conftest import save_tiny_checkpoint
 
 from buddy.backbone import load_backbone
-from buddy.prior import calibration_path, save_calibration
+from buddy.calibration import calibration_path, save_calibration
 
 
 @pytest.mark.parametrize("estimator", ["swap", "st"])

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .config import DEFAULT_KV_POLICY, cache_dir
+from .config import CALIBRATION_DATA, DEFAULT_KV_POLICY, cache_dir
 from .errors import BuddyError
 from .eval.ppl import evaluate_windows
 from .planner import GivenPlanner
@@ -109,7 +109,6 @@ def calibrate(bb, windows: torch.Tensor, command: str, data: str, progress: bool
     }
 
 
-CALIBRATION_DATA = ("mix", "sotu")  # the text a calibration was measured on; the first is the default
 
 
 def user_calibration_path(bb, data: str = CALIBRATION_DATA[0]) -> Path:

@@ -6,16 +6,16 @@ import pytest
 import torch
 from conftest import tiny_backbone
 
-from buddy.engine import Engine
-from buddy.eval.ppl import evaluate_windows
-from buddy.planner import GivenPlanner
-from buddy.prior import (
+from buddy.calibration import (
     CalibrationError,
     block_influence,
     calibrate,
     greedy_removal,
     load_calibration,
 )
+from buddy.engine import Engine
+from buddy.eval.ppl import evaluate_windows
+from buddy.planner import GivenPlanner
 
 
 def test_block_influence_matches_hidden_state_cosines():
@@ -47,7 +47,7 @@ def test_calibration_file_roundtrip_and_mismatch(tmp_path, monkeypatch):
     cal = calibrate(bb, torch.randint(0, 97, (2, 16)), command="buddy calibrate --model tiny", data="random",
                     progress=False)
     assert sorted(cal["orders"]["static-bi"]) == sorted(cal["orders"]["static-greedy"]) == [1, 2, 3]
-    from buddy.prior import calibration_path, save_calibration
+    from buddy.calibration import calibration_path, save_calibration
 
     save_calibration(cal, calibration_path(bb))
     assert load_calibration(bb)["orders"] == cal["orders"]
@@ -62,8 +62,8 @@ def test_calibration_file_roundtrip_and_mismatch(tmp_path, monkeypatch):
 
 
 def test_calibrate_writes_to_the_user_cache_never_into_the_package(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    from buddy.calibration import PACKAGED
     from buddy.cli import main
-    from buddy.prior import PACKAGED
 
     monkeypatch.setenv("BUDDY_CACHE", str(tmp_path / "cache"))
     shipped = {p: p.read_bytes() for p in PACKAGED.glob("*.json")}
@@ -72,5 +72,5 @@ def test_calibrate_writes_to_the_user_cache_never_into_the_package(tiny_ckpt, tm
     written = list((tmp_path / "cache" / "calibration").glob("*-sotu.json"))
     assert len(written) == 1 and {p: p.read_bytes() for p in PACKAGED.glob("*.json")} == shipped
     assert main(["calibrate", "--model", str(tiny_ckpt), "--data", "wiki"]) == 2
-    assert "invalid --data 'wiki'" in capsys.readouterr().err
+    assert "invalid data 'wiki'" in capsys.readouterr().err
     assert main(["calibrate", "--model", str(tiny_ckpt), "--out", str(tmp_path)]) == 2  # a directory
