@@ -32,6 +32,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_save_tensors(tensors: dict, path: Path) -> None:
+    """safetensors.save_file, atomically (readers see the old file or the new one)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp)
+    os.replace(tmp, path)
+
+
 def write_artifact(module: nn.Module, meta, out_dir: Path, stem: str, skip: tuple[str, ...] = ()) -> None:
     """Write `<stem>.safetensors` (float32 weights) and `<stem>.json` (the metadata dataclass) atomically."""
     from safetensors.torch import save_file
@@ -40,7 +51,7 @@ def write_artifact(module: nn.Module, meta, out_dir: Path, stem: str, skip: tupl
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items() if k not in skip}
     tmp_w = out_dir / f"{stem}.safetensors.tmp"
-    save_file(state, tmp_w)
+    save_file(state, tmp_w)  # weights land last, so a reader never pairs new weights with old metadata
     atomic_write_text(out_dir / f"{stem}.json", json.dumps(asdict(meta), indent=1) + "\n")
     os.replace(tmp_w, out_dir / f"{stem}.safetensors")
 
@@ -93,6 +104,18 @@ def load_state(path: Path, device) -> dict:
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise StateFileError(f"{path} is unreadable ({type(e).__name__}: {str(e)[:120]}); "
                              "delete it to start the run again") from None
+
+
+def check_resume(path: Path, saved: dict | None, now: dict) -> None:
+    """Refuse to resume a run whose saved settings differ from the current ones (a ConfigError naming each);
+    settings an older state file did not record are taken as unchanged."""
+    from .config import ConfigError
+
+    changed = {k: (saved[k], v) for k, v in now.items() if saved and k in saved and saved[k] != v}
+    if changed:
+        raise ConfigError(f"{path} was written with other settings: " + ", ".join(
+            f"{k} {old!r} (now {new!r})" for k, (old, new) in changed.items())
+            + "; resume with the same ones, or use another --out")
 
 
 def git_commit(here: Path | None = None) -> str:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from .artifacts import atomic_write_text
 from .config import CALIBRATION_DATA, DEFAULT_KV_POLICY, cache_dir
 from .errors import BuddyError
 from .eval.ppl import evaluate_windows
@@ -138,10 +138,7 @@ def calibration_label(bb, calibration: str | None = None) -> str:
 
 
 def save_calibration(result: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
 
 
 def load_calibration(bb, calibration: str | None = None) -> dict:

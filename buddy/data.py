@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .artifacts import atomic_write_text
 from .config import cache_dir
 from .errors import BuddyError
 
@@ -97,9 +98,7 @@ def sotu_file(split: str) -> Path:
     """One UTF-8 text file holding a split (for `buddy eval ppl --text-file`)."""
     path = cache_dir() / "data" / f"sotu-{split}.txt"
     if not path.is_file():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("\n\n".join(sotu_texts(split)), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "\n\n".join(sotu_texts(split)))
     return path
 
 

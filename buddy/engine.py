@@ -163,7 +163,7 @@ class Engine:
         return k
 
     # --- generation ---------------------------------------------------------------------------------
-    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+    def encode(self, prompt: str, chat: bool = GenerateConfig.chat) -> list[int]:
         tok = self.bb.tokenizer
         if chat:
             if not tok.chat_template:

@@ -19,16 +19,17 @@ import lm_eval.models  # noqa: F401  (lm-eval's own models stay available beside
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from .config import DEFAULT_KV_POLICY
+from .config import DEFAULT_KV_POLICY, LoadConfig
 from .eval.generation import generate_until
 from .eval.zeroshot import score_requests, tokenize_pair
 
 
 @register_model("buddy")
 class BuddyLM(LM):
-    def __init__(self, model: str = "smollm2", planner: str | None = None, kv_policy: str = DEFAULT_KV_POLICY,
-                 budget=None, layers: int | None = None, router: str | None = None, reroute_every: int = 1,
-                 device: str = "auto", dtype: str = "auto", contexts_per_batch: int = 8, **_ignored):
+    def __init__(self, model: str = LoadConfig.model, planner: str | None = None, kv_policy: str = DEFAULT_KV_POLICY,
+                 budget=None, layers: int | None = None, router: str | None = None,
+                 reroute_every: int = LoadConfig.reroute_every, device: str = LoadConfig.device,
+                 dtype: str = LoadConfig.dtype, contexts_per_batch: int = 8, **_ignored):
         """`_ignored`: lm-eval's own settings (batch_size, max_batch_size); batching is contexts_per_batch."""
         super().__init__()
         import torch

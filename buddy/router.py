@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .budget import ALWAYS_ON
+from .config import LoadConfig
 from .errors import BuddyError
 from .planner import Planner, as_row_budgets, topk_plan
 
@@ -55,7 +57,7 @@ class DecisionModule(nn.Module):
         self.norm_kv = nn.LayerNorm(cfg.kv_dim, elementwise_affine=False)
         self.norm_h = nn.LayerNorm(cfg.hidden_dim, elementwise_affine=False)
         self.fc1 = nn.Linear(n_in, cfg.width)
-        self.fc2 = nn.Linear(cfg.width, cfg.n_layers - 2)
+        self.fc2 = nn.Linear(cfg.width, cfg.n_layers - ALWAYS_ON)
         nn.init.zeros_(self.fc2.weight)  # starts as the prior: training moves away from it only if it helps
         nn.init.zeros_(self.fc2.bias)
         if cfg.gate:
@@ -95,7 +97,7 @@ def prior_scores(order: list[int], n_layers: int) -> torch.Tensor:
 
     Unit spacing means the router must learn a consistent score of about 1 to swap two neighbouring
     layers of the prior, so optimizer noise does not override the prior in the first steps."""
-    m = n_layers - 2
+    m = n_layers - ALWAYS_ON
     s = torch.empty(m)
     for rank, layer in enumerate(order):
         s[layer - 1] = float(m - 1 - rank)
@@ -111,7 +113,7 @@ class RouterPlanner(Planner):
 
     needs_kv0 = True
 
-    def __init__(self, module: DecisionModule, prior: torch.Tensor, reroute_every: int = 1,
+    def __init__(self, module: DecisionModule, prior: torch.Tensor, reroute_every: int = LoadConfig.reroute_every,
                  use_router: bool = True, use_prior: bool = True, use_gate: bool = True, name: str = "router"):
         if reroute_every < 0:
             raise ValueError(f"invalid reroute_every {reroute_every}: must be >= 0 (0 = frozen after prefill)")
@@ -127,7 +129,7 @@ class RouterPlanner(Planner):
     def scores(self, h0: torch.Tensor, cache, k):
         """(router + prior scores [B, T, L-2], gate logits [B, T] or None)."""
         B, T = h0.shape[:2]
-        s, gate = torch.zeros(B, T, self.n_layers - 2, device=h0.device), None
+        s, gate = torch.zeros(B, T, self.n_layers - ALWAYS_ON, device=h0.device), None
         if self.use_router:
             frac = as_row_budgets(k, B, h0.device).float() / self.n_layers
             r, gate = self.module.heads(cache.kv0_mean, h0, frac)
@@ -208,7 +210,7 @@ def load_router(path: Path, checksum: str | None = None, n_layers: int | None = 
 
     def build(m: RouterMeta) -> DecisionModule:
         if sorted(m.prior_order) != list(range(1, m.n_layers - 1)):
-            raise ValueError(f"prior_order must list each intermediate layer 1..{m.n_layers - 2} exactly once")
+            raise ValueError(f"prior_order must list each intermediate layer 1..{m.n_layers - ALWAYS_ON} exactly once")
         try:
             module = DecisionModule(RouterConfig(**m.config))
         except TypeError as e:

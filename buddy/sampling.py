@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from .errors import BuddyError
 
-class NonFiniteLogitsError(ValueError):
+
+class NonFiniteLogitsError(BuddyError, ValueError):
     """Some rows' logits hold NaN or +inf (the model's numerics failed for them)."""
 
     def __init__(self, rows: list[int]):

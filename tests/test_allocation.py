@@ -236,25 +236,6 @@ def test_scheduler_rows_keep_their_own_allocation(tiny_ckpt, tmp_path):
     assert any(len(set(depths[i])) > 1 for i in (0, 2, 4))
 
 
-def test_fit_depth_on_a_tiny_model_gives_a_usable_head(tmp_path):
-    from buddy.train.depth import DepthTrainConfig, fit_depth
-
-    bb = tiny_backbone("llama", n_layers=L)
-    eng = router_engine(bb)
-    g = torch.Generator().manual_seed(0)
-    train, val = torch.randint(0, 97, (6, 24), generator=g), torch.randint(0, 97, (4, 24), generator=g)
-    cfg = DepthTrainConfig(window=24, prefill=4, batch_size=3, targets="5,7")
-    head, meta = fit_depth(eng, train, val, cfg, data="random ids", command="test")
-    assert meta.validation["tokens"] == 4 * (24 - 4 - 1) and set(meta.validation["table"]) == {"5", "7"}
-    assert torch.isfinite(head.weight).all() and not torch.isnan(head.mu_table[head.cfg.levels[0]:]).any()
-    save_depth(head, meta, tmp_path / "d")
-    eng.depth, _ = load_depth(tmp_path / "d", checksum=bb.checksum, n_layers=L)
-    from buddy.eval.ppl import evaluate_windows
-
-    r = evaluate_windows(eng, val, layers=6, prefill=4, allocation="token")
-    assert abs(r.layers_per_token - 6) <= 0.5
-
-
 def test_cli_offers_allocation_and_train_depth():
     import subprocess
     import sys
@@ -264,37 +245,6 @@ def test_cli_offers_allocation_and_train_depth():
         assert r.returncode == 0, r.stderr
         assert ("--allocation" in r.stdout) or ("--ridge" in r.stdout)
         assert ("--depth" in r.stdout) == (cmd[0] != "train")
-
-
-def test_train_depth_then_generate_and_eval_with_it(tiny_ckpt, tmp_path, monkeypatch, capsys):
-    """`buddy train depth` end to end (the mix replaced by random windows), then `generate --allocation token`
-    and `eval ppl --allocation token` with the head it wrote."""
-    import json
-
-    import buddy.corpus as corpus
-    from buddy.cli import main
-
-    g = torch.Generator().manual_seed(0)
-    monkeypatch.setattr(corpus, "mix_windows",
-                        lambda tok, split, window, per, domains=None: {"prose": torch.randint(2, 97, (3, window), generator=g)})
-    common = ["--model", str(tiny_ckpt), "--planner", "random", "--dtype", "float32", "--device", "cpu"]
-    assert main(["train", "depth", *common, "--window", "16", "--prefill", "2", "--windows", "1", "--val-windows", "1",
-                 "--out", str(tmp_path / "d")]) == 0
-    head, meta = load_depth(tmp_path / "d")
-    assert meta.command.startswith("buddy train depth") and meta.kv_policy == "fill"
-    capsys.readouterr()
-    assert main(["generate", *common, "--depth", str(tmp_path / "d"), "--allocation", "token", "--layers", "4",
-                 "--max-new-tokens", "12", "--trace", str(tmp_path / "t.jsonl"), "w1 w2 w3"]) == 0
-    rows = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
-    depths = [len(r["executed_layers"]) for r in rows]
-    assert abs(sum(depths) / len(depths) - 4) <= 0.5
-    text = tmp_path / "t.txt"
-    text.write_text(" ".join(f"w{i % 90}" for i in range(400)))
-    capsys.readouterr()
-    assert main(["eval", "ppl", *common, "--depth", str(tmp_path / "d"), "--allocation", "token", "--layers", "4",
-                 "--text-file", str(text), "--window", "32", "--prefill", "4", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["allocation"] == "token" and abs(out["layers_per_token"] - 4) <= 0.5
 
 
 def test_a_span_keeps_every_token_near_k():

@@ -22,7 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # Buddy never reaches a model hub
 
 import torch  # noqa: E402
 
-from ..config import ConfigError, cache_dir  # noqa: E402
+from ..artifacts import atomic_write_text  # noqa: E402
+from ..config import ConfigError, LoadConfig, cache_dir  # noqa: E402
 from ..errors import BuddyError  # noqa: E402
 from .adapter import (  # noqa: E402
     SUPPORTED_MODEL_TYPES,
@@ -164,9 +165,7 @@ def verify_cache(target: Path) -> str | None:
     files = meta.get("files")
     if not isinstance(files, dict):  # an older cache: record what is there (it cannot be checked this once)
         meta["files"] = _file_digests(target)
-        tmp = target / "buddy-source.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, target / "buddy-source.json")
+        atomic_write_text(target / "buddy-source.json", json.dumps(meta, indent=1))
         return None
     for fname, rec in files.items():
         p = target / fname
@@ -212,7 +211,8 @@ def checksum(path: Path) -> str:
     return _sha256_files([path / "config.json", *files])
 
 
-def load_backbone(model: str = "smollm2", device: str = "auto", dtype: str = "auto", quant: str = "none") -> Backbone:
+def load_backbone(model: str = LoadConfig.model, device: str = LoadConfig.device, dtype: str = LoadConfig.dtype,
+                  quant: str = LoadConfig.quant) -> Backbone:
     """Load a model through transformers' own classes and wrap it in a Backbone; `quant` swaps its linear
     layers for weight-only quantized ones (buddy/quant.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -97,7 +97,7 @@ def run_tests(problems: list[Problem], completions: list[str], limits: Limits = 
 
 
 def evaluate_code(engine, problems: list[Problem], budget=None, layers=None, batch_size: int = CodeEvalConfig.batch_size,
-                  max_new_tokens: int = MAX_NEW_TOKENS, weak_sandbox: bool = False, progress: bool = False,
+                  max_new_tokens: int = MAX_NEW_TOKENS, weak_sandbox: bool = CodeEvalConfig.weak_sandbox, progress: bool = False,
                   limits: Limits = Limits()) -> tuple[CodeResult, list[str]]:
     """Greedy completions at the budget, then the tests; (result, completions)."""
     require_sandbox(weak_sandbox)  # before generating, not after an hour

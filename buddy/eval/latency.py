@@ -18,7 +18,7 @@ import time
 import torch
 
 from ..budget import Budget, CostShapes, decode_cost, ideal_speedup
-from ..config import ConfigError, LatencyConfig
+from ..config import ConfigError, LatencyConfig, LoadConfig
 
 
 def matvec_bandwidth(dtype: torch.dtype, device, mbytes: int = 256, repeats: int = 20) -> float:
@@ -86,7 +86,7 @@ def time_engine(engine, prompts: list[list[int]], k, new_tokens: int, repeats: i
     return statistics.median(ttfts), statistics.median(steps)
 
 
-def run_latency(model: str, dtype: str, device: str, cfg: LatencyConfig, progress=print, quant: str = "none") -> dict:
+def run_latency(model: str, dtype: str, device: str, cfg: LatencyConfig, progress=print, quant: str = LoadConfig.quant) -> dict:
     """Time transformers and the Buddy engines for every cell of `cfg` (see LatencyConfig); `quant` is the
     weight mode (buddy/quant.py), and the bounds count its own weight bytes."""
     batches, prompt_lens, new_tokens, budgets = cfg.batch, cfg.prompt_len, cfg.new_tokens, cfg.budgets

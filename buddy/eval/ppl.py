@@ -28,7 +28,7 @@ class PplResult:
 
 
 @torch.inference_mode()
-def window_logits(engine, ids: torch.Tensor, k: int, prefill: int = 0, allocation: str = "request"):
+def window_logits(engine, ids: torch.Tensor, k: int, prefill: int = 0, allocation: str = PplConfig.allocation):
     """Teacher-forced logits of ids [B, T]: the first `prefill` tokens as a prompt, the rest as decode
     (one parallel forward each; equal to step-by-step decode). prefill=0: the whole window as a prompt.
     k: one layer count, or one per row. allocation="token": the decode part takes per-token depths with the

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +28,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..artifacts import git_commit, load_state, save_state
+from ..artifacts import (
+    atomic_save_tensors,
+    check_resume,
+    git_commit,
+    load_state,
+    save_state,
+)
 from ..budget import Budget
 from ..config import DEFAULT_KV_POLICY, ConfigError, at_least, cache_dir
 from ..predictor import (
@@ -63,6 +68,7 @@ class PredictorTrainConfig:
     quality: `kl` (negative mean KL to the dense model) or `nll` (continuation log-likelihood).
     width: hidden width of the predictor.
     seed: seed for initialisation, prompt order and sampling.
+    val_every: validate (and save the training state) every N steps.
     """
 
     levels: str = "0.5,0.625,0.75,0.875,1.0"
@@ -83,6 +89,7 @@ class PredictorTrainConfig:
     quality: str = "kl"
     width: int = 8
     seed: int = 0
+    val_every: int = 25
 
     def __post_init__(self):
         try:
@@ -90,7 +97,7 @@ class PredictorTrainConfig:
             PredictorConfig(1, 1, self.level_list)
         except ValueError:
             raise ConfigError(f"invalid --levels {self.levels!r}: increasing fractions in (0, 1], e.g. 0.5,0.75,1") from None
-        at_least(self, 1, "group", "steps", "batch", "inner", "prompts", "val_prompts", "prompt_len", "cont_len", "width")
+        at_least(self, 1, "group", "steps", "batch", "inner", "prompts", "val_prompts", "prompt_len", "cont_len", "width", "val_every")
         if self.group < 2:
             raise ConfigError(f"invalid group {self.group}: GRPO needs at least 2 samples per prompt")
         if self.data not in ("mix", "sotu"):
@@ -137,15 +144,12 @@ def _table_path(bb, planner: str, policy: str, cfg: PredictorTrainConfig, split:
 
 def _cached(path: Path, compute) -> dict[str, torch.Tensor]:
     """The tensors in `path`, or `compute()`'s, written there atomically first."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     if path.is_file():
         return load_file(path)
     t = {k: v.contiguous() for k, v in compute().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(t, tmp)
-    os.replace(tmp, path)
+    atomic_save_tensors(t, path)
     return t
 
 
@@ -285,10 +289,7 @@ class PredictorTrainer:
         if not f.is_file():
             return False
         st = load_state(f, "cpu")
-        saved = {k: v for k, v in st["config"].items() if k != "steps"}
-        mine = {k: v for k, v in asdict(self.cfg).items() if k != "steps"}
-        if saved != mine:
-            raise ConfigError(f"{f} was written with other settings; use another --out or the same settings")
+        check_resume(f, st["config"], {k: v for k, v in asdict(self.cfg).items() if k not in ("steps", "val_every")})
         self.policy.load_state_dict(st["policy"])
         self.opt.load_state_dict(st["opt"])
         self.gen.set_state(st["gen"])
@@ -314,7 +315,7 @@ class PredictorTrainer:
             idx = torch.randint(0, feats.shape[0], (self.cfg.batch,), generator=self.gen)
             m = grpo_step(self.policy, self.opt, feats[idx], reward[idx], self.cfg, self.gen)
             self.step += 1
-            if self.step % 25 == 0 or self.step == self.cfg.steps:
+            if self.step % self.cfg.val_every == 0 or self.step == self.cfg.steps:
                 v = policy_report(self.policy, *self.val, self.levels, self.cfg.tradeoff)
                 self.history.append({"step": self.step, **m, "val_reward": v["reward"], "val_level": v["mean_level"]})
                 bar.set_postfix(reward=f"{m['reward']:.3f}", val_level=f"{v['mean_level']:.3f}")

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..artifacts import git_commit, load_state, save_state
+from ..artifacts import check_resume, git_commit, load_state, save_state
 from ..backbone import Backbone
+from ..budget import ALWAYS_ON
 from ..config import DEFAULT_KV_POLICY, KV_POLICIES, ConfigError
 from ..engine import layer0, router_features
 from ..planner import GivenPlanner, topk_plan
@@ -150,15 +151,15 @@ def routed_train_forward(bb: Backbone, module: DecisionModule, prior: torch.Tens
     scores = module(cache.kv0_mean, h, k.float() / L) + prior.to(h.device)  # [B, T, L-2]
     plan = topk_plan(scores.detach(), k)
     ranked = scores.detach().sort(dim=-1, descending=True).values
-    m = k.view(B, 1, 1) - 2  # intermediate layers kept
+    m = k.view(B, 1, 1) - ALWAYS_ON  # intermediate layers kept
     hi = ranked.gather(-1, (m - 1).clamp(0, L - 3).expand(B, T, 1))
     lo = ranked.gather(-1, m.clamp(0, L - 3).expand(B, T, 1))
     soft = torch.sigmoid((scores - (hi + lo) / 2) / tau)
     gates = (plan[..., 1:-1].to(soft.dtype) + soft - soft.detach()).to(h.dtype)
     cache.route(plan)
     for i in range(1, L):
-        cache.keep = plan[..., i]
-        out = bb.layer(i, h, cache.mask(i), rope, cache)
+        with cache.only(keep=plan[..., i]):
+            out = bb.layer(i, h, cache.mask(i), rope, cache)
         h = out if i == L - 1 else h + gates[..., i - 1, None] * (out - h)
     cache.end()
     return bb.head(h), plan
@@ -174,7 +175,7 @@ def swap_plans(scores: torch.Tensor, k: torch.Tensor, band: int, gen: torch.Gene
     intermediate layers."""
     B, T, M = scores.shape
     order = scores.argsort(dim=-1, descending=True)  # rank -> layer index
-    m = (k - 2).view(B, 1)
+    m = (k - ALWAYS_ON).view(B, 1)
     G = batch or B
     ra = m - 1 - torch.randint(0, band, (G, T), generator=gen)[rows].to(scores.device)
     rc = m + torch.randint(0, band, (G, T), generator=gen)[rows].to(scores.device)
@@ -390,11 +391,7 @@ class RouterTrainer:
         if not path.is_file():
             return False
         state = load_state(path, self.bb.device)
-        changed = {k: (v, state["settings"].get(k)) for k, v in self.settings().items()
-                   if "settings" in state and state["settings"].get(k) != v}
-        if changed:
-            raise ConfigError(f"{self.out} was trained with other settings: " + ", ".join(
-                f"{k} {old!r} (now {new!r})" for k, (new, old) in changed.items()) + "; resume with the same ones")
+        check_resume(path, state.get("settings"), self.settings())
         self.module.load_state_dict(state["module"])
         self.opt.load_state_dict(state["opt"])
         self.step, self.history = state["step"], state["history"]

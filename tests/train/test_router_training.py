@@ -1,0 +1,128 @@
+"""Router training (buddy/train/router.py): the training forward equals cached decode, gradients reach the router, resumable and deterministic runs that refuse changed settings, the swap and straight-through estimators, gate training."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_backbone
+from test_router import TOL, random_router, stepwise
+
+from buddy.config import KV_POLICIES, ConfigError
+from buddy.engine import Engine
+from buddy.router import (
+    RouterPlanner,
+    load_router,
+    prior_scores,
+)
+from buddy.train.router import RouterTrainer, TrainConfig, routed_train_forward
+
+
+@pytest.mark.parametrize("policy", KV_POLICIES)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_training_forward_equals_cached_decode(arch, policy):
+    bb = tiny_backbone(arch, n_layers=8)
+    router = random_router(bb)
+    prior = prior_scores([3, 1, 5, 2, 6, 4], 8)
+    ids = torch.randint(0, 97, (2, 12))
+    k = torch.tensor([4, 6])
+    with torch.no_grad():
+        train_logits, train_plan = routed_train_forward(bb, router, prior, ids, k, policy, tau=0.1)
+    eng = Engine(bb, RouterPlanner(router, prior), policy)
+    for prompt_len in (1, 5):
+        logits, plan = stepwise(eng, ids, [4, 6], prompt_len)
+        assert torch.equal(plan, train_plan)
+        assert (logits - train_logits).abs().max() <= TOL
+
+
+def test_training_forward_gives_router_gradients():
+    bb = tiny_backbone("llama", n_layers=8)
+    router = random_router(bb)
+    for p in bb.model.parameters():
+        p.requires_grad_(False)
+    logits, _ = routed_train_forward(bb, router, prior_scores(list(range(1, 7)), 8), torch.randint(0, 97, (2, 10)),
+                                     torch.tensor([4, 5]), "fill", tau=0.5)
+    logits.logsumexp(-1).mean().backward()
+    assert router.fc2.weight.grad is not None and router.fc2.weight.grad.abs().sum() > 0
+
+
+def make_trainer(bb, out, steps):
+    cfg = TrainConfig(steps=steps, batch=2, seq_len=12, val_every=2, val_windows=2, width=16, lr=1e-2, tau=0.5,
+                      budgets="0.5:1.0")
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 97, (8, 12), generator=g)
+    val = torch.randint(0, 97, (2, 12), generator=g)
+    return RouterTrainer(bb, cfg, list(range(1, 7)), train, val, out, command="test", data="random")
+
+
+def test_training_resumes_to_the_same_result(tmp_path):
+    bb = tiny_backbone("llama", n_layers=8)
+    straight = make_trainer(bb, tmp_path / "a", 4)
+    straight.run(progress=False)
+    first = make_trainer(bb, tmp_path / "b", 2)
+    first.run(progress=False)
+    resumed = make_trainer(bb, tmp_path / "b", 4)
+    assert resumed.load_state() and resumed.step == 2
+    resumed.run(progress=False)
+    for k, v in straight.module.state_dict().items():
+        assert torch.allclose(v, resumed.module.state_dict()[k], atol=1e-6), k
+    assert [h["loss"] for h in straight.history] == pytest.approx([h["loss"] for h in resumed.history], abs=1e-6)
+    assert straight.history[0]["loss"] != straight.history[-1]["loss"]
+    meta = json.loads((tmp_path / "a" / "router.json").read_text())
+    assert meta["steps"] == 4 and meta["kv_policy"] == "fill" and "prior_only_ppl" in meta["validation"]
+    load_router(tmp_path / "a", n_layers=8)
+    other = make_trainer(bb, tmp_path / "b", 4)
+    other.cfg.lr = 1e-3  # a changed setting is refused on resume, and named
+    with pytest.raises(ConfigError, match=r"lr 0.01 \(now 0.001\)"):
+        other.load_state()
+
+
+def test_swap_plans_keep_exact_k_and_swap_near_the_threshold():
+    from buddy.train.router import swap_plans
+
+    scores = torch.randn(3, 7, 10)
+    k = torch.tensor([2, 6, 12])
+    plan, swapped, a, c, valid = swap_plans(scores, k, band=2, gen=torch.Generator().manual_seed(0))
+    assert (plan.sum(-1) == k[:, None]).all() and (swapped.sum(-1) == k[:, None]).all()
+    assert not valid[0].any() and not valid[2].any() and valid[1].all()  # nothing to swap at k=2 or k=L
+    diff = (plan != swapped).sum(-1)
+    assert (diff[1] == 2).all() and (diff[0] == 0).all()
+    ranks = scores.argsort(-1, descending=True).argsort(-1)
+    ra, rc = ranks[1].gather(-1, a[1, :, None]), ranks[1].gather(-1, c[1, :, None])
+    assert ((ra >= 2) & (ra <= 3)).all() and ((rc >= 4) & (rc <= 5)).all()
+
+
+def test_straight_through_estimator_training_runs(tmp_path):
+    bb = tiny_backbone("llama", n_layers=8)
+    t = make_trainer(bb, tmp_path / "s", 3)
+    t.cfg.estimator = "st"
+    fc2 = t.module.fc2.weight.detach().clone()
+    assert (fc2 == 0).all()  # starts as the prior
+    t.run(progress=False)
+    assert len(t.history) == 3 and all(math.isfinite(h["loss"]) for h in t.history)
+    # the straight-through estimator must carry the loss's gradient into the scoring layer: it moved
+    assert not torch.equal(t.module.fc2.weight.detach(), fc2)
+
+
+def test_gate_training_changes_only_the_gate_and_round_trips(tmp_path):
+    bb = tiny_backbone("llama", n_layers=8)
+    first = make_trainer(bb, tmp_path / "router", 1)
+    first.run(progress=False)
+    torch.manual_seed(0)  # a router whose plans differ from the prior's, so the gate has something to learn
+    torch.nn.init.normal_(first.best["module"]["fc2.weight"], std=2.0)
+    first._write_best()
+    cfg = TrainConfig(steps=3, batch=2, seq_len=12, val_every=3, val_windows=2, width=16, lr=1e-1,
+                      budgets="0.5:1.0", estimator="gate", init=str(tmp_path / "router"), select="safe")
+    g = torch.Generator().manual_seed(1)
+    t = RouterTrainer(bb, cfg, list(range(1, 7)), torch.randint(0, 97, (8, 12), generator=g),
+                      torch.randint(0, 97, (2, 12), generator=g), tmp_path / "gate", command="test", data="random")
+    before = {k: v.clone() for k, v in t.module.state_dict().items()}
+    assert (t.module.fc_gate.weight == 0).all()  # starts closed: exactly the prior
+    t.run(progress=False)
+    after = t.module.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]) == (not k.startswith("fc_gate")), k
+    module, meta = load_router(tmp_path / "gate", n_layers=8)
+    assert module.cfg.gate and meta.steps == 3
+    with pytest.raises(Exception, match="--init"):
+        TrainConfig(estimator="gate")
