@@ -17,8 +17,15 @@ import time
 
 import torch
 
-from ..budget import Budget, CostShapes, decode_cost, ideal_speedup
+from ..api import make_planner
+from ..backbone import load_backbone
+from ..backbone.loading import MODELS, gguf_file
+from ..budget import Budget, CostShapes, decode_cost, ideal_speedup, layer_params
 from ..config import ConfigError, LatencyConfig, LoadConfig
+from ..engine import Engine
+from ..errors import require_extra
+from ..planner import FullPlanner
+from ..quant import weight_bytes
 
 
 def matvec_bandwidth(dtype: torch.dtype, device, mbytes: int = 256, repeats: int = 20) -> float:
@@ -86,20 +93,13 @@ def time_engine(engine, prompts: list[list[int]], k, new_tokens: int, repeats: i
     return statistics.median(ttfts), statistics.median(steps)
 
 
-def run_latency(model: str, dtype: str, device: str, cfg: LatencyConfig, progress=print, quant: str = LoadConfig.quant) -> dict:
+def run_latency(model: str, dtype: str, device: str, cfg: LatencyConfig, progress=print,
+                quant: str = LoadConfig.quant) -> dict:
     """Time transformers and the Buddy engines for every cell of `cfg` (see LatencyConfig); `quant` is the
     weight mode (buddy/quant.py), and the bounds count its own weight bytes."""
     batches, prompt_lens, new_tokens, budgets = cfg.batch, cfg.prompt_len, cfg.new_tokens, cfg.budgets
     repeats, kv_policy, planners = cfg.repeats, cfg.kv_policy, cfg.planners
-    from ..api import make_planner
-    from ..backbone import load_backbone
-    from ..engine import Engine
-    from ..planner import FullPlanner
-
     if cfg.compare == "llama.cpp":
-        from ..backbone.loading import MODELS
-        from ..errors import require_extra
-
         require_extra("llama_cpp", "llamacpp", "--compare llama.cpp")
         if model not in MODELS:
             raise ConfigError(f"--compare llama.cpp times the registry models' GGUF files ({', '.join(MODELS)}); "
@@ -120,9 +120,6 @@ def run_latency(model: str, dtype: str, device: str, cfg: LatencyConfig, progres
     elem = torch.finfo(bb.dtype).bits // 8
     per_weight = head_bytes = None
     if bb.quant:  # bytes per weight as stored (codes, scales and zeros), layers and LM head apart
-        from ..budget import layer_params
-        from ..quant import weight_bytes
-
         wb = weight_bytes(bb)
         per_weight = wb["layer"] / layer_params(static_shapes)
         head_bytes = wb["head"] / (bb.shapes.vocab * bb.shapes.hidden)
@@ -135,7 +132,6 @@ def run_latency(model: str, dtype: str, device: str, cfg: LatencyConfig, progres
         for P in prompt_lens:
             prompts = torch.randint(bb.shapes.vocab // 4, bb.shapes.vocab // 2, (B, P), generator=gen)  # ordinary tokens
             if cfg.compare == "llama.cpp" and B == 1:
-                from ..backbone.loading import MODELS, gguf_file
                 from .llamacpp import time_llamacpp
 
                 with gguf_file(MODELS[model]) as gguf_path:

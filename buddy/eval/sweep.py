@@ -17,9 +17,19 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..api import PLANNERS, PREDICTORS, make_planner
 from ..budget import AUTO
+from ..calibration import calibration_label
 from ..config import LoadConfig, SweepConfig
-from .tasks import GEN_TASKS, MC_TASKS, TaskError
+from ..corpus import DOMAINS, domain_windows
+from ..data import sotu_texts, token_windows
+from ..engine import Engine
+from ..predictor import load_predictor
+from .code import evaluate_code, load_humaneval
+from .generation import evaluate_gen
+from .ppl import evaluate_windows
+from .tasks import GEN_TASKS, MC_TASKS, TaskError, load_gen, load_mc, load_mc_file
+from .zeroshot import evaluate_mc
 
 PPL_TASKS = {"ppl-sotu": "test", "ppl-sotu-val": "validation"}  # task name -> SOTU split
 PPL_WINDOWS, PPL_WINDOW, PPL_PREFILL = 16, 512, 128  # as in docs/results.md's perplexity table
@@ -56,8 +66,6 @@ def parse_layers_spec(text: str, n_layers: int) -> list:
 
 def check_task(task: str) -> None:
     if task.startswith("ppl:"):
-        from ..corpus import DOMAINS
-
         if task[4:] not in DOMAINS:
             raise TaskError(f"unknown perplexity domain {task[4:]!r}: use ppl:<domain> with one of {', '.join(DOMAINS)}")
         return
@@ -70,17 +78,11 @@ def run_task(engine, task: str, k, limit: int | None = None, progress: bool = Fa
     check_task(task)
     kw = {"budget": AUTO} if k == AUTO else {"layers": k}
     if task in PPL_TASKS or task.startswith("ppl:"):
-        from .ppl import evaluate_windows
-
         t0 = time.perf_counter()
         if task.startswith("ppl:"):
-            from ..corpus import domain_windows
-
             n = min(limit, DOMAIN_WINDOWS) if limit else DOMAIN_WINDOWS
             windows, prefill = domain_windows(engine.tokenizer, task[4:], "test", DOMAIN_WINDOW, n), DOMAIN_PREFILL
         else:
-            from ..data import sotu_texts, token_windows
-
             n = min(limit, PPL_WINDOWS) if limit else PPL_WINDOWS
             windows, prefill = token_windows(engine.tokenizer, sotu_texts(PPL_TASKS[task]), PPL_WINDOW, n), PPL_PREFILL
         if not len(windows):
@@ -92,20 +94,12 @@ def run_task(engine, task: str, k, limit: int | None = None, progress: bool = Fa
             out["chosen_k"] = r.chosen_k
         return out
     if task in CODE_TASKS:
-        from .code import evaluate_code, load_humaneval
-
         r, _ = evaluate_code(engine, load_humaneval(limit), progress=progress, **kw)
         out = r.as_dict()
     elif task in GEN_TASKS:
-        from .generation import evaluate_gen
-        from .tasks import load_gen
-
         r, _ = evaluate_gen(engine, task, load_gen(task, limit), progress=progress, **kw)
         out = r.as_dict()
     else:
-        from .tasks import load_mc, load_mc_file
-        from .zeroshot import evaluate_mc
-
         docs = load_mc_file(task[3:], limit) if task.startswith("mc:") else load_mc(task, limit)
         out = evaluate_mc(engine, task, docs, progress=progress, **kw).as_dict()
     out.pop("task")
@@ -155,9 +149,6 @@ def sweep(bb, cfg: SweepConfig, load: LoadConfig | None = None, progress: bool =
     methods, tasks, out, limit = list(cfg.methods), list(cfg.tasks), cfg.out, cfg.limit
     kv_policy, router, predictor, calibration = load.kv_policy, load.router, load.predictor, load.calibration
     ks = parse_layers_spec(cfg.layers, bb.n_layers)
-    from ..api import PLANNERS, make_planner
-    from ..engine import Engine
-
     for m in methods:
         if m != "dense" and m not in PLANNERS:
             raise TaskError(f"unknown method {m!r}: use dense or one of {', '.join(PLANNERS)}")
@@ -168,15 +159,10 @@ def sweep(bb, cfg: SweepConfig, load: LoadConfig | None = None, progress: bool =
              for t in tasks]
     pred_name = pred_tradeoff = pred_module = None
     if AUTO in ks:
-        from ..api import PREDICTORS
-        from ..predictor import load_predictor
-
         pdir = Path(predictor) if predictor else PREDICTORS / bb.name
         pred_module, meta = load_predictor(pdir, checksum=bb.checksum)
         pred_module, pred_name, pred_tradeoff = pred_module.to(bb.device), str(pdir), meta.tradeoff
     if any(m in STATIC_METHODS for m in methods):
-        from ..calibration import calibration_label
-
         calibration = calibration_label(bb, calibration)
     _drop_partial_line(Path(out))
     done = {cell_key(r) for r in read_results(out)}
