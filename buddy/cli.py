@@ -259,13 +259,14 @@ def cmd_eval_zeroshot(args) -> int:
         _in_text_file(cfg.mc_file, "--mc-file")
         tasks.append(f"mc:{cfg.mc_file}")
     for t in tasks:
-        check_task(t)
+        check_task(t, cfg.allocation)
     m = _load(args)
     k = m.resolve_k(budget)
     rows = []
     for t in tasks:
-        r = {"task": t, "model": m.bb.name, "planner": m.planner.name, "kv_policy": m.kv_policy, **budget_echo(budget, k),
-             **run_task(m, t, k, cfg.limit, progress=not args.json)}
+        r = {"task": t, "model": m.bb.name, "planner": m.planner.name, "kv_policy": m.kv_policy,
+             "allocation": cfg.allocation, **budget_echo(budget, k),
+             **run_task(m, t, k, cfg.limit, progress=not args.json, allocation=cfg.allocation)}
         rows.append(r)
         if args.json:
             print(json.dumps(r), flush=True)
@@ -303,7 +304,8 @@ def cmd_eval_code(args) -> int:
         raise UsageError("eval code needs a fixed budget or --layers (budget `auto` chooses per prompt; use the sweep)")
     r, completions = evaluate_code(m, problems, layers=k, batch_size=cfg.batch_size,
                                    max_new_tokens=cfg.max_new_tokens, weak_sandbox=cfg.weak_sandbox,
-                                   progress=not args.json, limits=Limits(timeout_s=cfg.timeout, cpu_s=cfg.timeout))
+                                   progress=not args.json, limits=Limits(timeout_s=cfg.timeout, cpu_s=cfg.timeout),
+                                   allocation=cfg.allocation)
     if cfg.samples_out:
         from .artifacts import atomic_write_text
 
@@ -312,7 +314,7 @@ def cmd_eval_code(args) -> int:
             for p, c, ok in zip(problems, completions, r.per_doc["passed"])))
     out = {"task": "humaneval", "pass_at_1": round(r.pass_at_1, 4), "docs": r.docs, "statuses": r.statuses,
            "layers_per_token": round(r.layers_per_token, 3), "wall_s": round(r.wall_s, 1), "planner": m.planner.name,
-           "kv_policy": m.kv_policy, **budget_echo(budget, k), "model": m.bb.name}
+           "kv_policy": m.kv_policy, "allocation": cfg.allocation, **budget_echo(budget, k), "model": m.bb.name}
     if args.json:
         print(json.dumps(out))
     else:
@@ -669,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--router", default=None, help=_doc_of(LoadConfig, "router"))
     sw.add_argument("--predictor", default=None, help=_doc_of(LoadConfig, "predictor"))
     sw.add_argument("--calibration", default=LoadConfig.calibration, help=_doc_of(LoadConfig, "calibration"))
+    sw.add_argument("--depth", default=LoadConfig.depth, help=_doc_of(LoadConfig, "depth"))
     _add_dataclass_args(sw, SweepConfig)
     sw.set_defaults(func=cmd_sweep)
 

@@ -250,6 +250,8 @@ class CodeEvalConfig:
     timeout: seconds of wall clock and of CPU per program.
     weak_sandbox: run generated code without seccomp and Landlock where this machine lacks them.
     samples_out: write each completion and its result to this JSONL file.
+    allocation: `request` (every generated token the budget's k layers) or `token` (each token its own depth
+        from the depth head, each completion's mean exact).
     """
 
     limit: int | None = None
@@ -258,8 +260,10 @@ class CodeEvalConfig:
     timeout: int = 10
     weak_sandbox: bool = False
     samples_out: str | None = None
+    allocation: str = ALLOCATIONS[0]
 
     def __post_init__(self):
+        _one_of(self, "allocation", ALLOCATIONS)
         at_least(self, 1, "limit", optional=True)
         at_least(self, 1, "max_new_tokens", "batch_size", "timeout")
 
@@ -271,13 +275,17 @@ class ZeroshotConfig:
     tasks: comma-separated task names (listed at the top of `buddy eval zeroshot --help`).
     mc_file: your own JSONL, one {"question", "choices", "gold"} per line.
     limit: first N documents per task (None: all).
+    allocation: `request` or `token` (per-token depth, each answer's mean exact; the generation tasks lambada
+        and gsm8k only: multiple choice scores given answers).
     """
 
     tasks: tuple[str, ...] = ()
     mc_file: str | None = None
     limit: int | None = None
+    allocation: str = ALLOCATIONS[0]
 
     def __post_init__(self):
+        _one_of(self, "allocation", ALLOCATIONS)
         at_least(self, 1, "limit", optional=True)
         if not self.tasks and not self.mc_file:
             raise ConfigError("give --tasks and/or --mc-file")
@@ -292,6 +300,8 @@ class SweepConfig:
     methods: dense and planner names, comma-separated.
     layers: layer counts: start:stop:step or a comma list, plus `auto` for the budget predictor.
     limit: first N documents per task (None: all).
+    allocation: `request` (every token k layers) or `token` (per-token depth with each document's mean
+        exact, from the depth head; perplexity and generation tasks, not multiple choice).
     """
 
     tasks: tuple[str, ...]
@@ -299,8 +309,10 @@ class SweepConfig:
     methods: tuple[str, ...] = ("dense", "static-greedy", "router")
     layers: str = "15:27:4"
     limit: int | None = None
+    allocation: str = ALLOCATIONS[0]
 
     def __post_init__(self):
+        _one_of(self, "allocation", ALLOCATIONS)
         at_least(self, 1, "limit", optional=True)
         if not self.tasks:
             raise ConfigError("give at least one task")

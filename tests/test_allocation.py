@@ -255,3 +255,15 @@ def test_a_span_keeps_every_token_near_k():
     d = torch.cat([acc.depths(torch.randn(2, 1, 64) * 2, prompt=False) for _ in range(60)], dim=1)
     assert ((d - torch.tensor([[6], [7]])).abs() <= 2).all() and len(set(d[0].tolist())) > 1
     assert all(abs(m - k) <= 0.5 for m, k in zip(acc.mean(), (6, 7)))
+
+
+def test_generation_evals_spend_the_budget_per_token(tiny_ckpt):
+    """eval code / gsm8k / lambada decode through generate_until, which takes the allocation."""
+    from buddy.eval.generation import generate_until
+
+    eng = tiny_routed(tiny_ckpt)
+    prompts, stops = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"], [["w999"]] * 3
+    texts, layer_sum, n = generate_until(eng, prompts, 4, 16, stops, batch_size=2, allocation="token")
+    assert n == 3 * 16 and abs(layer_sum / n - 4) <= 0.5
+    same, req_sum, _ = generate_until(eng, prompts, 4, 16, stops, batch_size=2)
+    assert req_sum == 4 * n and layer_sum != req_sum

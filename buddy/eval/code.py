@@ -98,13 +98,14 @@ def run_tests(problems: list[Problem], completions: list[str], limits: Limits = 
 
 def evaluate_code(engine, problems: list[Problem], budget=None, layers=None, batch_size: int = CodeEvalConfig.batch_size,
                   max_new_tokens: int = MAX_NEW_TOKENS, weak_sandbox: bool = CodeEvalConfig.weak_sandbox, progress: bool = False,
-                  limits: Limits = Limits()) -> tuple[CodeResult, list[str]]:
+                  limits: Limits = Limits(), allocation: str = CodeEvalConfig.allocation) -> tuple[CodeResult, list[str]]:
     """Greedy completions at the budget, then the tests; (result, completions)."""
     require_sandbox(weak_sandbox)  # before generating, not after an hour
     k = engine.resolve_k(budget, layers)
     t0 = time.perf_counter()
     texts, layer_sum, n_tok = generate_until(engine, [p.prompt for p in problems], k, max_new_tokens,
-                                             [STOP] * len(problems), batch_size, progress=progress, desc="humaneval")
+                                             [STOP] * len(problems), batch_size, progress=progress, desc="humaneval",
+                                             allocation=allocation)
     completions = [cut_completion(t) for t in texts]
     outcomes = run_tests(problems, completions, limits, weak_sandbox, progress=progress)
     passed = [int(o.passed) for o in outcomes]

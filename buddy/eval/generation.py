@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from tqdm import tqdm
 
 from ..budget import AUTO, Budget
+from ..config import GenerateConfig
 from .tasks import GenDoc
 
 MAX_NEW = {"lambada": 8, "gsm8k": 192}
@@ -67,8 +68,10 @@ def _cut(text: str, stop: list[str]) -> str:
 
 
 def generate_until(engine, prompts: list[str], k: int, max_new_tokens: int, stops: list[list[str]],
-                   batch_size: int = 8, finished=None, progress: bool = False, desc: str = "generate"):
+                   batch_size: int = 8, finished=None, progress: bool = False, desc: str = "generate",
+                   allocation: str = GenerateConfig.allocation):
     """Greedy texts for prompts, batched; a row stops at a stop string (cut off) or when finished(text).
+    `allocation="token"`: each generated token its own depth, each row's mean exact (buddy/allocation.py).
     Returns (texts, executed layer-token count, generated token count)."""
     texts_out: list[str] = []
     layer_sum = n_tok = 0
@@ -77,7 +80,7 @@ def generate_until(engine, prompts: list[str], k: int, max_new_tokens: int, stop
         texts, live = ["" for _ in batch], [True] * len(batch)
         gen = engine.generate_batch([engine.encode(prompts[i]) for i in batch],
                                     [AUTO if k == AUTO else Budget(layers=k)] * len(batch),
-                                    max_new_tokens=max_new_tokens)
+                                    max_new_tokens=max_new_tokens, allocation=allocation)
         for step in gen:
             for r, st in enumerate(step):
                 if st is None or not live[r]:
@@ -94,13 +97,15 @@ def generate_until(engine, prompts: list[str], k: int, max_new_tokens: int, stop
 
 
 def evaluate_gen(engine, task: str, docs: list[GenDoc], budget=None, layers=None, batch_size: int = 8,
-                 max_new_tokens: int | None = None, progress: bool = False) -> tuple[GenResult, list[str]]:
+                 max_new_tokens: int | None = None, progress: bool = False,
+                 allocation: str = GenerateConfig.allocation) -> tuple[GenResult, list[str]]:
     """Greedy generation for each document (batched, each row stopping on its own); (result, outputs)."""
     k = engine.resolve_k(budget, layers)
     t0 = time.perf_counter()
     finished = _lambada_done if task == "lambada" else None
     outputs, layer_sum, n_tok = generate_until(engine, [d.prompt for d in docs], k, max_new_tokens or MAX_NEW[task],
-                                               [d.stop for d in docs], batch_size, finished, progress, task)
+                                               [d.stop for d in docs], batch_size, finished, progress, task,
+                                               allocation)
     correct = sum(is_correct(task, out, d.answer) for d, out in zip(docs, outputs))
     n = max(len(docs), 1)
     return GenResult(task, correct / n, len(docs), layer_sum / max(n_tok, 1), time.perf_counter() - t0), outputs

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..api import PLANNERS, PREDICTORS, make_planner
+from ..api import PLANNERS, PREDICTORS, make_depth, make_planner
 from ..budget import AUTO
 from ..calibration import calibration_label
-from ..config import LoadConfig, SweepConfig
+from ..config import ALLOCATIONS, LoadConfig, SweepConfig
 from ..corpus import DOMAINS, domain_windows
 from ..data import sotu_texts, token_windows
 from ..engine import Engine
@@ -64,7 +64,12 @@ def parse_layers_spec(text: str, n_layers: int) -> list:
     return sorted(set(ks)) + auto
 
 
-def check_task(task: str) -> None:
+def check_task(task: str, allocation: str = SweepConfig.allocation) -> None:
+    """TaskError for an unknown task, or one that cannot take the allocation."""
+    if allocation != ALLOCATIONS[0] and not (task in PPL_TASKS or task.startswith("ppl:") or task in CODE_TASKS
+                                            or task in GEN_TASKS):
+        raise TaskError(f"allocation {allocation!r} spends the budget over generated tokens; {task!r} scores given "
+                        f"answers: use allocation request for multiple-choice tasks")
     if task.startswith("ppl:"):
         if task[4:] not in DOMAINS:
             raise TaskError(f"unknown perplexity domain {task[4:]!r}: use ppl:<domain> with one of {', '.join(DOMAINS)}")
@@ -73,9 +78,11 @@ def check_task(task: str) -> None:
         raise TaskError(f"unknown task {task!r}: use {', '.join(ALL_TASKS)}, or mc:FILE.jsonl for your own data")
 
 
-def run_task(engine, task: str, k, limit: int | None = None, progress: bool = False) -> dict:
-    """Evaluate one task at k layers (or "auto"): a dict of metrics, docs, layers_per_token and wall_s."""
-    check_task(task)
+def run_task(engine, task: str, k, limit: int | None = None, progress: bool = False,
+             allocation: str = SweepConfig.allocation) -> dict:
+    """Evaluate one task at k layers (or "auto"): a dict of metrics, docs, layers_per_token and wall_s.
+    allocation="token": per-token depth (perplexity and generation tasks; multiple choice scores given answers)."""
+    check_task(task, allocation)
     kw = {"budget": AUTO} if k == AUTO else {"layers": k}
     if task in PPL_TASKS or task.startswith("ppl:"):
         t0 = time.perf_counter()
@@ -87,17 +94,18 @@ def run_task(engine, task: str, k, limit: int | None = None, progress: bool = Fa
             windows, prefill = token_windows(engine.tokenizer, sotu_texts(PPL_TASKS[task]), PPL_WINDOW, n), PPL_PREFILL
         if not len(windows):
             raise TaskError(f"task {task!r} has no text for model {engine.bb.name!r}")
-        r = evaluate_windows(engine, windows, prefill=prefill, progress=progress, per_window=True, **kw)
+        r = evaluate_windows(engine, windows, prefill=prefill, progress=progress, per_window=True,
+                             allocation=allocation, **kw)
         out = {"ppl": r.ppl, "docs": windows.shape[0], "tokens": r.tokens, "layers_per_token": r.layers_per_token,
                "wall_s": time.perf_counter() - t0, "per_doc": {"nll": [round(x, 5) for x in r.window_nll]}}
         if r.chosen_k:
             out["chosen_k"] = r.chosen_k
         return out
     if task in CODE_TASKS:
-        r, _ = evaluate_code(engine, load_humaneval(limit), progress=progress, **kw)
+        r, _ = evaluate_code(engine, load_humaneval(limit), progress=progress, allocation=allocation, **kw)
         out = r.as_dict()
     elif task in GEN_TASKS:
-        r, _ = evaluate_gen(engine, task, load_gen(task, limit), progress=progress, **kw)
+        r, _ = evaluate_gen(engine, task, load_gen(task, limit), progress=progress, allocation=allocation, **kw)
         out = r.as_dict()
     else:
         docs = load_mc_file(task[3:], limit) if task.startswith("mc:") else load_mc(task, limit)
@@ -137,23 +145,31 @@ def _drop_partial_line(path: Path) -> None:
 
 def cell_key(row: dict) -> tuple:
     return (row["model"], row["method"], row["kv_policy"], row["k"], row["task"], row.get("limit"), row.get("predictor"),
-            row.get("calibration", "sotu") if row["method"] in STATIC_METHODS else None)
+            row.get("calibration", "sotu") if row["method"] in STATIC_METHODS else None,
+            row.get("allocation", ALLOCATIONS[0]))
 
 
 def sweep(bb, cfg: SweepConfig, load: LoadConfig | None = None, progress: bool = True) -> list[dict]:
     """Run every missing (method, k, task) cell of `cfg` and append it to `cfg.out`; returns the new rows.
 
-    `load` gives the KV policy, router, predictor and calibration (its model, device and dtype are `bb`'s).
+    `load` gives the KV policy, router, predictor, calibration and depth head (its model, device and dtype
+    are `bb`'s).
     `dense` runs once per task at k = L; other methods skip k = L (it is the dense model for every method)."""
     load = load or LoadConfig(model=bb.name)
     methods, tasks, out, limit = list(cfg.methods), list(cfg.tasks), cfg.out, cfg.limit
     kv_policy, router, predictor, calibration = load.kv_policy, load.router, load.predictor, load.calibration
     ks = parse_layers_spec(cfg.layers, bb.n_layers)
+    allocation, depth = cfg.allocation, None
+    if allocation != ALLOCATIONS[0]:
+        depth = make_depth(bb, kv_policy, load.depth)
+        if depth is None:
+            raise TaskError(f"allocation {allocation!r} needs a depth head for model {bb.name!r} and kv policy "
+                            f"{kv_policy!r}: fit one with `buddy train depth`, then pass --depth DIR")
     for m in methods:
         if m != "dense" and m not in PLANNERS:
             raise TaskError(f"unknown method {m!r}: use dense or one of {', '.join(PLANNERS)}")
     for t in tasks:
-        check_task(t)
+        check_task(t, cfg.allocation)
     L = bb.n_layers
     cells = [(m, k, t) for m in methods for k in ([L] if m == "dense" else [k for k in ks if k == AUTO or k < L])
              for t in tasks]
@@ -167,7 +183,7 @@ def sweep(bb, cfg: SweepConfig, load: LoadConfig | None = None, progress: bool =
     _drop_partial_line(Path(out))
     done = {cell_key(r) for r in read_results(out)}
     todo = [c for c in cells if (bb.name, c[0], kv_policy, c[1], c[2], limit, pred_name if c[1] == AUTO else None,
-                                 calibration if c[0] in STATIC_METHODS else None) not in done]
+                                 calibration if c[0] in STATIC_METHODS else None, allocation) not in done]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     engines: dict[str, Engine] = {}
     new = []
@@ -177,10 +193,12 @@ def sweep(bb, cfg: SweepConfig, load: LoadConfig | None = None, progress: bool =
         if method not in engines:
             planner = make_planner("full" if method == "dense" else method, bb, kv_policy, router,
                                    calibration=calibration)
-            engines[method] = Engine(bb, planner, kv_policy, pred_module)
-        metrics = run_task(engines[method], task, k, limit)
+            engines[method] = Engine(bb, planner, kv_policy, pred_module, depth)
+        metrics = run_task(engines[method], task, k, limit, allocation=allocation)
+        measured = k == AUTO or allocation != ALLOCATIONS[0]  # the fraction a row is plotted at
         row = {"model": bb.name, "method": method, "kv_policy": kv_policy, "k": k, "n_layers": L,
-               "layer_fraction": metrics["layers_per_token"] / L if k == AUTO else k / L, "task": task, "limit": limit,
+               "layer_fraction": metrics["layers_per_token"] / L if measured else k / L, "task": task, "limit": limit,
+               "allocation": allocation,
                **({"predictor": pred_name, "tradeoff": pred_tradeoff} if k == AUTO else {}),
                **({"calibration": calibration} if method in STATIC_METHODS else {}), **metrics,
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -58,3 +58,19 @@ def test_train_depth_then_generate_and_eval_with_it(tiny_ckpt, tmp_path, monkeyp
                  "--text-file", str(text), "--window", "32", "--prefill", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["allocation"] == "token" and abs(out["layers_per_token"] - 4) <= 0.5
+    # the sweep: per-token depth on a perplexity domain, a row per allocation, multiple choice refused
+    sweep = ["sweep", "--model", str(tiny_ckpt), "--dtype", "float32", "--device", "cpu", "--depth", str(tmp_path / "d"),
+             "--methods", "dense,random", "--layers", "4", "--tasks", "ppl:code", "--limit", "2",
+             "--out", str(tmp_path / "s.jsonl")]
+    assert main([*sweep, "--allocation", "token"]) == 0 and main(sweep) == 0
+    rows = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert sorted((r["method"], r["allocation"]) for r in rows) == [
+        ("dense", "request"), ("dense", "token"), ("random", "request"), ("random", "token")]
+    routed = {r["allocation"]: r for r in rows if r["method"] == "random"}
+    assert abs(routed["token"]["layers_per_token"] - 4) <= 0.5 and routed["request"]["layers_per_token"] == 4
+    assert routed["token"]["ppl"] != routed["request"]["ppl"]
+    assert main([*sweep, "--allocation", "token"]) == 0  # resumed: nothing left to run
+    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 4
+    capsys.readouterr()
+    assert main([*sweep[:-1], str(tmp_path / "mc.jsonl"), "--allocation", "token", "--tasks", "piqa"]) == 2
+    assert "multiple-choice" in capsys.readouterr().err
