@@ -110,7 +110,7 @@ class PredictorTrainConfig:
 
 # --- quality tables --------------------------------------------------------------------------------
 @torch.inference_mode()
-def quality_table(engine, windows: torch.Tensor, levels, prompt_len: int, quality: str = "kl", batch: int = 16,
+def quality_table(engine, windows: torch.Tensor, levels, prompt_len: int, quality: str = PredictorTrainConfig.quality, batch: int = 16,
                   progress: bool = True, desc: str = "quality") -> torch.Tensor:
     """[N, n_levels] quality of each window at each level (prompt routed as prefill, continuation as decode)."""
     from ..eval.ppl import window_logits
@@ -169,7 +169,7 @@ def cached_table(engine, bb, cfg: PredictorTrainConfig, split: str, n: int, prog
     return t["features"], t["quality"]
 
 
-def item_table(engine, items, levels, quality: str = "kl", progress: bool = True, desc: str = "quality",
+def item_table(engine, items, levels, quality: str = PredictorTrainConfig.quality, progress: bool = True, desc: str = "quality",
                policy: str = DEFAULT_KV_POLICY) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [N, F], quality [N, n_levels]) of prompt-mix items (`buddy.prompt_mix.MixItem`) of any length:
     items of one (prompt, continuation) shape are batched together, and rows keep the items' order."""
