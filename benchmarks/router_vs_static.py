@@ -30,12 +30,15 @@ def main() -> None:
     ap.add_argument("--earlier", help="router rows of another results file (an earlier router on the same windows), "
                                       "compared to the same best static plans")
     ap.add_argument("--pivot", action="store_true", help="also a compact table: domains x k, ratio [95%% CI]")
+    ap.add_argument("--allocation", default="request", help="compare the rows of this allocation (default request)")
     args = ap.parse_args()
-    rows = [r for r in read_results(args.results) if r["task"].startswith("ppl:") and "per_doc" in r]
+    rows = [r for r in read_results(args.results) if r["task"].startswith("ppl:") and "per_doc" in r
+            and r.get("allocation", "request") == args.allocation]
     cell = {(r["method"], r["task"], r["k"]): r for r in rows}
     if args.earlier:
         for r in read_results(args.earlier):
-            if r["method"] == args.method and r["task"].startswith("ppl:") and "per_doc" in r:
+            if (r["method"] == args.method and r["task"].startswith("ppl:") and "per_doc" in r
+                    and r.get("allocation", "request") == args.allocation):
                 cell[("earlier", r["task"], r["k"])] = r
     out = []
     print("| domain | held out | k | router ppl | best static | ppl | router / static [95% CI] |")

@@ -25,6 +25,8 @@ def main() -> None:
     for r in rows:
         if r["task"] in tasks and args.metric in r:
             name = r["method"] if r["k"] != "auto" else f"{r['method']} auto ({r.get('predictor')}, λ={r.get('tradeoff')})"
+            if r.get("allocation", "request") != "request":  # per-token depth rows are their own method
+                name += f" ({r['allocation']} allocation)"
             cells[(name, r["k"], r["task"])] = r
     methods = args.methods.split(",") if args.methods else list(dict.fromkeys(m for m, _, _ in cells))
     methods += [m for m in dict.fromkeys(m for m, _, _ in cells) if m not in methods and " auto " in m

@@ -85,7 +85,7 @@ def make_planner(name: str | None, bb: Backbone, kv_policy: str = LoadConfig.kv_
         module, meta = load_router(rdir, checksum=bb.checksum, n_layers=bb.n_layers)
         if meta.kv_policy != kv_policy:
             warnings.warn(f"router {rdir} was trained for kv policy {meta.kv_policy!r}, not {kv_policy!r}: "
-                          "expect lower quality (docs/results.md)", stacklevel=2)
+                          "expect lower quality (docs/results-history.md, KV policies)", stacklevel=2)
         opts = dict(ROUTER_PLANNERS[name])
         if reroute_every is not None and name != "router-frozen":
             opts["reroute_every"] = reroute_every

@@ -22,7 +22,11 @@ from pathlib import Path
 
 from .budget import AUTO, Budget, budget_echo, request_budget
 from .config import (
+    ALLOCATIONS,
+    CALIBRATION_DATA,
     DTYPES,
+    EXPORT_FORMATS,
+    EXPORT_PLANNERS,
     KV_POLICIES,
     QUANT_MODES,
     VLLM_KV_POLICIES,
@@ -371,6 +375,13 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _choices_of(cls, name: str) -> tuple[str, ...] | None:
+    """The values a field accepts, for its help text (the dataclass itself validates them)."""
+    return {"allocation": ALLOCATIONS}.get(name) or {
+        (CalibrateConfig, "data"): CALIBRATION_DATA, (ExportConfig, "format"): EXPORT_FORMATS,
+        (ExportConfig, "planner"): EXPORT_PLANNERS}.get((cls, name))
+
+
 def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
     """One --flag per dataclass field, with its default and the help from the class docstring; a field
     without a default is a required flag."""
@@ -382,6 +393,8 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] =
         default = f.default
         flag = "--" + f.name.replace("_", "-")
         doc = _doc_of(cls, f.name).rstrip(".")
+        if choices := _choices_of(cls, f.name):
+            doc += f"; one of {', '.join(choices)}"
         kind = next((t for name, t in (("int", int), ("float", float), ("bool", bool)) if str(f.type).startswith(name)),
                     str)
         if default is MISSING:
@@ -652,14 +665,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     zs = esub.add_parser("zeroshot", help="benchmark tasks: multiple-choice log-likelihood, LAMBADA, GSM8K",
                          description=f"tasks: {', '.join(ALL_TASKS)}")
-    _add_load_args(zs, skip=("depth",))
+    _add_load_args(zs)
     _add_budget_args(zs)
     _add_dataclass_args(zs, ZeroshotConfig)
     zs.add_argument("--json", action="store_true", help="print one JSON line per task")
     zs.set_defaults(func=cmd_eval_zeroshot)
 
     co = esub.add_parser("code", help="HumanEval pass@1: greedy completions, tests run in a sandbox")
-    _add_load_args(co, skip=("depth",))
+    _add_load_args(co)
     _add_budget_args(co)
     _add_dataclass_args(co, CodeEvalConfig)
     co.add_argument("--json", action="store_true", help="print one JSON line")

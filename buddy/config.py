@@ -275,8 +275,8 @@ class ZeroshotConfig:
     tasks: comma-separated task names (listed at the top of `buddy eval zeroshot --help`).
     mc_file: your own JSONL, one {"question", "choices", "gold"} per line.
     limit: first N documents per task (None: all).
-    allocation: `request` or `token` (per-token depth, each answer's mean exact; the generation tasks lambada
-        and gsm8k only: multiple choice scores given answers).
+    allocation: `request` or `token` (per-token depth, each answer's mean exact; generation, code and
+        perplexity tasks: multiple choice scores given answers).
     """
 
     tasks: tuple[str, ...] = ()

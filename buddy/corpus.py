@@ -120,14 +120,15 @@ def code_chat_pairs(split: str) -> list[tuple[str, str]]:
     Each function is asked for in one of two ways (chosen by a hash of its name): complete it from its
     signature and docstring, or write it from its signature and the docstring's first paragraph. The answer
     is the function's source in a Python code block. A function whose source also sits in another split's
-    files (the standard library has a few copies) is left out of every split."""
+    files (the standard library has a few copies) is left out of every split; the validation and test splits
+    also leave out a function whose name and docstring sit in another split (near-copies)."""
     if split not in SPLITS:
         raise CorpusError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     functions = {s: _documented_functions(s) for s in SPLITS}
-    elsewhere = {src for s in SPLITS if s != split for src, _, _ in functions[s]}
+    elsewhere = {key for s in SPLITS if s != split for src, name, doc, _ in functions[s] for key in (src, (name, doc))}
     pairs = []
-    for source, name, (signature, head, about) in functions[split]:
-        if source in elsewhere:
+    for source, name, doc, (signature, head, about) in functions[split]:
+        if source in elsewhere or (split != "train" and (name, doc) in elsewhere):
             continue
         answer = f"```python\n{source}\n```"
         if zlib.crc32(name.encode()) % 2:
@@ -140,8 +141,8 @@ def code_chat_pairs(split: str) -> list[tuple[str, str]]:
 
 @lru_cache(maxsize=None)
 def _documented_functions(split: str, max_lines: int = 60) -> tuple:
-    """(source, name, (signature, signature + docstring, docstring's first paragraph)) of the split's
-    top-level functions that have a docstring and a body, up to `max_lines` lines."""
+    """(source, name, docstring, (signature, signature + docstring, docstring's first paragraph)) of the
+    split's top-level functions that have a docstring and a body, up to `max_lines` lines."""
     out = []
     for path in _code_files(split):
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -156,10 +157,10 @@ def _documented_functions(split: str, max_lines: int = 60) -> tuple:
             start = min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1
             if node.end_lineno - start > max_lines or len(node.body) < 2:
                 continue
-            doc = node.body[0]
-            out.append(("\n".join(lines[start:node.end_lineno]), node.name,
+            doc, text = node.body[0], ast.get_docstring(node)
+            out.append(("\n".join(lines[start:node.end_lineno]), node.name, text,
                         ("\n".join(lines[start:doc.lineno - 1]).strip(), "\n".join(lines[start:doc.end_lineno]),
-                         ast.get_docstring(node).split("\n\n")[0].strip())))
+                         text.split("\n\n")[0].strip())))
     return tuple(out)
 
 

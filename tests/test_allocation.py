@@ -240,7 +240,8 @@ def test_cli_offers_allocation_and_train_depth():
     import subprocess
     import sys
 
-    for cmd in (["generate", "--help"], ["eval", "ppl", "--help"], ["train", "depth", "--help"]):
+    for cmd in (["generate", "--help"], ["eval", "ppl", "--help"], ["eval", "code", "--help"],
+                ["eval", "zeroshot", "--help"], ["sweep", "--help"], ["train", "depth", "--help"]):
         r = subprocess.run([sys.executable, "-m", "buddy", *cmd], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert ("--allocation" in r.stdout) or ("--ridge" in r.stdout)

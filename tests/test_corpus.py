@@ -53,8 +53,10 @@ def test_code_chat_asks_for_functions_of_its_own_split():
 
     splits = {s: code_chat_pairs(s) for s in ("train", "validation", "test")}
     assert all(len(p) > 50 for p in splits.values())
-    answers = {s: {a for _, a in p} for s, p in splits.items()}
-    assert not answers["train"] & answers["validation"] and not answers["train"] & answers["test"]
+    for side in (0, 1):  # neither the questions nor the answers repeat across splits
+        seen = {s: {pair[side] for pair in p} for s, p in splits.items()}
+        assert not seen["train"] & seen["validation"] and not seen["train"] & seen["test"]
+        assert not seen["validation"] & seen["test"]
     for user, answer in splits["validation"][:20]:
         assert answer.startswith("```python\n") and answer.endswith("\n```")
         body = answer.removeprefix("```python\n")

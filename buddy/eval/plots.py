@@ -43,6 +43,8 @@ def pareto_series(rows: list[dict]) -> dict[str, dict[str, list[tuple[float, flo
         name, value = metric_of(r)
         x = r["layers_per_token"] / r["n_layers"]
         method = f"{r['method']} (auto, λ={r.get('tradeoff')})" if r["k"] == "auto" else r["method"]
+        if r.get("allocation", "request") != "request":  # per-token depth: its own series
+            method += f" ({r['allocation']} allocation)"
         panels[f"{r['task']} ({name})"][method].append((x, value))
         if r["task"] in acc_tasks:
             avg[(method, r["k"], r.get("predictor"))][r["task"]] = (x, value)

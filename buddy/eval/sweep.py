@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..api import PLANNERS, PREDICTORS, make_depth, make_planner
+from ..api import DEPTHS, PLANNERS, PREDICTORS, make_depth, make_planner
 from ..budget import AUTO
 from ..calibration import calibration_label
 from ..config import ALLOCATIONS, LoadConfig, SweepConfig
@@ -32,7 +32,7 @@ from .tasks import GEN_TASKS, MC_TASKS, TaskError, load_gen, load_mc, load_mc_fi
 from .zeroshot import evaluate_mc
 
 PPL_TASKS = {"ppl-sotu": "test", "ppl-sotu-val": "validation"}  # task name -> SOTU split
-PPL_WINDOWS, PPL_WINDOW, PPL_PREFILL = 16, 512, 128  # as in docs/results.md's perplexity table
+PPL_WINDOWS, PPL_WINDOW, PPL_PREFILL = 16, 512, 128  # as in docs/results-history.md's perplexity table
 # per-domain perplexity on the test split of a corpus domain (buddy/corpus.py): `ppl:<domain>`
 DOMAIN_WINDOWS, DOMAIN_WINDOW, DOMAIN_PREFILL = 32, 256, 64
 CODE_TASKS = ("humaneval",)  # pass@1, tests run in buddy.eval.sandbox
@@ -66,16 +66,14 @@ def parse_layers_spec(text: str, n_layers: int) -> list:
 
 def check_task(task: str, allocation: str = SweepConfig.allocation) -> None:
     """TaskError for an unknown task, or one that cannot take the allocation."""
-    if allocation != ALLOCATIONS[0] and not (task in PPL_TASKS or task.startswith("ppl:") or task in CODE_TASKS
-                                            or task in GEN_TASKS):
-        raise TaskError(f"allocation {allocation!r} spends the budget over generated tokens; {task!r} scores given "
-                        f"answers: use allocation request for multiple-choice tasks")
     if task.startswith("ppl:"):
         if task[4:] not in DOMAINS:
             raise TaskError(f"unknown perplexity domain {task[4:]!r}: use ppl:<domain> with one of {', '.join(DOMAINS)}")
-        return
-    if task not in ALL_TASKS and not task.startswith("mc:"):
+    elif task not in ALL_TASKS and not task.startswith("mc:"):
         raise TaskError(f"unknown task {task!r}: use {', '.join(ALL_TASKS)}, or mc:FILE.jsonl for your own data")
+    if allocation != ALLOCATIONS[0] and (task in MC_TASKS or task.startswith("mc:")):
+        raise TaskError(f"allocation {allocation!r} spends the budget over generated tokens; {task!r} scores given "
+                        f"answers: use allocation request for multiple-choice tasks")
 
 
 def run_task(engine, task: str, k, limit: int | None = None, progress: bool = False,
@@ -146,7 +144,7 @@ def _drop_partial_line(path: Path) -> None:
 def cell_key(row: dict) -> tuple:
     return (row["model"], row["method"], row["kv_policy"], row["k"], row["task"], row.get("limit"), row.get("predictor"),
             row.get("calibration", "sotu") if row["method"] in STATIC_METHODS else None,
-            row.get("allocation", ALLOCATIONS[0]))
+            row.get("allocation", ALLOCATIONS[0]), row.get("depth"))
 
 
 def sweep(bb, cfg: SweepConfig, load: LoadConfig | None = None, progress: bool = True) -> list[dict]:
@@ -159,9 +157,10 @@ def sweep(bb, cfg: SweepConfig, load: LoadConfig | None = None, progress: bool =
     methods, tasks, out, limit = list(cfg.methods), list(cfg.tasks), cfg.out, cfg.limit
     kv_policy, router, predictor, calibration = load.kv_policy, load.router, load.predictor, load.calibration
     ks = parse_layers_spec(cfg.layers, bb.n_layers)
-    allocation, depth = cfg.allocation, None
+    allocation, depth, depth_name = cfg.allocation, None, None
     if allocation != ALLOCATIONS[0]:
         depth = make_depth(bb, kv_policy, load.depth)
+        depth_name = str(Path(load.depth) if load.depth else DEPTHS / f"{bb.name}-{kv_policy}")
         if depth is None:
             raise TaskError(f"allocation {allocation!r} needs a depth head for model {bb.name!r} and kv policy "
                             f"{kv_policy!r}: fit one with `buddy train depth`, then pass --depth DIR")
@@ -183,7 +182,7 @@ def sweep(bb, cfg: SweepConfig, load: LoadConfig | None = None, progress: bool =
     _drop_partial_line(Path(out))
     done = {cell_key(r) for r in read_results(out)}
     todo = [c for c in cells if (bb.name, c[0], kv_policy, c[1], c[2], limit, pred_name if c[1] == AUTO else None,
-                                 calibration if c[0] in STATIC_METHODS else None, allocation) not in done]
+                                 calibration if c[0] in STATIC_METHODS else None, allocation, depth_name) not in done]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     engines: dict[str, Engine] = {}
     new = []
@@ -198,7 +197,7 @@ def sweep(bb, cfg: SweepConfig, load: LoadConfig | None = None, progress: bool =
         measured = k == AUTO or allocation != ALLOCATIONS[0]  # the fraction a row is plotted at
         row = {"model": bb.name, "method": method, "kv_policy": kv_policy, "k": k, "n_layers": L,
                "layer_fraction": metrics["layers_per_token"] / L if measured else k / L, "task": task, "limit": limit,
-               "allocation": allocation,
+               "allocation": allocation, **({"depth": depth_name} if depth_name else {}),
                **({"predictor": pred_name, "tradeoff": pred_tradeoff} if k == AUTO else {}),
                **({"calibration": calibration} if method in STATIC_METHODS else {}), **metrics,
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
