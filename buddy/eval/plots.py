@@ -25,7 +25,10 @@ def _plt():
 
 
 def metric_of(row: dict) -> tuple[str, float]:
-    """The headline metric of a result row: acc for tasks, ppl for perplexity, pass@1 for code."""
+    """The headline metric of a result row: acc for tasks, ppl for perplexity, KL to the dense model for
+    `kl:<domain>`, pass@1 for code."""
+    if "kl" in row:
+        return "KL to dense", row["kl"]
     if "ppl" in row:
         return "ppl", row["ppl"]
     if "pass_at_1" in row:

@@ -25,6 +25,8 @@ class PplResult:
     layers_per_token: float
     chosen_k: dict[int, int] = field(default_factory=dict)  # budget="auto": windows per chosen layer count
     window_nll: list[float] = field(default_factory=list)  # per_window=True: each window's mean NLL, in order
+    kl: float | None = None  # kl=True: mean KL(dense || routed) per scored token, in nats
+    window_kl: list[float] = field(default_factory=list)  # kl=True and per_window=True: each window's mean KL
 
 
 @torch.inference_mode()
@@ -45,6 +47,13 @@ def window_logits(engine, ids: torch.Tensor, k: int, prefill: int = 0, allocatio
     return engine.bb.head(torch.cat([h1, h2], dim=1)), torch.cat([p1, p2], dim=1)
 
 
+def token_kl(dense_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(dense || routed) of each position's next-token distribution, [B, T, V] each -> [B, T] (nats)."""
+    p = torch.log_softmax(dense_logits.float(), dim=-1)
+    q = torch.log_softmax(logits.float(), dim=-1)
+    return (p.exp() * (p - q)).sum(dim=-1)
+
+
 def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Next-token NLL of each position of ids [B, T] under logits [B, T, V]: [B, T-1]."""
     return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
@@ -52,12 +61,14 @@ def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def evaluate_windows(engine, windows: torch.Tensor, budget=None, layers=None, batch_size: int = PplConfig.batch_size,
                      progress: bool = False, prefill: int = 0, per_window: bool = False,
-                     allocation: str = PplConfig.allocation) -> PplResult:
+                     allocation: str = PplConfig.allocation, kl: bool = False) -> PplResult:
     """Mean next-token NLL over windows [N, T] (the first token of each window is context only).
     `prefill`: tokens of each window routed as the prompt; later ones follow decode-time rerouting.
     `per_window`: also return each window's mean NLL (`window_nll`).
-    `allocation`: `request` (every token k layers) or `token` (per-token depth, mean exact; see window_logits)."""
-    total, count, layer_sum, window_nll = 0.0, 0, 0.0, []
+    `allocation`: `request` (every token k layers) or `token` (per-token depth, mean exact; see window_logits).
+    `kl`: also the mean KL from the dense model's next-token distribution (transformers' own forward) over
+    the same positions (`kl`, and `window_kl` with per_window)."""
+    total, count, layer_sum, window_nll, kl_sum, window_kl = 0.0, 0, 0.0, [], 0.0, []
     k = engine.resolve_k(budget, layers)
     ks = None
     if k == AUTO:  # one choice per window, from its prompt part
@@ -73,9 +84,14 @@ def evaluate_windows(engine, windows: torch.Tensor, budget=None, layers=None, ba
         total += float(nll)
         if per_window:
             window_nll += token_nll(logits, ids).mean(dim=1).tolist()
+        if kl:
+            d = token_kl(engine.bb.dense_logits(ids)[:, :-1], logits[:, :-1])  # [b, T-1]
+            kl_sum += float(d.sum())
+            if per_window:
+                window_kl += d.mean(dim=1).tolist()
         count += ids[:, 1:].numel()
         layer_sum += float(plan[:, 1:].sum())
     nll = total / count
     chosen = {x: ks.count(x) for x in sorted(set(ks))} if ks else {}
     return PplResult(ppl=math.exp(nll), nll=nll, tokens=count, layers_per_token=layer_sum / count, chosen_k=chosen,
-                     window_nll=window_nll)
+                     window_nll=window_nll, kl=kl_sum / count if kl else None, window_kl=window_kl)

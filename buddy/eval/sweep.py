@@ -33,10 +33,17 @@ from .zeroshot import evaluate_mc
 
 PPL_TASKS = {"ppl-sotu": "test", "ppl-sotu-val": "validation"}  # task name -> SOTU split
 PPL_WINDOWS, PPL_WINDOW, PPL_PREFILL = 16, 512, 128  # as in docs/results-history.md's perplexity table
-# per-domain perplexity on the test split of a corpus domain (buddy/corpus.py): `ppl:<domain>`
+# per-domain perplexity on the test split of a corpus domain (buddy/corpus.py): `ppl:<domain>`; `kl:<domain>`
+# adds the mean KL from the dense model's next-token distribution on the same windows
 DOMAIN_WINDOWS, DOMAIN_WINDOW, DOMAIN_PREFILL = 32, 256, 64
 CODE_TASKS = ("humaneval",)  # pass@1, tests run in buddy.eval.sandbox
-ALL_TASKS = (*MC_TASKS, *GEN_TASKS, *CODE_TASKS, *PPL_TASKS, "ppl:<domain>")
+ALL_TASKS = (*MC_TASKS, *GEN_TASKS, *CODE_TASKS, *PPL_TASKS, "ppl:<domain>", "kl:<domain>")
+
+
+def _domain_task(task: str) -> str | None:
+    """The corpus domain of a `ppl:<domain>` or `kl:<domain>` task, else None."""
+    head, _, domain = task.partition(":")
+    return domain if head in ("ppl", "kl") and domain else None
 
 
 def parse_layers_spec(text: str, n_layers: int) -> list:
@@ -66,9 +73,10 @@ def parse_layers_spec(text: str, n_layers: int) -> list:
 
 def check_task(task: str, allocation: str = SweepConfig.allocation) -> None:
     """TaskError for an unknown task, or one that cannot take the allocation."""
-    if task.startswith("ppl:"):
-        if task[4:] not in DOMAINS:
-            raise TaskError(f"unknown perplexity domain {task[4:]!r}: use ppl:<domain> with one of {', '.join(DOMAINS)}")
+    if (domain := _domain_task(task)) is not None:
+        if domain not in DOMAINS:
+            raise TaskError(f"unknown domain {domain!r} in {task!r}: use ppl:<domain> or kl:<domain> with one of "
+                            f"{', '.join(DOMAINS)}")
     elif task not in ALL_TASKS and not task.startswith("mc:"):
         raise TaskError(f"unknown task {task!r}: use {', '.join(ALL_TASKS)}, or mc:FILE.jsonl for your own data")
     if allocation != ALLOCATIONS[0] and (task in MC_TASKS or task.startswith("mc:")):
@@ -82,20 +90,24 @@ def run_task(engine, task: str, k, limit: int | None = None, progress: bool = Fa
     allocation="token": per-token depth (perplexity and generation tasks; multiple choice scores given answers)."""
     check_task(task, allocation)
     kw = {"budget": AUTO} if k == AUTO else {"layers": k}
-    if task in PPL_TASKS or task.startswith("ppl:"):
+    if task in PPL_TASKS or _domain_task(task):
         t0 = time.perf_counter()
-        if task.startswith("ppl:"):
+        if domain := _domain_task(task):
             n = min(limit, DOMAIN_WINDOWS) if limit else DOMAIN_WINDOWS
-            windows, prefill = domain_windows(engine.tokenizer, task[4:], "test", DOMAIN_WINDOW, n), DOMAIN_PREFILL
+            windows, prefill = domain_windows(engine.tokenizer, domain, "test", DOMAIN_WINDOW, n), DOMAIN_PREFILL
         else:
             n = min(limit, PPL_WINDOWS) if limit else PPL_WINDOWS
             windows, prefill = token_windows(engine.tokenizer, sotu_texts(PPL_TASKS[task]), PPL_WINDOW, n), PPL_PREFILL
         if not len(windows):
             raise TaskError(f"task {task!r} has no text for model {engine.bb.name!r}")
+        kl = task.startswith("kl:")
         r = evaluate_windows(engine, windows, prefill=prefill, progress=progress, per_window=True,
-                             allocation=allocation, **kw)
+                             allocation=allocation, kl=kl, **kw)
         out = {"ppl": r.ppl, "docs": windows.shape[0], "tokens": r.tokens, "layers_per_token": r.layers_per_token,
                "wall_s": time.perf_counter() - t0, "per_doc": {"nll": [round(x, 5) for x in r.window_nll]}}
+        if kl:
+            out = {"kl": r.kl, **out}
+            out["per_doc"]["kl"] = [round(x, 6) for x in r.window_kl]
         if r.chosen_k:
             out["chosen_k"] = r.chosen_k
         return out

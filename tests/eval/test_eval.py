@@ -288,3 +288,32 @@ def test_router_vs_static_benchmark_reads_sweep_rows(tmp_path):
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last["cells"] == 2 and last["never_worse"] and last["worst"]["static"] == "static-greedy"
     assert "| moby_dick | yes | 15 |" in out.stdout
+
+
+def test_kl_to_the_dense_model_is_zero_at_full_depth_and_grows_with_skipping():
+    from buddy.eval.ppl import evaluate_windows
+    from buddy.eval.sweep import check_task
+    from buddy.planner import StaticPlanner
+
+    bb = tiny_backbone("llama", n_layers=8)
+    ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(0))
+    full = evaluate_windows(Engine(bb, FullPlanner(8)), ids, layers=8, prefill=4, per_window=True, kl=True)
+    assert abs(full.kl) < 1e-4 and len(full.window_kl) == 3
+    static = Engine(bb, StaticPlanner("static", list(range(1, 7)), 8))
+    kl = {k: evaluate_windows(static, ids, layers=k, prefill=4, per_window=True, batch_size=2, kl=True) for k in (3, 6)}
+    assert kl[3].kl > kl[6].kl > 1e-3
+    assert sum(kl[3].window_kl) / 3 == pytest.approx(kl[3].kl, rel=1e-5)  # equal windows: mean of means
+    assert evaluate_windows(static, ids, layers=3, prefill=4).kl is None  # only when asked for
+    check_task("kl:code")
+    with pytest.raises(TaskError, match="unknown domain 'wiki'"):
+        check_task("kl:wiki")
+
+
+def test_kl_task_rows_carry_kl_and_ppl_per_window(tiny_ckpt):
+    from buddy.api import load
+    from buddy.eval.sweep import run_task
+
+    m = load(str(tiny_ckpt), planner="random", device="cpu", dtype="float32")
+    row = run_task(m, "kl:code", 3, limit=2)
+    assert row["kl"] > 0 and row["docs"] == 2 and len(row["per_doc"]["kl"]) == len(row["per_doc"]["nll"]) == 2
+    assert run_task(m, "ppl:code", 3, limit=2)["ppl"] == pytest.approx(row["ppl"])
