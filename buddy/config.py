@@ -295,7 +295,8 @@ class ZeroshotConfig:
 class SweepConfig:
     """Settings of `buddy sweep` (a resumable grid of methods x layer counts x tasks into JSONL).
 
-    tasks: comma-separated task names (see `buddy eval zeroshot --help`), `ppl:<domain>`, `mc:FILE`.
+    tasks: comma-separated task names (see `buddy eval zeroshot --help`), `ppl:<domain>` (perplexity on a domain of
+        buddy/corpus.py), `kl:<domain>` (the same plus the mean KL to the dense model), `mc:FILE`.
     out: results JSONL (appended; finished cells are skipped).
     methods: dense and planner names, comma-separated.
     layers: layer counts: start:stop:step or a comma list, plus `auto` for the budget predictor.
