@@ -13,6 +13,15 @@ layer counts (log-perplexity for `ppl-sotu`, accuracy for the average over the m
 When the rows carry per-document results (`per_doc`, written by `buddy sweep`), a second table gives the
 difference against `fixed` paired by document (the same documents and SOTU windows, fixed interpolated per
 document with the same weights), with a 95% bootstrap interval over documents.
+
+Per-domain rows (`kl:<domain>` or `ppl:<domain>` tasks of the training mix, buddy/corpus.py) get a third
+table: for each domain, auto's mean KL to the dense model and its perplexity against fixed budgets at auto's
+measured mean layers on that domain, paired by window; and a pooled line over every window of every domain
+(bootstrap resampling windows within each domain):
+
+    .venv/bin/buddy sweep --model smollm2 --methods dense,router --layers 15,19,23,26,auto --limit 16 \
+        --tasks kl:sotu,kl:chat,kl:code,kl:moby_dick,kl:qasper --out runs/auto_domains.jsonl
+    .venv/bin/python benchmarks/auto_vs_fixed.py runs/auto_domains.jsonl --method router
 """
 
 from __future__ import annotations
@@ -34,10 +43,10 @@ def main() -> None:
     ap.add_argument("results")
     ap.add_argument("--method", default="router")
     ap.add_argument("--predictors", default="", help="comma list: only these predictors' auto rows (default all)")
-    ap.add_argument("--tasks", required=True, help="multiple-choice tasks averaged for the accuracy comparison")
+    ap.add_argument("--tasks", default="", help="multiple-choice tasks averaged for the accuracy comparison")
     args = ap.parse_args()
     rows = read_results(args.results)
-    tasks = args.tasks.split(",")
+    tasks = [t for t in args.tasks.split(",") if t]
 
     def fixed_rows(task):
         """The method's fixed-budget rows and dense for a task, one per layer count (the last, preferring rows
@@ -92,7 +101,7 @@ def main() -> None:
         reps = [stat([d[rng.integers(0, len(d), len(d))] for d in diffs]) for _ in range(n)]
         return stat(diffs), *np.percentile(reps, [2.5, 97.5])
 
-    paired_lines = []
+    paired_lines, domain_lines = [], []
     print("| predictor | lambda | task | auto layers/token | auto | fixed | auto - fixed | fixed, levels | "
           "auto - fixed, levels |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -115,7 +124,8 @@ def main() -> None:
                 m, lo, hi = (100 * (math.exp(v) - 1) for v in boot(d, lambda ds: float(ds[0].mean())))
                 paired_lines.append(f"| {pred} | {lam} | ppl-sotu: auto / fixed - 1 | {m:+.1f}% [{lo:+.1f}%, {hi:+.1f}%] "
                                     f"| {len(d[0])} windows |")
-        if all(t in mine for t in tasks):
+        domain_lines += domain_table(mine, pred, lam, bracket, boot)
+        if tasks and all(t in mine for t in tasks):
             lpt = sum(mine[t]["layers_per_token"] for t in tasks) / len(tasks)
             acc = sum(mine[t]["acc"] for t in tasks) / len(tasks)
             cells = []
@@ -134,6 +144,44 @@ def main() -> None:
         print("| predictor | lambda | measure | auto vs fixed [95% CI] | n |")
         print("|---|---|---|---|---|")
         print("\n".join(paired_lines))
+    if domain_lines:
+        print("\nPer domain, against fixed budgets at auto's measured mean layers on that domain (paired by window, "
+              "95% bootstrap interval):\n")
+        print("| predictor | lambda | domain | windows | auto layers/token | auto KL | fixed KL | auto - fixed KL [95% CI] "
+              "| auto / fixed ppl [95% CI] |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(domain_lines))
+
+
+def domain_table(mine: dict, pred, lam, bracket, boot) -> list[str]:
+    """Markdown rows for auto's `kl:<domain>` / `ppl:<domain>` tasks, then one pooled row."""
+    lines, pooled_kl, pooled_nll = [], [], []
+    for t in sorted(t for t in mine if t.split(":")[0] in ("kl", "ppl") and ":" in t):
+        r = mine[t]
+        pair = bracket(t, r["layers_per_token"])
+        if "per_doc" not in r or any("per_doc" not in f for _, f in pair):
+            continue
+        nll = np.asarray(r["per_doc"]["nll"], float) - sum(w * np.asarray(f["per_doc"]["nll"], float) for w, f in pair)
+        ratio = "{:.3f} [{:.3f}, {:.3f}]".format(*(math.exp(v) for v in boot([nll], lambda ds: float(ds[0].mean()))))
+        pooled_nll.append(nll)
+        kl_cells = ["-", "-", "-"]
+        if "kl" in r["per_doc"] and all("kl" in f["per_doc"] for _, f in pair):
+            fixed = sum(w * np.asarray(f["per_doc"]["kl"], float) for w, f in pair)
+            d = np.asarray(r["per_doc"]["kl"], float) - fixed
+            pooled_kl.append(d)
+            kl_cells = [f"{r['kl']:.4f}", f"{fixed.mean():.4f}",
+                        "{:+.4f} [{:+.4f}, {:+.4f}]".format(*boot([d], lambda ds: float(ds[0].mean())))]
+        lines.append(f"| {pred} | {lam} | {t.split(':', 1)[1]} | {len(nll)} | {r['layers_per_token']:.2f} | "
+                     + " | ".join(kl_cells) + f" | {ratio} |")
+    if len(pooled_nll) > 1:
+        def pooled(ds):
+            return float(np.concatenate(ds).mean())
+
+        kl = "{:+.4f} [{:+.4f}, {:+.4f}]".format(*boot(pooled_kl, pooled)) if len(pooled_kl) == len(pooled_nll) else "-"
+        ratio = "{:.3f} [{:.3f}, {:.3f}]".format(*(math.exp(v) for v in boot(pooled_nll, pooled)))
+        lines.append(f"| {pred} | {lam} | **all {len(pooled_nll)} domains, pooled** | "
+                     f"{sum(len(x) for x in pooled_nll)} | | | | {kl} | {ratio} |")
+    return lines
 
 
 if __name__ == "__main__":

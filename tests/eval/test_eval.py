@@ -317,3 +317,31 @@ def test_kl_task_rows_carry_kl_and_ppl_per_window(tiny_ckpt):
     row = run_task(m, "kl:code", 3, limit=2)
     assert row["kl"] > 0 and row["docs"] == 2 and len(row["per_doc"]["kl"]) == len(row["per_doc"]["nll"]) == 2
     assert run_task(m, "ppl:code", 3, limit=2)["ppl"] == pytest.approx(row["ppl"])
+
+
+def test_auto_vs_fixed_judges_auto_per_domain_and_pooled(tmp_path):
+    """auto at 17 layers per token sits halfway between fixed 15 and 19: its KL is 0.1 below the interpolated
+    fixed KL on every window, and its NLL equal, so the table says -0.1000 and a ratio of 1.000."""
+    import subprocess
+    import sys
+
+    rows = []
+    for d in ("sotu", "moby_dick"):
+        for k, kl, nll in ((15, [0.6, 0.8, 0.7], [3.0, 3.2, 3.1]), (19, [0.4, 0.6, 0.5], [2.8, 3.0, 2.9]),
+                           (30, [0.0, 0.0, 0.0], [2.5, 2.6, 2.7])):
+            rows.append({"model": "m", "method": "dense" if k == 30 else "router", "kv_policy": "fill", "k": k,
+                         "n_layers": 30, "task": f"kl:{d}", "layers_per_token": float(k), "kl": float(np.mean(kl)),
+                         "ppl": float(np.exp(np.mean(nll))), "per_doc": {"kl": kl, "nll": nll}})
+        kl, nll = [0.4, 0.6, 0.5], [2.9, 3.1, 3.0]
+        rows.append({"model": "m", "method": "router", "kv_policy": "fill", "k": "auto", "n_layers": 30,
+                     "task": f"kl:{d}", "layers_per_token": 17.0, "predictor": "p", "tradeoff": 1.0,
+                     "kl": float(np.mean(kl)), "ppl": float(np.exp(np.mean(nll))), "per_doc": {"kl": kl, "nll": nll}})
+    f = tmp_path / "r.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run([sys.executable, "benchmarks/auto_vs_fixed.py", str(f)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("| p | 1.0 |")]
+    assert [ln.split(" | ")[2] for ln in lines] == ["moby_dick", "sotu", "**all 2 domains, pooled**"]
+    for ln in lines:
+        assert "-0.1000 [-0.1000, -0.1000]" in ln and "1.000 [1.000, 1.000]" in ln
