@@ -85,7 +85,8 @@ def evaluate_windows(engine, windows: torch.Tensor, budget=None, layers=None, ba
         if per_window:
             window_nll += token_nll(logits, ids).mean(dim=1).tolist()
         if kl:
-            d = token_kl(engine.bb.dense_logits(ids)[:, :-1], logits[:, :-1])  # [b, T-1]
+            with torch.inference_mode():  # transformers' own forward: no autograd graph
+                d = token_kl(engine.bb.dense_logits(ids)[:, :-1], logits[:, :-1])  # [b, T-1]
             kl_sum += float(d.sum())
             if per_window:
                 window_kl += d.mean(dim=1).tolist()
