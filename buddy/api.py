@@ -43,13 +43,20 @@ def make_predictor(bb: Backbone, path: str | None = None):
     return module.to(bb.device)
 
 
+def depth_dir(bb: Backbone, kv_policy: str, path: str | None = None) -> Path | None:
+    """Where the depth head comes from: `path`, else the one shipped for the model and KV policy, else None."""
+    if path:
+        return Path(path)
+    d = DEPTHS / f"{bb.name}-{kv_policy}"
+    return d if (d / "depth.json").is_file() else None
+
+
 def make_depth(bb: Backbone, kv_policy: str, path: str | None = None):
-    """The depth head for allocation="token": from `path`, else the one shipped for the model and KV policy,
-    else None."""
+    """The depth head for allocation="token" from `depth_dir`, or None."""
     from .allocation import load_depth
 
-    d = Path(path) if path else DEPTHS / f"{bb.name}-{kv_policy}"
-    if not path and not (d / "depth.json").is_file():
+    d = depth_dir(bb, kv_policy, path)
+    if d is None:
         return None
     head, _ = load_depth(d, checksum=bb.checksum, n_layers=bb.n_layers)
     return head.to(bb.device)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..api import DEPTHS, PLANNERS, PREDICTORS, make_depth, make_planner
+from ..api import PLANNERS, PREDICTORS, depth_dir, make_depth, make_planner
 from ..budget import AUTO
 from ..calibration import calibration_label
 from ..config import ALLOCATIONS, LoadConfig, SweepConfig
@@ -172,7 +172,7 @@ def sweep(bb, cfg: SweepConfig, load: LoadConfig | None = None, progress: bool =
     allocation, depth, depth_name = cfg.allocation, None, None
     if allocation != ALLOCATIONS[0]:
         depth = make_depth(bb, kv_policy, load.depth)
-        depth_name = str(Path(load.depth) if load.depth else DEPTHS / f"{bb.name}-{kv_policy}")
+        depth_name = str(depth_dir(bb, kv_policy, load.depth))
         if depth is None:
             raise TaskError(f"allocation {allocation!r} needs a depth head for model {bb.name!r} and kv policy "
                             f"{kv_policy!r}: fit one with `buddy train depth`, then pass --depth DIR")
