@@ -392,7 +392,7 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] =
             continue
         default = f.default
         flag = "--" + f.name.replace("_", "-")
-        doc = _doc_of(cls, f.name).rstrip(".")
+        doc = _doc_of(cls, f.name).rstrip(".").replace("%", "%%")  # argparse formats help with %
         if choices := _choices_of(cls, f.name):
             doc += f"; one of {', '.join(choices)}"
         kind = next((t for name, t in (("int", int), ("float", float), ("bool", bool)) if str(f.type).startswith(name)),

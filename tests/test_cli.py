@@ -94,3 +94,21 @@ def test_train_and_eval_settings_are_validated(tiny_ckpt, tmp_path):
     assert r.returncode == 2 and "invalid window 0" in r.stderr
     r = run("generate", "--model", str(tiny_ckpt), "--planner", "router", "--router", str(tmp_path / "none"), "w1")
     assert r.returncode == 2 and "not a router directory" in r.stderr
+
+
+def test_every_subcommand_help_formats():
+    """`--help` of every (sub)command renders: a stray % in a dataclass docstring once broke `train router`."""
+    import argparse
+
+    from buddy.cli import build_parser
+
+    seen, todo = {}, [("buddy", build_parser())]
+    while todo:
+        name, p = todo.pop()
+        seen[name] = p.format_help()
+        assert "usage:" in seen[name], name
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                todo += [(f"{name} {n}", sub) for n, sub in a.choices.items()]
+    assert {"buddy train router", "buddy train predictor", "buddy sweep", "buddy serve"} <= set(seen)
+    assert "90% trains" in seen["buddy train router"] and "--teacher-topk" in seen["buddy train router"]

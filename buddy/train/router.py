@@ -35,6 +35,7 @@ from ..router import (
     prior_scores,
     save_router,
 )
+from .teacher import Teacher, TeacherCache
 
 
 @dataclass
@@ -71,6 +72,11 @@ class TrainConfig:
         validation domain and layer count; the prior itself if none is).
     band: `swap` picks the swapped layers among this many ranks on each side of the threshold.
     seed: seed for data order, budgets and initialisation.
+    teacher_topk: 0 runs the dense model (the teacher) at every step, exactly; K > 0 keeps each token's K most
+        likely tokens plus one bucket for the rest (the coarsened KL, never above the exact one) and caches
+        them on disk per window, so later runs over the same windows skip the dense forward
+        (buddy/train/teacher.py).
+    teacher_cache: where top-k teachers are cached (default: Buddy's cache directory, `teacher/`).
     """
 
     kv_policy: str = DEFAULT_KV_POLICY
@@ -96,6 +102,8 @@ class TrainConfig:
     select: str = "mean"
     band: int = 3
     seed: int = 0
+    teacher_topk: int = 0
+    teacher_cache: str = ""
 
     def __post_init__(self):
         if self.kv_policy not in KV_POLICIES:
@@ -114,6 +122,8 @@ class TrainConfig:
             raise ConfigError("estimator gate trains the gate of a trained router: give --init ROUTER_DIR")
         if self.select not in ("mean", "safe"):
             raise ConfigError(f"invalid select {self.select!r}: must be mean or safe")
+        if self.teacher_topk < 0:
+            raise ConfigError(f"invalid teacher_topk {self.teacher_topk}: must be >= 0 (0: the exact dense teacher)")
         if self.val_layers:
             try:
                 ks = [int(x) for x in self.val_layers.split(",")]
@@ -263,6 +273,9 @@ class RouterTrainer:
             self.net = DistributedDataParallel(self.module)
         self.order = order
         self.prior = prior_scores(order, bb.n_layers).to(bb.device)
+        self.teacher_cache = (TeacherCache(Path(cfg.teacher_cache) if cfg.teacher_cache else None, bb.checksum,
+                                           str(bb.dtype).removeprefix("torch."), cfg.teacher_topk)
+                              if cfg.teacher_topk else None)
         self.opt = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad], lr=cfg.lr,
                                      weight_decay=0.0)
         # validation windows by domain; the validation score is the mean over domains (each domain counts once)
@@ -295,15 +308,24 @@ class RouterTrainer:
         k = torch.randint(lo, hi + 1, (len(perm),), generator=gk)
         return self.train_windows[perm].to(self.bb.device), k.to(self.bb.device)
 
-    def _kl(self, dense, plan, ids, k):
+    def _kl(self, dense: Teacher, plan, ids, k):
         """Per-token KL(dense || routed with `plan`) [B, T], no grad."""
         from ..engine import Engine
 
         eng = Engine(self.bb, GivenPlanner(plan), self.cfg.kv_policy)
         cache = eng.new_cache(ids.shape[0], ids.shape[1])
         h, _ = eng.forward(ids, cache, k)
-        logq = torch.log_softmax(self.bb.head(h), dim=-1)
-        return (dense.exp() * (dense - logq)).sum(-1)
+        return dense.kl(torch.log_softmax(self.bb.head(h), dim=-1))
+
+    def teacher(self, ids: torch.Tensor) -> Teacher:
+        """The dense model's next-token distributions for ids [B, T]: exact, or top-k through the cache."""
+        def dense_logp(x):
+            with torch.no_grad():
+                return torch.log_softmax(self.bb.dense_logits(x), dim=-1)
+
+        if self.teacher_cache is None:
+            return Teacher(logp=dense_logp(ids))
+        return self.teacher_cache.teacher(ids, dense_logp)
 
     def swap_loss(self, ids, k, dense):
         """Measured effect of one swap per token near the threshold -> logistic ranking loss on the scores."""
@@ -334,15 +356,13 @@ class RouterTrainer:
         return loss, kl_router.mean()
 
     def loss(self, ids, k):
-        with torch.no_grad():
-            dense = torch.log_softmax(self.bb.dense_logits(ids), dim=-1)
+        dense = self.teacher(ids)
         if self.cfg.estimator == "swap":
             return self.swap_loss(ids, k, dense)
         if self.cfg.estimator == "gate":
             return self.gate_loss(ids, k, dense)
         logits, _ = routed_train_forward(self.bb, self.net, self.prior, ids, k, self.cfg.kv_policy, self.cfg.tau)
-        logq = torch.log_softmax(logits, dim=-1)
-        kl = (dense.exp() * (dense - logq)).sum(-1).mean()
+        kl = dense.kl(torch.log_softmax(logits, dim=-1)).mean()
         loss = kl
         if self.cfg.ce_weight:
             ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
@@ -384,7 +404,8 @@ class RouterTrainer:
 
     def settings(self) -> dict:
         """The settings a resumed run must share with the run it continues (all but the step count)."""
-        return {k: v for k, v in asdict(self.cfg).items() if k not in ("steps", "val_every", "save_every")}
+        return {k: v for k, v in asdict(self.cfg).items()
+                if k not in ("steps", "val_every", "save_every", "teacher_cache")}
 
     def load_state(self) -> bool:
         path = self.out / "state.pt"
