@@ -63,6 +63,14 @@ class DecisionModule(nn.Module):
         if cfg.gate:
             self.fc_gate = nn.Linear(cfg.width, 1)
         self.register_buffer("freqs", math.pi * torch.arange(1, cfg.budget_features + 1, dtype=torch.float32))
+        # per layer count k: the weight of the router's scores against the prior's at inference (`heads`); 1 as
+        # trained, fitted on validation by `buddy train router --scales` (0 = the prior's plan)
+        self.register_buffer("scale", torch.ones(cfg.n_layers + 1))
+        self._register_load_state_dict_pre_hook(self._scale_default)
+
+    def _scale_default(self, state_dict, prefix, *args, **kwargs):
+        """Routers (and training states) written before the scale existed load with scale 1."""
+        state_dict.setdefault(prefix + "scale", torch.ones_like(self.scale))
 
     def budget_encoding(self, frac: torch.Tensor) -> torch.Tensor:
         """[B] fractions k/L in (0, 1] -> [B, 2F+1 (+ L+1 one-hot of k)]."""
@@ -87,9 +95,12 @@ class DecisionModule(nn.Module):
         return self.fc2(self.hidden(kv0_mean, h0, frac)).float()
 
     def heads(self, kv0_mean, h0, frac) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(scores [B, T, L-2], gate logits [B, T] or None): > 0 means "use the router's plan"."""
+        """(scores [B, T, L-2] times the scale of each row's k, gate logits [B, T] or None): a gate logit > 0
+        means "use the router's plan". Inference calls this; training calls `forward` (unscaled)."""
         x = self.hidden(kv0_mean, h0, frac)
-        return self.fc2(x).float(), (self.fc_gate(x)[..., 0].float() if self.cfg.gate else None)
+        k = (frac.float() * self.cfg.n_layers).round().long().clamp(0, self.cfg.n_layers)
+        scale = self.scale.to(x.device)[k].view(-1, *([1] * (x.dim() - 1)))
+        return scale * self.fc2(x).float(), (self.fc_gate(x)[..., 0].float() if self.cfg.gate else None)
 
 
 def prior_scores(order: list[int], n_layers: int) -> torch.Tensor:

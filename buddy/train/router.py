@@ -77,6 +77,11 @@ class TrainConfig:
         them on disk per window, so later runs over the same windows skip the dense forward
         (buddy/train/teacher.py).
     teacher_cache: where top-k teachers are cached (default: Buddy's cache directory, `teacher/`).
+    scales: after training, weigh the router's scores against the prior per layer count: for each validated k
+        the value among these (comma list, e.g. 0,0.5,1) with the lowest mean validation NLL among those no
+        worse than the prior on any validation domain (0 is the prior's plan itself, always allowed); layer
+        counts in between interpolate. Empty: weight 1 (the router as trained). Rerun with `--resume` and the
+        same `--steps` to fit scales for a finished run.
     """
 
     kv_policy: str = DEFAULT_KV_POLICY
@@ -104,6 +109,7 @@ class TrainConfig:
     seed: int = 0
     teacher_topk: int = 0
     teacher_cache: str = ""
+    scales: str = ""
 
     def __post_init__(self):
         if self.kv_policy not in KV_POLICIES:
@@ -122,6 +128,12 @@ class TrainConfig:
             raise ConfigError("estimator gate trains the gate of a trained router: give --init ROUTER_DIR")
         if self.select not in ("mean", "safe"):
             raise ConfigError(f"invalid select {self.select!r}: must be mean or safe")
+        try:
+            sc = [float(x) for x in self.scales.split(",")] if self.scales else []
+        except ValueError:
+            sc = [-1.0]
+        if any(not (0 <= x <= 4) for x in sc):
+            raise ConfigError(f"invalid scales {self.scales!r}: a comma list of weights in [0, 4], e.g. 0,0.5,1")
         if self.teacher_topk < 0:
             raise ConfigError(f"invalid teacher_topk {self.teacher_topk}: must be >= 0 (0: the exact dense teacher)")
         if self.val_layers:
@@ -173,6 +185,20 @@ def routed_train_forward(bb: Backbone, module: DecisionModule, prior: torch.Tens
         h = out if i == L - 1 else h + gates[..., i - 1, None] * (out - h)
     cache.end()
     return bb.head(h), plan
+
+
+def interpolate(n: int, points: dict[int, float]) -> list[float]:
+    """Values at 0..n: linear between the given (k, value) points, the nearest point's value outside them."""
+    ks = sorted(points)
+    out = []
+    for k in range(n + 1):
+        if k <= ks[0] or k >= ks[-1]:
+            out.append(points[ks[0] if k <= ks[0] else ks[-1]])
+            continue
+        hi = next(x for x in ks if x >= k)
+        lo = max(x for x in ks if x <= k)
+        out.append(points[lo] if hi == lo else points[lo] + (points[hi] - points[lo]) * (k - lo) / (hi - lo))
+    return out
 
 
 def swap_plans(scores: torch.Tensor, k: torch.Tensor, band: int, gen: torch.Generator, rows: slice = slice(None),
@@ -369,12 +395,12 @@ class RouterTrainer:
             loss = loss + self.cfg.ce_weight * ce
         return loss, kl
 
-    def validate(self, use_router: bool = True) -> dict:
+    def validate(self, use_router: bool = True, module: DecisionModule | None = None) -> dict:
         """Validation NLL per domain and layer count; `nll` per k and `mean_nll` average the domains."""
         from ..engine import Engine
         from ..eval.ppl import evaluate_windows
 
-        planner = RouterPlanner(self.module, self.prior, use_router=use_router)
+        planner = RouterPlanner(module or self.module, self.prior, use_router=use_router)
         eng = Engine(self.bb, planner, self.cfg.kv_policy)
         ks = self.cfg.val_ks(self.bb.n_layers)
         domains = {d: {k: evaluate_windows(eng, w, layers=k, batch_size=self.cfg.batch).nll for k in ks}
@@ -405,7 +431,7 @@ class RouterTrainer:
     def settings(self) -> dict:
         """The settings a resumed run must share with the run it continues (all but the step count)."""
         return {k: v for k, v in asdict(self.cfg).items()
-                if k not in ("steps", "val_every", "save_every", "teacher_cache")}
+                if k not in ("steps", "val_every", "save_every", "teacher_cache", "scales")}
 
     def load_state(self) -> bool:
         path = self.out / "state.pt"
@@ -491,4 +517,40 @@ class RouterTrainer:
         if main:
             self._write_best()
             self.save_state()
+            if cfg.scales:
+                self.fit_scales([float(x) for x in cfg.scales.split(",")], progress)
         return self.best
+
+    def fit_scales(self, candidates: list[float], progress: bool = True) -> dict[int, float]:
+        """Fit the best router's per-k score weight on validation (see TrainConfig.scales) and rewrite it."""
+        module = DecisionModule(self.module.cfg).to(self.bb.device)
+        module.load_state_dict(self.best["module"])
+        ks = self.cfg.val_ks(self.bb.n_layers)
+        base = self.baseline["domains"]
+        results = {0.0: base}
+        for a in sorted(set(candidates) - {0.0}):
+            if a == 1.0 and "domains" in self.best:
+                results[a] = self.best["domains"]
+                continue
+            module.scale.fill_(a)
+            results[a] = self.validate(module=module)["domains"]
+            if progress:
+                tqdm.write(f"scale {a:g}: val ppl " + " ".join(
+                    f"k={k}:{math.exp(sum(v[k] for v in results[a].values()) / len(base)):.2f}" for k in ks))
+        chosen = {}
+        for k in ks:
+            def mean(a):
+                return sum(results[a][d][k] for d in base) / len(base)
+            safe = [a for a, r in results.items() if all(r[d][k] <= base[d][k] + self.SAFE_TOLERANCE for d in base)]
+            chosen[k] = min(safe, key=mean)
+        module.scale.copy_(torch.tensor(interpolate(self.bb.n_layers, chosen)))
+        self.meta.validation["scale"] = {
+            "by_k": {str(k): chosen[k] for k in ks},
+            "ppl": {f"{a:g}": {str(k): round(math.exp(sum(r[d][k] for d in base) / len(base)), 4) for k in ks}
+                    for a, r in sorted(results.items())},
+            "rule": "per validated k, the lowest mean NLL among scales no worse than the prior (by more than "
+                    f"{self.SAFE_TOLERANCE} nats) on any validation domain; interpolated between them"}
+        save_router(module, self.meta, self.out)
+        if progress:
+            tqdm.write("scales: " + " ".join(f"k={k}:{chosen[k]:g}" for k in ks))
+        return chosen

@@ -1,0 +1,119 @@
+"""The per-k weight of the router's scores against the prior (`buddy train router --scales`): applied at
+inference only, 0 gives the prior's plan, fitted on validation so that no validation domain is worse than the
+prior, and routers written before it load with weight 1."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_backbone
+from safetensors.torch import load_file, save_file
+from test_router import random_router
+
+from buddy.config import ConfigError
+from buddy.engine import Engine
+from buddy.router import (
+    RouterMeta,
+    RouterPlanner,
+    load_router,
+    prior_scores,
+    save_router,
+)
+from buddy.train.router import RouterTrainer, TrainConfig, interpolate
+
+
+def test_interpolate_between_points_and_nearest_outside():
+    assert interpolate(8, {3: 0.0, 5: 1.0}) == [0.0, 0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.0]
+    assert interpolate(3, {2: 0.5}) == [0.5] * 4
+
+
+def test_heads_weigh_each_rows_scores_by_its_k():
+    bb = tiny_backbone("llama", n_layers=8)
+    m = random_router(bb)
+    kv0, h0 = torch.randn(2, 5, m.cfg.kv_dim), torch.randn(2, 5, m.cfg.hidden_dim)
+    frac = torch.tensor([4 / 8, 6 / 8])
+    plain, _ = m.heads(kv0, h0, frac)
+    assert torch.allclose(plain, m(kv0, h0, frac))  # weight 1: the scores as trained
+    m.scale[4] = 0.0
+    m.scale[6] = 2.0
+    scaled, _ = m.heads(kv0, h0, frac)
+    assert torch.equal(scaled[0], torch.zeros_like(scaled[0])) and torch.allclose(scaled[1], 2 * plain[1])
+    assert torch.allclose(m(kv0, h0, frac), plain)  # training's forward is never scaled
+
+
+def test_scale_zero_runs_the_priors_plan():
+    bb = tiny_backbone("qwen2", n_layers=8)
+    m = random_router(bb)
+    prior = prior_scores([3, 1, 5, 2, 6, 4], 8)
+    ids = torch.randint(0, 97, (2, 9))
+    m.scale.zero_()
+    routed = Engine(bb, RouterPlanner(m, prior), "fill")
+    only_prior = Engine(bb, RouterPlanner(m, prior, use_router=False), "fill")
+    for eng in (routed, only_prior):
+        eng.cache = eng.new_cache(2, 9)
+    h1, plan1 = routed.forward(ids, routed.cache, 5)
+    h2, plan2 = only_prior.forward(ids, only_prior.cache, 5)
+    assert torch.equal(plan1, plan2) and torch.equal(h1, h2)
+
+
+def test_routers_written_before_the_scale_load_with_weight_one(tmp_path):
+    bb = tiny_backbone("llama", n_layers=8)
+    m = random_router(bb)
+    m.scale[5] = 0.25
+    meta = RouterMeta(model="tiny", checksum=bb.checksum, n_layers=8, kv_policy="fill", budgets=(0.5, 1.0),
+                      prior="static-greedy", prior_order=list(range(1, 7)), config=m.cfg.__dict__)
+    save_router(m, meta, tmp_path)
+    loaded, _ = load_router(tmp_path, checksum=bb.checksum, n_layers=8)
+    assert float(loaded.scale[5]) == 0.25 and float(loaded.scale[4]) == 1.0
+    state = load_file(tmp_path / "router.safetensors")
+    del state["scale"]
+    save_file(state, tmp_path / "router.safetensors")
+    old, _ = load_router(tmp_path, checksum=bb.checksum, n_layers=8)
+    assert torch.equal(old.scale, torch.ones(9)) and torch.equal(old.fc2.weight, m.fc2.weight)
+
+
+def make(bb, out, scales="", steps=2):
+    cfg = TrainConfig(steps=steps, batch=2, seq_len=12, val_every=2, val_windows=2, width=16, lr=1e-2,
+                      budgets="0.5:1.0", val_layers="4,6", scales=scales)
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 97, (8, 12), generator=g)
+    val = {"a": torch.randint(0, 97, (2, 12), generator=g), "b": torch.randint(0, 97, (2, 12), generator=g)}
+    return RouterTrainer(bb, cfg, list(range(1, 7)), train, val, out, command="test", data="random")
+
+
+def test_fit_picks_the_best_scale_that_no_domain_finds_worse(tmp_path, monkeypatch):
+    bb = tiny_backbone("llama", n_layers=8)
+    tr = make(bb, tmp_path / "run")
+    tr.run(progress=False)
+    # synthetic validation: at k=4 the full router wins on average but loses on domain b; at k=6 it wins on both
+    tr.baseline = {"domains": {"a": {4: 3.0, 6: 2.0}, "b": {4: 3.0, 6: 2.0}}}
+    tr.best["domains"] = {"a": {4: 2.0, 6: 1.5}, "b": {4: 3.1, 6: 1.9}}
+    half = {"a": {4: 2.5, 6: 1.8}, "b": {4: 3.0, 6: 1.95}}
+    monkeypatch.setattr(tr, "validate", lambda module=None, **kw: {"domains": half})
+    chosen = tr.fit_scales([0.0, 0.5, 1.0], progress=False)
+    assert chosen == {4: 0.5, 6: 1.0}
+    router, meta = load_router(tmp_path / "run", n_layers=8)
+    assert router.scale.tolist() == pytest.approx([0.5] * 5 + [0.75, 1.0, 1.0, 1.0])
+    assert meta.validation["scale"]["by_k"] == {"4": 0.5, "6": 1.0}
+    # when every scale loses somewhere, the prior's plan (0) is kept
+    half["b"][6] = 2.5
+    tr.best["domains"]["b"][6] = 2.1
+    assert tr.fit_scales([0.5, 1.0], progress=False)[6] == 0.0
+
+
+def test_scales_fit_at_the_end_of_a_run_and_on_a_finished_one(tmp_path):
+    bb = tiny_backbone("llama", n_layers=8)
+    make(bb, tmp_path / "run").run(progress=False)
+    assert "scale" not in json.loads((tmp_path / "run" / "router.json").read_text())["validation"]
+    again = make(bb, tmp_path / "run", scales="0,1")  # the same settings: a resume; scales are not one of them
+    assert again.load_state() and again.step == 2
+    again.run(progress=False)
+    v = json.loads((tmp_path / "run" / "router.json").read_text())["validation"]["scale"]
+    assert set(v["by_k"]) == {"4", "6"} and set(v["by_k"].values()) <= {0.0, 1.0}
+    assert set(v["ppl"]) == {"0", "1"}
+
+
+def test_bad_scales():
+    for bad in ("x", "-1", "0,5"):
+        with pytest.raises(ConfigError, match="invalid scales"):
+            TrainConfig(scales=bad)
