@@ -75,7 +75,7 @@ def main() -> None:
             t0 = time.perf_counter()
             top = cache.teacher(ids, lambda x: exact.logp)  # read
             t_read[K] += time.perf_counter() - t0
-            tail[K].append(float((1 - top.top_logp.exp().sum(-1)).mean()))
+            tail[K].append(float(top.rest_logp.exp().mean()))
             kk = [top.kl(q) for q in logq]
             err[K].append(float(((kk[0] - kl[0]).abs() / kl[0].clamp_min(1e-6)).mean()))
             g = kk[0] - kk[1]

@@ -79,9 +79,10 @@ class TrainConfig:
     teacher_cache: where top-k teachers are cached (default: Buddy's cache directory, `teacher/`).
     scales: after training, weigh the router's scores against the prior per layer count: for each validated k
         the value among these (comma list, e.g. 0,0.5,1) with the lowest mean validation NLL among those no
-        worse than the prior on any validation domain (0 is the prior's plan itself, always allowed); layer
-        counts in between interpolate. Empty: weight 1 (the router as trained). Rerun with `--resume` and the
-        same `--steps` to fit scales for a finished run.
+        worse than the prior on any validation domain, by more than 0.002 nats (0 is the prior's plan itself,
+        always allowed); layer counts in between interpolate. The validation split is the one that also picks
+        the checkpoint, so judge the result on test domains. Empty: weight 1 (the router as trained). Rerun
+        with `--resume` and the same `--steps` to fit scales for a finished run; `--init` starts from weight 1.
     """
 
     kv_policy: str = DEFAULT_KV_POLICY
@@ -282,6 +283,7 @@ class RouterTrainer:
         self.module = DecisionModule(rcfg).to(bb.device)
         if cfg.init:
             self.module.load_state_dict(init.state_dict(), strict=False)
+            self.module.scale.fill_(1.0)  # a fitted weight belongs to the weights it was fitted for
         if rcfg.gate and cfg.estimator == "gate":  # only the gate trains; it starts closed (= the prior's plan)
             for name, p in self.module.named_parameters():
                 p.requires_grad_(name.startswith("fc_gate"))
@@ -523,13 +525,16 @@ class RouterTrainer:
 
     def fit_scales(self, candidates: list[float], progress: bool = True) -> dict[int, float]:
         """Fit the best router's per-k score weight on validation (see TrainConfig.scales) and rewrite it."""
+        if "domains" not in self.baseline:
+            raise ConfigError(f"{self.out / 'state.pt'} predates per-domain validation: fit scales on a newer run")
         module = DecisionModule(self.module.cfg).to(self.bb.device)
         module.load_state_dict(self.best["module"])
+        module.scale.fill_(1.0)
         ks = self.cfg.val_ks(self.bb.n_layers)
         base = self.baseline["domains"]
         results = {0.0: base}
         for a in sorted(set(candidates) - {0.0}):
-            if a == 1.0 and "domains" in self.best:
+            if a == 1.0 and self.best["step"] > 0:  # the best checkpoint's own validation (weight 1 in training)
                 results[a] = self.best["domains"]
                 continue
             module.scale.fill_(a)

@@ -8,14 +8,18 @@ rate, another KV policy, a resumed run) reads it instead of running the dense mo
 
 The KL against a top-k teacher is the KL between the two distributions coarsened to (top-k tokens, rest):
 
-    KL_K = sum_{i in top-k} p_i (log p_i - log q_i) + r (log r - log q_rest),  r = 1 - sum p_i, q_rest = 1 - sum q_i
+    KL_K = sum_{i in top-k} p_i (log p_i - log q_i) + r (log r - log q_rest)
 
-It never exceeds the exact KL (coarsening cannot increase a divergence) and equals it when r = 0.
+where r and q_rest are the teacher's and the student's mass outside the teacher's top k, each taken as a
+log-sum-exp over the rest of the vocabulary (never as 1 - sum, which loses a confident model's small rest to
+rounding). It never exceeds the exact KL (coarsening cannot increase a divergence) and equals it when K = V.
+Cached values are float32.
 """
 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,34 +27,36 @@ import torch
 from ..artifacts import atomic_save_tensors
 from ..config import cache_dir
 
-_EPS = 1e-12
-
 
 class Teacher:
     """A batch's teacher: exact log-probs [B, T, V], or top-k (indices, log-probs) [B, T, K]."""
 
     def __init__(self, logp: torch.Tensor | None = None, top_idx: torch.Tensor | None = None,
-                 top_logp: torch.Tensor | None = None):
-        if (logp is None) == (top_idx is None):
-            raise ValueError("a teacher is exact (logp) or top-k (top_idx, top_logp), not both or neither")
-        self.logp, self.top_idx, self.top_logp = logp, top_idx, top_logp
+                 top_logp: torch.Tensor | None = None, rest_logp: torch.Tensor | None = None):
+        if (logp is None) == (top_idx is None) or (top_idx is not None and (top_logp is None or rest_logp is None)):
+            raise ValueError("a teacher is exact (logp) or top-k (top_idx, top_logp, rest_logp), not both or neither")
+        self.logp, self.top_idx, self.top_logp, self.rest_logp = logp, top_idx, top_logp, rest_logp
+
+    @staticmethod
+    def _rest(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """log of the mass outside idx: [..., V], [..., K] -> [...] (-inf when idx covers the vocabulary)."""
+        return logp.scatter(-1, idx, float("-inf")).logsumexp(-1)
 
     @classmethod
     def top_k(cls, logp: torch.Tensor, k: int) -> "Teacher":
         v, i = logp.topk(min(k, logp.shape[-1]), dim=-1)
-        return cls(top_idx=i, top_logp=v)
+        return cls(top_idx=i, top_logp=v, rest_logp=cls._rest(logp, i))
 
     def kl(self, logq: torch.Tensor) -> torch.Tensor:
         """Per-token KL(teacher || q) [B, T] from the student's log-probs logq [B, T, V]."""
         if self.logp is not None:
             return (self.logp.exp() * (self.logp - logq)).sum(-1)
-        lp = self.top_logp.to(logq.dtype)
-        lq = logq.gather(-1, self.top_idx.to(logq.device).long())
-        p = lp.exp()
-        rest_p = (1 - p.sum(-1)).clamp_min(0)
-        rest_q = (1 - lq.exp().sum(-1)).clamp_min(_EPS)
-        tail = torch.where(rest_p > 0, rest_p * (rest_p.clamp_min(_EPS).log() - rest_q.log()), torch.zeros_like(rest_p))
-        return (p * (lp - lq)).sum(-1) + tail
+        idx = self.top_idx.to(logq.device).long()
+        lp, lr = self.top_logp.to(logq.dtype), self.rest_logp.to(logq.dtype)
+        lq = logq.gather(-1, idx)
+        lq_rest = self._rest(logq, idx)
+        tail = torch.where(torch.isfinite(lr), lr.exp() * (lr - lq_rest), torch.zeros_like(lr))
+        return (lp.exp() * (lp - lq)).sum(-1) + tail
 
 
 class TeacherCache:
@@ -79,10 +85,10 @@ class TeacherCache:
             t = load_file(path)
         except (OSError, SafetensorError):
             return None
-        i, v = t.get("top_idx"), t.get("top_logp")
-        if i is None or v is None or i.shape != (T, self.k) or v.shape != (T, self.k):
+        i, v, r = t.get("top_idx"), t.get("top_logp"), t.get("rest_logp")
+        if i is None or v is None or r is None or i.shape != (T, self.k) or v.shape != (T, self.k) or r.shape != (T,):
             return None  # a damaged or foreign file is recomputed (and overwritten)
-        return i, v
+        return i, v, r
 
     def teacher(self, ids: torch.Tensor, dense_logp) -> Teacher:
         """The top-k teacher of windows ids [B, T]: read where cached; the others are computed with
@@ -95,11 +101,15 @@ class TeacherCache:
             with torch.no_grad():
                 t = Teacher.top_k(dense_logp(ids[missing]), self.k)
             for j, b in enumerate(missing):
-                i, v = t.top_idx[j].to("cpu", torch.int32), t.top_logp[j].to("cpu", torch.float16)
-                atomic_save_tensors({"top_idx": i.contiguous(), "top_logp": v.contiguous()}, paths[b])
-                found[b] = (i, v)
+                found[b] = (t.top_idx[j].to("cpu", torch.int32).contiguous(),
+                            t.top_logp[j].to("cpu", torch.float32).contiguous(),
+                            t.rest_logp[j].to("cpu", torch.float32).contiguous())
+                try:
+                    atomic_save_tensors(dict(zip(("top_idx", "top_logp", "rest_logp"), found[b])), paths[b])
+                except OSError as e:  # a full disk or a read-only cache costs speed, never the run
+                    warnings.warn(f"teacher cache: could not write {paths[b]} ({e})", stacklevel=2)
         self.hits += B - len(missing)
         self.misses += len(missing)
         dev = ids.device
-        return Teacher(top_idx=torch.stack([f[0] for f in found]).to(dev),
-                       top_logp=torch.stack([f[1] for f in found]).to(dev, torch.float32))
+        idx, top, rest = (torch.stack([f[n] for f in found]).to(dev) for n in range(3))
+        return Teacher(top_idx=idx, top_logp=top, rest_logp=rest)

@@ -89,7 +89,14 @@ def test_fit_picks_the_best_scale_that_no_domain_finds_worse(tmp_path, monkeypat
     tr.baseline = {"domains": {"a": {4: 3.0, 6: 2.0}, "b": {4: 3.0, 6: 2.0}}}
     tr.best["domains"] = {"a": {4: 2.0, 6: 1.5}, "b": {4: 3.1, 6: 1.9}}
     half = {"a": {4: 2.5, 6: 1.8}, "b": {4: 3.0, 6: 1.95}}
-    monkeypatch.setattr(tr, "validate", lambda module=None, **kw: {"domains": half})
+
+    tr.best["step"] = 2  # a trained best checkpoint: weight 1 is its own validation, not measured again
+
+    def validate(module=None, **kw):  # measures the module it is given, at the weight it carries
+        assert module is not tr.module and float(module.scale.min()) == float(module.scale.max()) == 0.5
+        return {"domains": half}
+
+    monkeypatch.setattr(tr, "validate", validate)
     chosen = tr.fit_scales([0.0, 0.5, 1.0], progress=False)
     assert chosen == {4: 0.5, 6: 1.0}
     router, meta = load_router(tmp_path / "run", n_layers=8)
@@ -117,3 +124,16 @@ def test_bad_scales():
     for bad in ("x", "-1", "0,5"):
         with pytest.raises(ConfigError, match="invalid scales"):
             TrainConfig(scales=bad)
+
+
+def test_init_from_a_scaled_router_trains_from_weight_one(tmp_path):
+    bb = tiny_backbone("llama", n_layers=8)
+    m = random_router(bb)
+    m.scale[4:] = 0.25
+    meta = RouterMeta(model="tiny", checksum=bb.checksum, n_layers=8, kv_policy="fill", budgets=(0.5, 1.0),
+                      prior="static-greedy", prior_order=list(range(1, 7)), config=m.cfg.__dict__)
+    save_router(m, meta, tmp_path / "init")
+    cfg = TrainConfig(steps=1, batch=2, seq_len=12, width=32, init=str(tmp_path / "init"))
+    tr = RouterTrainer(bb, cfg, list(range(1, 7)), torch.randint(0, 97, (4, 12)), torch.randint(0, 97, (2, 12)),
+                       tmp_path / "run")
+    assert torch.equal(tr.module.scale, torch.ones(9)) and torch.equal(tr.module.fc2.weight, m.fc2.weight)

@@ -24,10 +24,27 @@ def test_top_k_kl_is_the_coarsened_kl():
     assert (small >= -1e-6).all() and (small <= exact + 1e-5).all()  # coarsening never adds divergence
     # by hand, one token: top-4 terms plus the rest bucket
     v, i = p[0, 0].topk(4)
-    r, qr = 1 - v.exp().sum(), 1 - q[0, 0, i].exp().sum()
+    rest = torch.ones(40, dtype=torch.bool)
+    rest[i] = False
+    r, qr = p[0, 0, rest].exp().sum(), q[0, 0, rest].exp().sum()
     want = (v.exp() * (v - q[0, 0, i])).sum() + r * (r.log() - qr.log())
     assert torch.allclose(small[0, 0], want, atol=1e-5)
     assert float(Teacher.top_k(p, 8).kl(p).abs().max()) < 1e-5  # the teacher against itself
+
+
+def test_sharp_teachers_through_the_cache_stay_below_the_exact_kl(tmp_path):
+    """A confident teacher leaves a tiny rest mass: it must survive the cache's round trip (no 1 - sum)."""
+    p = logps(3, 6, 4000, seed=2, scale=12.0)
+    q = torch.log_softmax(p + 0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)), dim=-1)
+    exact = Teacher(logp=p).kl(q)
+    cache = TeacherCache(tmp_path, "c", "float32", 64)
+    ids = torch.arange(18).view(3, 6)
+    cache.teacher(ids, lambda x: p)
+    read = cache.teacher(ids, lambda x: pytest.fail("recomputed"))
+    kk = read.kl(q)
+    assert (kk <= exact * (1 + 1e-5) + 1e-7).all() and (kk >= 0).all()
+    assert (kk > 0.5 * exact).all()  # and the rest bucket still carries its part
+    assert torch.allclose(kk, Teacher.top_k(p, 64).kl(q))
 
 
 def test_teacher_needs_one_form():
