@@ -541,7 +541,7 @@ class RouterTrainer:
             results[a] = self.validate(module=module)["domains"]
             if progress:
                 tqdm.write(f"scale {a:g}: val ppl " + " ".join(
-                    f"k={k}:{math.exp(sum(v[k] for v in results[a].values()) / len(base)):.2f}" for k in ks))
+                    f"k={k}:{math.exp(sum(results[a][d][k] for d in base) / len(base)):.2f}" for k in ks))
         chosen = {}
         for k in ks:
             def mean(a):
