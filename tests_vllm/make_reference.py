@@ -48,6 +48,7 @@ def family_reference(out: Path, family: str) -> list[dict]:
     torch.manual_seed(0)
     module = DecisionModule(cfg)
     torch.nn.init.normal_(module.fc2.weight, std=1.0)  # a router whose plans differ by token
+    module.scale[4], module.scale[5] = 0.5, 0.0  # fitted per-k weights (`--scales`) reach vLLM through the export
     meta = RouterMeta(model=bb.name, checksum=bb.checksum, n_layers=L, kv_policy="fill", budgets=(0.5, 0.9),
                       prior="static-greedy", prior_order=[3, 1, 5, 2, 6, 4], config=vars(cfg), steps=1)
     for policy in ("fill", "zero"):
