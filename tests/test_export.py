@@ -96,6 +96,19 @@ def test_vllm_export_holds_the_model_router_and_budget_settings(tiny_ckpt, tmp_p
     assert json.loads((tmp_path / "w" / "config.json").read_text())["buddy"]["default_layers"] == 6  # all layers
     assert main(base + ["--default-budget", "0.5", "--out", str(tmp_path / "d")]) == 0  # the vLLM spelling
     assert json.loads((tmp_path / "d" / "config.json").read_text())["buddy"]["default_layers"] == 3
+    assert "predictor" not in json.loads((tmp_path / "d" / "config.json").read_text())["buddy"]
+    # with a budget predictor (budget "auto" inside vLLM): its config and float32 tensors ride along
+    from buddy.predictor import BudgetPredictor, PredictorConfig, PredictorMeta, save_predictor
+
+    pred = BudgetPredictor(PredictorConfig(kv_dim=64, hidden_dim=64, width=8))
+    save_predictor(pred, PredictorMeta(model="tiny", checksum=bb.checksum, config=vars(pred.cfg), tradeoff=1.0),
+                   tmp_path / "pred")
+    assert main(base + ["--predictor", str(tmp_path / "pred"), "--out", str(tmp_path / "p")]) == 0
+    bp = json.loads((tmp_path / "p" / "config.json").read_text())["buddy"]["predictor"]
+    assert PredictorConfig(**bp) == pred.cfg
+    w = load_file(tmp_path / "p" / "buddy_router.safetensors")
+    assert {k for k in w if k.startswith("buddy_predictor.")} == {f"buddy_predictor.{k}" for k in pred.state_dict()}
+    assert w["buddy_predictor.fc1.weight"].dtype == torch.float32
     capsys.readouterr()
     with pytest.raises(SystemExit):  # vLLM's attention kernel has no per-position mask
         main(base + ["--kv-policy", "mask", "--out", str(tmp_path / "x")])

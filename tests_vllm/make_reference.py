@@ -17,6 +17,7 @@ from conftest import save_tiny_checkpoint  # noqa: E402
 from buddy.backbone import load_backbone  # noqa: E402
 from buddy.engine import Engine  # noqa: E402
 from buddy.export import export_vllm  # noqa: E402
+from buddy.predictor import BudgetPredictor, PredictorConfig  # noqa: E402
 from buddy.router import (  # noqa: E402
     DecisionModule,
     RouterConfig,
@@ -51,16 +52,35 @@ def family_reference(out: Path, family: str) -> list[dict]:
     module.scale[4], module.scale[5] = 0.5, 0.0  # fitted per-k weights (`--scales`) reach vLLM through the export
     meta = RouterMeta(model=bb.name, checksum=bb.checksum, n_layers=L, kv_policy="fill", budgets=(0.5, 0.9),
                       prior="static-greedy", prior_order=[3, 1, 5, 2, 6, 4], config=vars(cfg), steps=1)
+    predictor = random_predictor(bb)
     for policy in ("fill", "zero"):
         export_vllm(bb, module, meta, out / f"model-{family}-{policy}", default_layers=L, command="test",
-                    kv_policy=policy)
+                    kv_policy=policy, predictor=predictor if policy == "fill" else None)
     ref = []
     for p, k, policy in ASKS:
         eng = Engine(bb, RouterPlanner(module, prior_scores(meta.prior_order, L)), policy)
         ids = PROMPTS[p]
         toks = [s.token for s in eng.generate(ids, layers=k, max_new_tokens=NEW, ignore_eos=True)]
         ref.append({"prompt_ids": ids, "layers": k, "kv_policy": policy, "tokens": toks})
+    eng = Engine(bb, RouterPlanner(module, prior_scores(meta.prior_order, L)), "fill", predictor=predictor)
+    for ids in PROMPTS:  # budget "auto": the predictor picks each prompt's k
+        steps = list(eng.generate(ids, budget="auto", max_new_tokens=NEW, ignore_eos=True))
+        ref.append({"prompt_ids": ids, "layers": "auto", "kv_policy": "fill", "tokens": [s.token for s in steps],
+                    "k": len(steps[0].layers)})
     return ref
+
+
+def random_predictor(bb):
+    """A budget predictor whose choice differs between the test prompts (the auto test can fail)."""
+    for seed in range(100):
+        torch.manual_seed(seed)
+        pred = BudgetPredictor(PredictorConfig(kv_dim=2 * bb.shapes.n_kv_heads * bb.shapes.head_dim,
+                                               hidden_dim=bb.shapes.hidden, width=16))
+        torch.nn.init.normal_(pred.fc2.weight, std=3.0)
+        ks = {b.k(L) for b in pred.choose_budgets(bb, PROMPTS, "fill")}
+        if len(ks) > 1:
+            return pred
+    raise RuntimeError("no seed gave prompts different budgets")
 
 
 SMOLLM2_PROMPTS = ("The capital of France is", "def fibonacci(n):")

@@ -41,7 +41,7 @@ def test_vllm_tokens_equal_buddy_at_per_request_budgets(reference, family, polic
     from vllm import SamplingParams
 
     out, ref = reference
-    asks = [a for a in ref[family] if a["kv_policy"] == policy]
+    asks = [a for a in ref[family] if a["kv_policy"] == policy and a["layers"] != "auto"]
     if policy == "fill":  # the same prompt at 4 and 8 layers: routing changes the tokens (the test can fail)
         assert asks[0]["prompt_ids"] == asks[3]["prompt_ids"] and asks[0]["tokens"] != asks[3]["tokens"]
     llm = llm_for(out / f"model-{family}-{policy}")
@@ -56,6 +56,25 @@ def test_vllm_tokens_equal_buddy_at_per_request_budgets(reference, family, polic
         llm.generate([{"prompt_token_ids": [5, 6]}], SamplingParams(max_tokens=2, extra_args={"budget": 1.5}))
     ok = llm.generate([{"prompt_token_ids": asks[0]["prompt_ids"]}], params[0])  # and it keeps serving
     assert list(ok[0].outputs[0].token_ids) == asks[0]["tokens"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_budget_auto_picks_buddys_depth_and_tokens(reference, family):
+    """budget "auto": the exported budget predictor picks each prompt's k from its prompt, as Buddy's engine
+    does, and the tokens are Buddy's (the prompts get different ks); the same rows in one batch with fixed ones."""
+    from vllm import SamplingParams
+
+    out, ref = reference
+    autos = [a for a in ref[family] if a["layers"] == "auto"]
+    fixed = [a for a in ref[family] if a["kv_policy"] == "fill" and a["layers"] != "auto"]
+    assert len({a["k"] for a in autos}) > 1
+    llm = llm_for(out / f"model-{family}-fill")
+    n = ref["new_tokens"]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, extra_args={"budget": "auto"})] * len(autos)
+    params += [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, extra_args={"layers": a["layers"]})
+               for a in fixed]
+    batch = llm.generate([{"prompt_token_ids": a["prompt_ids"]} for a in autos + fixed], params)
+    assert [list(o.outputs[0].token_ids) for o in batch] == [a["tokens"] for a in autos + fixed]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -26,20 +26,22 @@ from vllm.v1.sample.logits_processor import (
 from ..budget import AUTO, BudgetError, request_budget
 
 MAX_STATES = 4096  # router states kept for requests out of the batch (unscheduled ones come back)
+AUTO_K = -1  # a slot whose request asked for budget "auto": the model's budget predictor sets k at its prompt
 
 
 def request_k(extra_args: dict | None, n_layers: int | None, default_k: int | None):
-    """The layer count a request asks for: `budget` (a fraction) or `layers` (a count) in extra_args, by
-    Buddy's one budget rule; neither: the exported default. With n_layers None (vLLM's API process, which
-    validates requests before any model is built) only the form is checked and the Budget is returned."""
+    """The layer count a request asks for: `budget` (a fraction, or "auto": AUTO_K) or `layers` (a count) in
+    extra_args, by Buddy's one budget rule; neither: the exported default. With n_layers None (vLLM's API
+    process, which validates requests before any model is built) only the form is checked and the Budget is
+    returned."""
     extra = extra_args or {}
     budget, layers = extra.get("budget"), extra.get("layers")
     if budget is None and layers is None:
         return default_k
     b = request_budget(budget, layers)
-    if b == AUTO:
-        raise BudgetError("budget 'auto' is not available inside vLLM yet: give a fraction or `layers`")
-    return b if n_layers is None else b.k(n_layers)
+    if n_layers is None:
+        return b
+    return AUTO_K if b == AUTO else b.k(n_layers)
 
 
 class BuddyBatchState(LogitsProcessor):
@@ -48,6 +50,7 @@ class BuddyBatchState(LogitsProcessor):
     instance: BuddyBatchState | None = None
     n_layers: int | None = None  # set by the model class when it is built
     default_k: int | None = None
+    has_predictor: bool = False
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         hf = vllm_config.model_config.hf_config
@@ -59,6 +62,7 @@ class BuddyBatchState(LogitsProcessor):
         self.k = torch.full((slots,), self.default_k, dtype=torch.long)
         self.key: list[int | None] = [None] * slots  # id(output token list) of the request in each slot
         self.states: OrderedDict[int, tuple[torch.Tensor, float]] = OrderedDict()  # key -> (kv0 sum, count)
+        self.auto: OrderedDict[int, int] = OrderedDict()  # key -> k the predictor chose for an "auto" request
         BuddyBatchState.instance = self
         BuddyBatchState.n_layers, BuddyBatchState.default_k = self.n_layers, self.default_k
 
@@ -96,20 +100,35 @@ class BuddyBatchState(LogitsProcessor):
 
     def slot_k(self, extra_args) -> int:
         """A validated request's k; raising here would stop the whole engine, so a layer count above the
-        model's depth (which the API process could not check) runs at full depth."""
+        model's depth (which the API process could not check) runs at full depth, and "auto" on an export
+        without a budget predictor runs the export's default."""
         extra = extra_args or {}
         layers = extra.get("layers")
         if extra.get("budget") is None and isinstance(layers, int) and not isinstance(layers, bool):
             return max(2, min(layers, self.n_layers))
         try:
-            return request_k(extra, self.n_layers, self.default_k)
+            k = request_k(extra, self.n_layers, self.default_k)
         except BudgetError:
             return self.default_k
+        return self.default_k if k == AUTO_K and not self.has_predictor else k
 
     # --- used by the model's forward ---
     def history(self, slot: int, dim: int) -> tuple[torch.Tensor, float]:
         st = self.states.get(self.key[slot])
         return st if st is not None else (torch.zeros(dim), 0.0)
+
+    def chosen_k(self, slot: int) -> int | None:
+        """The k the predictor chose for this slot's "auto" request earlier (a recomputed request keeps it)."""
+        return self.auto.get(self.key[slot])
+
+    def choose(self, slot: int, k: int) -> None:
+        self.k[slot] = k
+        key = self.key[slot]
+        if key is not None:
+            self.auto[key] = k
+            self.auto.move_to_end(key)
+            while len(self.auto) > MAX_STATES:
+                self.auto.popitem(last=False)
 
     def remember(self, slot: int, kv_sum: torch.Tensor, count: float) -> None:
         key = self.key[slot]

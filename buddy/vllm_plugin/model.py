@@ -24,9 +24,11 @@ from vllm.forward_context import get_forward_context, is_forward_context_availab
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
+from ..budget import Budget
 from ..planner import topk_plan
+from ..predictor import BudgetPredictor, PredictorConfig
 from ..router import DecisionModule, RouterConfig, prior_scores
-from .batch_state import BuddyBatchState
+from .batch_state import AUTO_K, BuddyBatchState
 
 
 def _query_start_loc() -> torch.Tensor | None:
@@ -59,12 +61,17 @@ class _Buddy:
         self.kv_policy = b["kv_policy"]
         self.default_k = int(b["default_layers"])
         self.buddy_router = DecisionModule(RouterConfig(**b["router"]))
+        self.buddy_predictor = BudgetPredictor(PredictorConfig(**b["predictor"])) if b.get("predictor") else None
         self.register_buffer("buddy_prior", prior_scores(b["prior_order"], self.n_layers), persistent=False)
         BuddyBatchState.n_layers, BuddyBatchState.default_k = self.n_layers, self.default_k
+        BuddyBatchState.has_predictor = self.buddy_predictor is not None
 
     # --- per-token inputs of the router ---
-    def _per_token(self, positions: torch.Tensor, kv0: torch.Tensor):
-        """(k per token [T], prefix mean of layer-0 K/V per token [T, D]) for this step's tokens."""
+    def _per_token(self, positions: torch.Tensor, kv0: torch.Tensor, h0: torch.Tensor):
+        """(k per token [T], prefix mean of layer-0 K/V per token [T, D]) for this step's tokens. A budget
+        "auto" request gets its k from the budget predictor at its first scheduled prompt tokens, from the
+        features Buddy's engine uses (`predictor.prompt_features`: pooled layer-0 K/V after the last token,
+        mean and last layer-0 state); a prompt longer than one scheduled chunk is judged by that chunk."""
         T, D = kv0.shape
         st, qsl = BuddyBatchState.instance, _query_start_loc()
         x = kv0.float()
@@ -85,7 +92,21 @@ class _Buddy:
             m = n + torch.arange(1, e - a + 1, dtype=torch.float32, device=x.device)
             means[a:e] = c / m[:, None]
             st.remember(r, c[-1].cpu(), float(m[-1]))
+            if int(st.k[r]) == AUTO_K:
+                k = st.chosen_k(r)
+                if k is None:
+                    k = self._predict_k(means[e - 1], h0[a:e])
+                st.choose(r, k)
+                ks[a:e] = k
         return ks.to(kv0.device), means
+
+    @torch.no_grad()
+    def _predict_k(self, kv0_mean_last: torch.Tensor, h0: torch.Tensor) -> int:
+        if self.buddy_predictor.fc1.weight.dtype != torch.float32:  # it runs in float32, as in Buddy's engine
+            self.buddy_predictor.float()
+        h = h0.float()
+        feats = torch.cat([kv0_mean_last.float(), h.mean(0), h[-1]])[None]
+        return Budget(fraction=self.buddy_predictor.choose(feats)[0]).k(self.n_layers)
 
     def _plan(self, h0: torch.Tensor, kv0_mean: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
         """[T, L] bool: exactly ks[t] layers per token (layer 0 and L-1 always)."""
@@ -130,7 +151,7 @@ class _Buddy:
         o = layer0.self_attn.attn(q, k, v)
         h = h + layer0.self_attn.o_proj(o)[0]
         h = h + layer0.mlp(layer0.post_attention_layernorm(h))
-        ks, kv0_mean = self._per_token(positions, torch.cat([k, v], dim=-1))
+        ks, kv0_mean = self._per_token(positions, torch.cat([k, v], dim=-1), h)
         plan = self._plan(h, kv0_mean, ks)
         runs_all = plan.all(dim=0).tolist()
         for i in range(1, self.n_layers):
