@@ -556,7 +556,7 @@ def cmd_export(args) -> int:
 
 
 def _export_vllm(args, budget, command: str) -> int:
-    from .api import make_predictor, router_dir
+    from .api import make_depth, make_predictor, router_dir
     from .backbone import load_backbone
     from .export import export_vllm
     from .router import load_router
@@ -568,8 +568,11 @@ def _export_vllm(args, budget, command: str) -> int:
     module, meta = load_router(rdir, checksum=bb.checksum, n_layers=bb.n_layers)
     k = bb.n_layers if args.budget is None and args.layers is None else budget.k(bb.n_layers)
     predictor = make_predictor(bb, args.predictor)
-    out = export_vllm(bb, module, meta, args.out, k, command, kv_policy=args.kv_policy, predictor=predictor)
-    print(f"wrote {out}: {bb.name} with its router{' and budget predictor' if predictor else ''}, KV policy "
+    depth = make_depth(bb, args.kv_policy, args.depth)
+    out = export_vllm(bb, module, meta, args.out, k, command, kv_policy=args.kv_policy, predictor=predictor,
+                      depth=depth)
+    extras = [name for name, x in (("budget predictor", predictor), ("depth head", depth)) if x is not None]
+    print(f"wrote {out}: {bb.name} with its router{''.join(', ' + x for x in extras)}, KV policy "
           f"{args.kv_policy} (default {k} of {bb.n_layers} layers); serve it with Buddy installed in vLLM's "
           f"environment: vllm serve {out} --no-enable-prefix-caching --enforce-eager")
     return 0
@@ -708,6 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--calibration", default=LoadConfig.calibration, help=_doc_of(LoadConfig, "calibration"))
     ex.add_argument("--router", default=None, help="vllm: the router directory (default: the shipped one)")
     ex.add_argument("--predictor", default=None, help="vllm: the budget predictor for budget 'auto' (default: the "
+                    "shipped one, when the model has one)")
+    ex.add_argument("--depth", default=None, help="vllm: the depth head for allocation 'token' (default: the "
                     "shipped one, when the model has one)")
     ex.add_argument("--kv-policy", default=LoadConfig.kv_policy, choices=VLLM_KV_POLICIES,
                     help=f"vllm: the KV policy of the shipped router to export (default {LoadConfig.kv_policy})")

@@ -99,12 +99,13 @@ VLLM_FAMILIES = {"llama": "BuddyLlamaForCausalLM", "qwen2": "BuddyQwen2ForCausal
 
 @torch.no_grad()
 def export_vllm(bb, module, meta, out: str | Path, default_layers: int, command: str = "",
-                kv_policy: str = DEFAULT_KV_POLICY, predictor=None) -> Path:
+                kv_policy: str = DEFAULT_KV_POLICY, predictor=None, depth=None) -> Path:
     """The full model plus its router as one directory that `vllm.LLM(model=out)` and `vllm serve out` load
     with Buddy's plugin installed: `architectures` names the Buddy class, config.json's `buddy` section
     holds the router config, prior order, KV policy and default layer count, and `buddy_router.safetensors`
     the Decision Module (tensor names `buddy_router.*`). With a budget predictor (budget "auto"), its config
-    is `buddy.predictor` and its tensors `buddy_predictor.*`, in the same file."""
+    is `buddy.predictor` and its tensors `buddy_predictor.*`, in the same file; with a depth head
+    (allocation "token"), `buddy.depth` and `buddy_depth.*`."""
     from safetensors.torch import save_file
 
     if kv_policy not in VLLM_KV_POLICIES:
@@ -128,12 +129,14 @@ def export_vllm(bb, module, meta, out: str | Path, default_layers: int, command:
                     "router_steps": meta.steps, "command": command}
     if predictor is not None:
         cfg["buddy"]["predictor"] = {**asdict(predictor.cfg), "levels": list(predictor.cfg.levels)}
+    if depth is not None:
+        cfg["buddy"]["depth"] = {**asdict(depth.cfg), "levels": list(depth.cfg.levels)}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     index = out / "model.safetensors.index.json"
     state = {f"buddy_router.{k}": v.detach().to(bb.dtype).contiguous() for k, v in module.state_dict().items()}
-    if predictor is not None:  # float32: its argmax picks the request's depth
-        state.update({f"buddy_predictor.{k}": v.detach().float().contiguous()
-                      for k, v in predictor.state_dict().items()})
+    for name, extra in (("buddy_predictor", predictor), ("buddy_depth", depth)):  # float32: they pick depths
+        if extra is not None:
+            state.update({f"{name}.{k}": v.detach().float().contiguous() for k, v in extra.state_dict().items()})
     save_file(state, out / "buddy_router.safetensors", metadata={"format": "pt"})
     if index.is_file():  # vLLM reads only the files an index lists: add the router's tensors to it
         idx = json.loads(index.read_text())

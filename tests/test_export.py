@@ -109,6 +109,19 @@ def test_vllm_export_holds_the_model_router_and_budget_settings(tiny_ckpt, tmp_p
     w = load_file(tmp_path / "p" / "buddy_router.safetensors")
     assert {k for k in w if k.startswith("buddy_predictor.")} == {f"buddy_predictor.{k}" for k in pred.state_dict()}
     assert w["buddy_predictor.fc1.weight"].dtype == torch.float32
+    # with a depth head (allocation "token" inside vLLM): the same
+    from buddy.allocation import DepthConfig, DepthHead, DepthMeta, fit_mu_table, save_depth
+
+    head = DepthHead(DepthConfig(hidden_dim=64, n_layers=6, levels=(2, 3, 4, 6)))
+    head.weight.normal_()
+    head.mu_table.copy_(fit_mu_table(torch.randn(100, 4), [2, 3, 4, 6], 6))
+    save_depth(head, DepthMeta(model="tiny", checksum=bb.checksum, n_layers=6, kv_policy="fill", router="x",
+                               config=vars(head.cfg)), tmp_path / "depth")
+    assert main(base + ["--depth", str(tmp_path / "depth"), "--out", str(tmp_path / "q")]) == 0
+    bd = json.loads((tmp_path / "q" / "config.json").read_text())["buddy"]
+    assert DepthConfig(**bd["depth"]) == head.cfg and "predictor" not in bd
+    w = load_file(tmp_path / "q" / "buddy_router.safetensors")
+    assert torch.equal(w["buddy_depth.weight"], head.weight) and "buddy_depth.mu_table" in w
     capsys.readouterr()
     with pytest.raises(SystemExit):  # vLLM's attention kernel has no per-position mask
         main(base + ["--kv-policy", "mask", "--out", str(tmp_path / "x")])

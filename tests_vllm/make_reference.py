@@ -14,6 +14,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import save_tiny_checkpoint  # noqa: E402
 
+from buddy.allocation import (  # noqa: E402
+    DepthConfig,
+    DepthHead,
+    depth_levels,
+    fit_mu_table,
+)
 from buddy.backbone import load_backbone  # noqa: E402
 from buddy.engine import Engine  # noqa: E402
 from buddy.export import export_vllm  # noqa: E402
@@ -52,10 +58,11 @@ def family_reference(out: Path, family: str) -> list[dict]:
     module.scale[4], module.scale[5] = 0.5, 0.0  # fitted per-k weights (`--scales`) reach vLLM through the export
     meta = RouterMeta(model=bb.name, checksum=bb.checksum, n_layers=L, kv_policy="fill", budgets=(0.5, 0.9),
                       prior="static-greedy", prior_order=[3, 1, 5, 2, 6, 4], config=vars(cfg), steps=1)
-    predictor = random_predictor(bb)
+    predictor, depth = random_predictor(bb), random_depth_head(bb)
     for policy in ("fill", "zero"):
         export_vllm(bb, module, meta, out / f"model-{family}-{policy}", default_layers=L, command="test",
-                    kv_policy=policy, predictor=predictor if policy == "fill" else None)
+                    kv_policy=policy, predictor=predictor if policy == "fill" else None,
+                    depth=depth if policy == "fill" else None)
     ref = []
     for p, k, policy in ASKS:
         eng = Engine(bb, RouterPlanner(module, prior_scores(meta.prior_order, L)), policy)
@@ -67,7 +74,23 @@ def family_reference(out: Path, family: str) -> list[dict]:
         steps = list(eng.generate(ids, budget="auto", max_new_tokens=NEW, ignore_eos=True))
         ref.append({"prompt_ids": ids, "layers": "auto", "kv_policy": "fill", "tokens": [s.token for s in steps],
                     "k": len(steps[0].layers)})
+    eng = Engine(bb, RouterPlanner(module, prior_scores(meta.prior_order, L)), "fill", depth=depth)
+    for ids, k in zip(PROMPTS, (5, 6, 5)):  # allocation "token": each generated token its own depth
+        steps = list(eng.generate(ids, layers=k, max_new_tokens=NEW, ignore_eos=True, allocation="token"))
+        ref.append({"prompt_ids": ids, "layers": k, "kv_policy": "fill", "allocation": "token",
+                    "tokens": [s.token for s in steps], "depths": [len(s.layers) for s in steps]})
     return ref
+
+
+def random_depth_head(bb):
+    """A depth head whose choices vary by token: random weights, the mu table fitted to its own predictions."""
+    levels = depth_levels(L)
+    head = DepthHead(DepthConfig(hidden_dim=bb.shapes.hidden, n_layers=L, levels=levels))
+    g = torch.Generator().manual_seed(0)
+    head.weight.copy_(torch.randn(head.weight.shape, generator=g))
+    pred = head(torch.randn(512, 1, bb.shapes.hidden, generator=g))[:, 0]
+    head.mu_table.copy_(fit_mu_table(pred, levels, L))
+    return head
 
 
 def random_predictor(bb):

@@ -41,7 +41,7 @@ def test_vllm_tokens_equal_buddy_at_per_request_budgets(reference, family, polic
     from vllm import SamplingParams
 
     out, ref = reference
-    asks = [a for a in ref[family] if a["kv_policy"] == policy and a["layers"] != "auto"]
+    asks = [a for a in ref[family] if a["kv_policy"] == policy and a["layers"] != "auto" and "allocation" not in a]
     if policy == "fill":  # the same prompt at 4 and 8 layers: routing changes the tokens (the test can fail)
         assert asks[0]["prompt_ids"] == asks[3]["prompt_ids"] and asks[0]["tokens"] != asks[3]["tokens"]
     llm = llm_for(out / f"model-{family}-{policy}")
@@ -66,7 +66,7 @@ def test_budget_auto_picks_buddys_depth_and_tokens(reference, family):
 
     out, ref = reference
     autos = [a for a in ref[family] if a["layers"] == "auto"]
-    fixed = [a for a in ref[family] if a["kv_policy"] == "fill" and a["layers"] != "auto"]
+    fixed = [a for a in ref[family] if a["kv_policy"] == "fill" and a["layers"] != "auto" and "allocation" not in a]
     assert len({a["k"] for a in autos}) > 1
     llm = llm_for(out / f"model-{family}-fill")
     n = ref["new_tokens"]
@@ -75,6 +75,27 @@ def test_budget_auto_picks_buddys_depth_and_tokens(reference, family):
                for a in fixed]
     batch = llm.generate([{"prompt_token_ids": a["prompt_ids"]} for a in autos + fixed], params)
     assert [list(o.outputs[0].token_ids) for o in batch] == [a["tokens"] for a in autos + fixed]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_allocation_token_runs_buddys_per_token_depths(reference, family):
+    """allocation "token": each generated token's depth comes from the exported depth head and Buddy's layer
+    account, so the tokens equal Buddy's engine (whose depths vary by token), in one batch with a fixed row."""
+    from vllm import SamplingParams
+
+    out, ref = reference
+    per_token = [a for a in ref[family] if a.get("allocation") == "token"]
+    fixed = [a for a in ref[family] if a["kv_policy"] == "fill" and a["layers"] != "auto" and "allocation" not in a]
+    assert any(len(set(a["depths"][1:])) > 1 for a in per_token)  # depths differ by token: the test can fail
+    llm = llm_for(out / f"model-{family}-fill")
+    n = ref["new_tokens"]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True,
+                             extra_args={"layers": a["layers"], "allocation": "token"}) for a in per_token]
+    params.append(SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, extra_args={"layers": fixed[0]["layers"]}))
+    batch = llm.generate([{"prompt_token_ids": a["prompt_ids"]} for a in per_token + fixed[:1]], params)
+    assert [list(o.outputs[0].token_ids) for o in batch] == [a["tokens"] for a in per_token + fixed[:1]]
+    with pytest.raises(Exception, match="allocation"):
+        llm.generate([{"prompt_token_ids": [5, 6]}], SamplingParams(max_tokens=2, extra_args={"allocation": "tokens"}))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -24,6 +24,7 @@ from vllm.v1.sample.logits_processor import (
 )
 
 from ..budget import AUTO, BudgetError, request_budget
+from ..config import ALLOCATIONS
 
 MAX_STATES = 4096  # router states kept for requests out of the batch (unscheduled ones come back)
 AUTO_K = -1  # a slot whose request asked for budget "auto": the model's budget predictor sets k at its prompt
@@ -51,6 +52,7 @@ class BuddyBatchState(LogitsProcessor):
     n_layers: int | None = None  # set by the model class when it is built
     default_k: int | None = None
     has_predictor: bool = False
+    has_depth: bool = False
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         hf = vllm_config.model_config.hf_config
@@ -63,18 +65,24 @@ class BuddyBatchState(LogitsProcessor):
         self.key: list[int | None] = [None] * slots  # id(output token list) of the request in each slot
         self.states: OrderedDict[int, tuple[torch.Tensor, float]] = OrderedDict()  # key -> (kv0 sum, count)
         self.auto: OrderedDict[int, int] = OrderedDict()  # key -> k the predictor chose for an "auto" request
+        self.per_token = [False] * slots  # allocation "token" (with a depth head in the export)
+        self.prompt_len = [0] * slots
+        self.accounts: OrderedDict[int, list[int]] = OrderedDict()  # key -> [count, total, last counted position]
         BuddyBatchState.instance = self
         BuddyBatchState.n_layers, BuddyBatchState.default_k = self.n_layers, self.default_k
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        """A bad budget fails the request before it is scheduled (HTTP 400 from the server). The server's API
-        process has not built the model, so there a layer count is checked for its form only; one above the
-        model's depth is served at full depth (update_state), never an engine error."""
+        """A bad budget or allocation fails the request before it is scheduled (HTTP 400 from the server). The
+        server's API process has not built the model, so there a layer count is checked for its form only; one
+        above the model's depth is served at full depth (update_state), never an engine error."""
         try:
             request_k(sampling_params.extra_args, cls.n_layers, cls.default_k)
         except BudgetError as e:
             raise ValueError(str(e)) from None
+        allocation = (sampling_params.extra_args or {}).get("allocation", ALLOCATIONS[0])
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"invalid allocation {allocation!r}: must be one of {', '.join(ALLOCATIONS)}")
 
     def is_argmax_invariant(self) -> bool:
         return True
@@ -87,16 +95,24 @@ class BuddyBatchState(LogitsProcessor):
             return
         for i in batch_update.removed:
             self.k[i], self.key[i] = self.default_k, None
-        for i, params, _prompt, output_ids in batch_update.added:
-            self.k[i] = self.slot_k(params.extra_args if params else None)
+        for i, params, prompt, output_ids in batch_update.added:
+            extra = (params.extra_args if params else None) or {}
+            self.k[i] = self.slot_k(extra)
             self.key[i] = id(output_ids)
+            self.per_token[i] = self.has_depth and extra.get("allocation") == "token"
+            self.prompt_len[i] = len(prompt) if prompt is not None else 0
+            if not output_ids:  # a new request (a resumed one has output): nothing of an earlier one with its id
+                for d in (self.states, self.auto, self.accounts):
+                    d.pop(self.key[i], None)
         for a, b, how in batch_update.moved:
             if how == MoveDirectionality.SWAP:
                 self.k[[a, b]] = self.k[[b, a]]
-                self.key[a], self.key[b] = self.key[b], self.key[a]
+                for lst in (self.key, self.per_token, self.prompt_len):
+                    lst[a], lst[b] = lst[b], lst[a]
             else:
-                self.k[b], self.key[b] = self.k[a], self.key[a]
-                self.k[a], self.key[a] = self.default_k, None
+                self.k[b], self.k[a] = self.k[a], self.default_k
+                for lst, empty in ((self.key, None), (self.per_token, False), (self.prompt_len, 0)):
+                    lst[b], lst[a] = lst[a], empty
 
     def slot_k(self, extra_args) -> int:
         """A validated request's k; raising here would stop the whole engine, so a layer count above the
@@ -116,6 +132,16 @@ class BuddyBatchState(LogitsProcessor):
     def history(self, slot: int, dim: int) -> tuple[torch.Tensor, float]:
         st = self.states.get(self.key[slot])
         return st if st is not None else (torch.zeros(dim), 0.0)
+
+    def account(self, slot: int) -> list[int]:
+        """allocation "token": the request's [generated tokens counted, layers they ran, last counted position]."""
+        key = self.key[slot]
+        acc = self.accounts.get(key)
+        if acc is None:
+            acc = self.accounts[key] = [0, 0, -1]
+            while len(self.accounts) > MAX_STATES:
+                self.accounts.popitem(last=False)
+        return acc
 
     def chosen_k(self, slot: int) -> int | None:
         """The k the predictor chose for this slot's "auto" request earlier (a recomputed request keeps it)."""

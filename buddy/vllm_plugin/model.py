@@ -24,6 +24,7 @@ from vllm.forward_context import get_forward_context, is_forward_context_availab
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
+from ..allocation import DepthConfig, DepthHead, TokenAccount
 from ..budget import Budget
 from ..planner import topk_plan
 from ..predictor import BudgetPredictor, PredictorConfig
@@ -61,10 +62,14 @@ class _Buddy:
         self.kv_policy = b["kv_policy"]
         self.default_k = int(b["default_layers"])
         self.buddy_router = DecisionModule(RouterConfig(**b["router"]))
-        self.buddy_predictor = BudgetPredictor(PredictorConfig(**b["predictor"])) if b.get("predictor") else None
+        # float32 from the start (vLLM builds modules in the model's dtype): the weights load unrounded and the
+        # argmax runs as in Buddy's engine
+        self.buddy_predictor = BudgetPredictor(PredictorConfig(**b["predictor"])).float() if b.get("predictor") else None
         self.register_buffer("buddy_prior", prior_scores(b["prior_order"], self.n_layers), persistent=False)
         BuddyBatchState.n_layers, BuddyBatchState.default_k = self.n_layers, self.default_k
+        self.buddy_depth = DepthHead(DepthConfig(**b["depth"])).float() if b.get("depth") else None
         BuddyBatchState.has_predictor = self.buddy_predictor is not None
+        BuddyBatchState.has_depth = self.buddy_depth is not None
 
     # --- per-token inputs of the router ---
     def _per_token(self, positions: torch.Tensor, kv0: torch.Tensor, h0: torch.Tensor):
@@ -98,12 +103,31 @@ class _Buddy:
                     k = self._predict_k(means[e - 1], h0[a:e])
                 st.choose(r, k)
                 ks[a:e] = k
+            if st.per_token[r]:
+                self._token_depths(st, r, pos[a:e], h0[a:e], ks[a:e])
         return ks.to(kv0.device), means
+
+    def _token_depths(self, st: BuddyBatchState, r: int, pos: torch.Tensor, h0: torch.Tensor, ks: torch.Tensor):
+        """allocation "token": Buddy's layer account (buddy/allocation.py) for one request's tokens of this step,
+        written into ks in place. Prompt tokens run at k and the prompt's last one counts as the first
+        generated token; each later token takes its depth from the depth head and the account. A position
+        counted before (vLLM recomputing a preempted request) runs at k and is not counted again."""
+        acc = st.account(r)
+        k, prompt_end = int(ks[0]), st.prompt_len[r] - 1
+        for t, p in enumerate(pos.tolist()):
+            if p < prompt_end or p <= acc[2]:
+                continue
+            if p == prompt_end:
+                acc[0], acc[1] = acc[0] + 1, acc[1] + k
+            else:
+                account = TokenAccount(self.buddy_depth, [k], [True], self.n_layers)
+                account.count[0], account.total[0] = acc[0], acc[1]
+                ks[t] = int(account.depths(h0[t][None, None], prompt=False)[0, 0])
+                acc[0], acc[1] = int(account.count[0]), int(account.total[0])
+            acc[2] = p
 
     @torch.no_grad()
     def _predict_k(self, kv0_mean_last: torch.Tensor, h0: torch.Tensor) -> int:
-        if self.buddy_predictor.fc1.weight.dtype != torch.float32:  # it runs in float32, as in Buddy's engine
-            self.buddy_predictor.float()
         h = h0.float()
         feats = torch.cat([kv0_mean_last.float(), h.mean(0), h[-1]])[None]
         return Budget(fraction=self.buddy_predictor.choose(feats)[0]).k(self.n_layers)
