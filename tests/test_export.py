@@ -98,7 +98,12 @@ def test_vllm_export_holds_the_model_router_and_budget_settings(tiny_ckpt, tmp_p
     assert json.loads((tmp_path / "d" / "config.json").read_text())["buddy"]["default_layers"] == 3
     assert "predictor" not in json.loads((tmp_path / "d" / "config.json").read_text())["buddy"]
     # with a budget predictor (budget "auto" inside vLLM): its config and float32 tensors ride along
-    from buddy.predictor import BudgetPredictor, PredictorConfig, PredictorMeta, save_predictor
+    from buddy.predictor import (
+        BudgetPredictor,
+        PredictorConfig,
+        PredictorMeta,
+        save_predictor,
+    )
 
     pred = BudgetPredictor(PredictorConfig(kv_dim=64, hidden_dim=64, width=8))
     save_predictor(pred, PredictorMeta(model="tiny", checksum=bb.checksum, config=vars(pred.cfg), tradeoff=1.0),
@@ -110,7 +115,13 @@ def test_vllm_export_holds_the_model_router_and_budget_settings(tiny_ckpt, tmp_p
     assert {k for k in w if k.startswith("buddy_predictor.")} == {f"buddy_predictor.{k}" for k in pred.state_dict()}
     assert w["buddy_predictor.fc1.weight"].dtype == torch.float32
     # with a depth head (allocation "token" inside vLLM): the same
-    from buddy.allocation import DepthConfig, DepthHead, DepthMeta, fit_mu_table, save_depth
+    from buddy.allocation import (
+        DepthConfig,
+        DepthHead,
+        DepthMeta,
+        fit_mu_table,
+        save_depth,
+    )
 
     head = DepthHead(DepthConfig(hidden_dim=64, n_layers=6, levels=(2, 3, 4, 6)))
     head.weight.normal_()
