@@ -180,6 +180,16 @@ def test_vllm_serve_takes_the_budget_from_vllm_xargs(reference):
         with pytest.raises(BadRequestError):
             client.completions.create(model=model, prompt=[5, 6], max_tokens=2,
                                       extra_body={"vllm_xargs": {"budget": 1.5}})
+        with pytest.raises(BadRequestError, match="allocation"):
+            client.completions.create(model=model, prompt=[5, 6], max_tokens=2,
+                                      extra_body={"vllm_xargs": {"allocation": "tokens"}})
+        # budget "auto" and allocation "token" through the server: Buddy's tokens
+        auto = next(a for a in ref["llama"] if a["layers"] == "auto")
+        per_token = next(a for a in ref["llama"] if a.get("allocation") == "token")
+        for a, extra in ((auto, {"budget": "auto"}), (per_token, {"layers": per_token["layers"], "allocation": "token"})):
+            r = client.completions.create(model=model, prompt=a["prompt_ids"], max_tokens=ref["new_tokens"],
+                                          temperature=0, extra_body={"vllm_xargs": extra, "ignore_eos": True})
+            assert r.choices[0].text.split() == tok.decode(a["tokens"]).split()
         a = ref["llama"][0]  # the server keeps serving after the refusals (a layer count above the depth too)
         for extra in ({"layers": a["layers"]}, {"layers": 99}):
             r = client.completions.create(model=model, prompt=a["prompt_ids"], max_tokens=ref["new_tokens"],
