@@ -75,7 +75,13 @@ def prompt_features(bb, ids: torch.Tensor, policy: str = DEFAULT_KV_POLICY) -> t
     """[B, T] prompts (same length) -> [B, kv_dim + 2 * hidden]: pooled layer-0 K/V after the last token,
     mean and last layer-0 state."""
     kv0_mean, h = router_features(bb, ids.to(bb.device), policy)
-    return torch.cat([kv0_mean[:, -1].float(), h.float().mean(dim=1), h[:, -1].float()], dim=-1).cpu()
+    return pool_features(kv0_mean, h).cpu()
+
+
+def pool_features(kv0_mean: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The predictor's input from a prompt's layer-0 outputs: kv0_mean [B, T, kv_dim] (running prefix means)
+    and h [B, T, hidden] -> [B, kv_dim + 2 * hidden]: the pooled K/V after the last token, mean and last state."""
+    return torch.cat([kv0_mean[:, -1].float(), h.float().mean(dim=1), h[:, -1].float()], dim=-1)
 
 
 # --- predictor files: safetensors weights + JSON metadata -------------------------------------------

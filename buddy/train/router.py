@@ -190,16 +190,10 @@ def routed_train_forward(bb: Backbone, module: DecisionModule, prior: torch.Tens
 
 def interpolate(n: int, points: dict[int, float]) -> list[float]:
     """Values at 0..n: linear between the given (k, value) points, the nearest point's value outside them."""
+    import numpy as np
+
     ks = sorted(points)
-    out = []
-    for k in range(n + 1):
-        if k <= ks[0] or k >= ks[-1]:
-            out.append(points[ks[0] if k <= ks[0] else ks[-1]])
-            continue
-        hi = next(x for x in ks if x >= k)
-        lo = max(x for x in ks if x <= k)
-        out.append(points[lo] if hi == lo else points[lo] + (points[hi] - points[lo]) * (k - lo) / (hi - lo))
-    return out
+    return [float(x) for x in np.interp(range(n + 1), ks, [points[k] for k in ks])]
 
 
 def swap_plans(scores: torch.Tensor, k: torch.Tensor, band: int, gen: torch.Generator, rows: slice = slice(None),

@@ -27,7 +27,7 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from ..allocation import DepthConfig, DepthHead, TokenAccount
 from ..budget import Budget
 from ..planner import topk_plan
-from ..predictor import BudgetPredictor, PredictorConfig
+from ..predictor import BudgetPredictor, PredictorConfig, pool_features
 from ..router import DecisionModule, RouterConfig, prior_scores
 from .batch_state import AUTO_K, BuddyBatchState
 
@@ -75,8 +75,8 @@ class _Buddy:
     def _per_token(self, positions: torch.Tensor, kv0: torch.Tensor, h0: torch.Tensor):
         """(k per token [T], prefix mean of layer-0 K/V per token [T, D]) for this step's tokens. A budget
         "auto" request gets its k from the budget predictor at its first scheduled prompt tokens, from the
-        features Buddy's engine uses (`predictor.prompt_features`: pooled layer-0 K/V after the last token,
-        mean and last layer-0 state); a prompt longer than one scheduled chunk is judged by that chunk."""
+        features Buddy's engine uses (`predictor.pool_features`: pooled layer-0 K/V after the last token, mean
+        and last layer-0 state); a prompt longer than one scheduled chunk is judged by that chunk."""
         T, D = kv0.shape
         st, qsl = BuddyBatchState.instance, _query_start_loc()
         x = kv0.float()
@@ -100,7 +100,8 @@ class _Buddy:
             if int(st.k[r]) == AUTO_K:
                 k = st.chosen_k(r)
                 if k is None:
-                    k = self._predict_k(means[e - 1], h0[a:e])
+                    feats = pool_features(means[None, a:e], h0[None, a:e])
+                    k = Budget(fraction=self.buddy_predictor.choose(feats)[0]).k(self.n_layers)
                 st.choose(r, k)
                 ks[a:e] = k
             if st.per_token[r]:
@@ -125,12 +126,6 @@ class _Buddy:
                 ks[t] = int(account.depths(h0[t][None, None], prompt=False)[0, 0])
                 acc[0], acc[1] = int(account.count[0]), int(account.total[0])
             acc[2] = p
-
-    @torch.no_grad()
-    def _predict_k(self, kv0_mean_last: torch.Tensor, h0: torch.Tensor) -> int:
-        h = h0.float()
-        feats = torch.cat([kv0_mean_last.float(), h.mean(0), h[-1]])[None]
-        return Budget(fraction=self.buddy_predictor.choose(feats)[0]).k(self.n_layers)
 
     def _plan(self, h0: torch.Tensor, kv0_mean: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
         """[T, L] bool: exactly ks[t] layers per token (layer 0 and L-1 always)."""
