@@ -92,7 +92,7 @@ def task_texts(domain: str) -> tuple[str, ...]:
     raise CorpusError(f"unknown domain {domain!r}")
 
 
-def _chat_pairs(split: str) -> list[tuple[str, str]]:
+def chat_pairs(split: str) -> list[tuple[str, str]]:
     """(user, assistant) turns from the split's GSM8K, SQuAD and zero-shot task documents."""
     from .eval.tasks import load_mc, task_requests
 
@@ -195,7 +195,7 @@ def documents(domain: str, split: str, tokenizer=None) -> list[str]:
     if domain in CHAT_DOMAINS:
         if tokenizer is None or not tokenizer.chat_template:
             return []  # a model without a chat template has no chat domains
-        pairs = _chat_pairs(split) if domain == "chat" else code_chat_pairs(split)
+        pairs = chat_pairs(split) if domain == "chat" else code_chat_pairs(split)
         return [tokenizer.apply_chat_template([{"role": "user", "content": u}, {"role": "assistant", "content": a}],
                                               tokenize=False) for u, a in pairs]
     if domain not in DOMAINS:

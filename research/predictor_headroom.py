@@ -24,7 +24,13 @@ import torch
 
 import buddy
 from buddy.predictor import load_predictor
-from buddy.prompt_mix import DOMAINS, MC_DOMAINS
+from buddy.prompt_mix import (
+    ALL_DOMAINS,
+    DOMAINS,
+    HELDOUT_DOMAINS,
+    MC_DOMAINS,
+    PROSE_DOMAINS,
+)
 from buddy.train.predictor import PredictorTrainConfig, split_table
 
 BOOT = 1000
@@ -53,11 +59,12 @@ def main() -> None:
     ap.add_argument("--data", default="mix", choices=["mix", "sotu"])
     ap.add_argument("--prompts", type=int, default=PredictorTrainConfig.prompts)
     ap.add_argument("--val-prompts", type=int, default=PredictorTrainConfig.val_prompts)
-    ap.add_argument("--test-prompts", type=int, default=672, help="mix only: test items (48 per domain)")
+    ap.add_argument("--test-prompts", type=int, default=912, help="mix only: test items (48 per domain)")
+    ap.add_argument("--dtype", default="auto", help="as `buddy train predictor --dtype` (tables are cached per dtype)")
     ap.add_argument("--tradeoffs", default="2.5,3.5,5,7")
     ap.add_argument("--predictors", default="", help="comma list of predictor directories")
     args = ap.parse_args()
-    engine = buddy.load(args.model, planner="router", dtype="bfloat16")
+    engine = buddy.load(args.model, planner="router", dtype=args.dtype)
     cfg = PredictorTrainConfig(data=args.data, prompts=args.prompts, val_prompts=args.val_prompts)
     splits = {"train": args.prompts, "validation": args.val_prompts}
     if args.data == "mix":
@@ -74,7 +81,8 @@ def main() -> None:
             print(f"| {lam:g} | {name} | {lv:.3f} | {oq:.3f} | {c:.3f} | {oq - c:+.3f} |")
             if dom is not None:  # one level per domain, the best on this table: what knowing the domain is worth
                 r = q - lam * levels
-                pick = torch.stack([r[dom == d].mean(0) for d in range(len(DOMAINS))]).argmax(1)[dom]
+                pick = torch.stack([r[dom == d].mean(0) if (dom == d).any() else torch.zeros(len(levels))
+                                    for d in range(len(ALL_DOMAINS))]).argmax(1)[dom]
                 lv, dq = float(levels[pick].mean()), float(q.gather(1, pick[:, None]).mean())
                 c = chord(lv, levels.numpy(), q)
                 print(f"| {lam:g} | {name} (one level per domain) | {lv:.3f} | {dq:.3f} | {c:.3f} | {dq - c:+.3f} |")
@@ -97,8 +105,9 @@ def main() -> None:
     if args.data != "mix":
         return
     last = shown[-1]
-    groups = {"all 14 domains": DOMAINS, "the 7 multiple-choice tasks": MC_DOMAINS,
-              "prose (6 domains)": DOMAINS[:6], "sotu": ("sotu",)}
+    groups = {f"all {len(ALL_DOMAINS)} domains": ALL_DOMAINS, f"the {len(DOMAINS)} training domains": DOMAINS,
+              "held out": HELDOUT_DOMAINS, "the 7 multiple-choice tasks": MC_DOMAINS,
+              f"prose and code ({len(PROSE_DOMAINS)} domains)": PROSE_DOMAINS, "chat": ("chat", "code_chat")}
     print(f"\nGain over fixed budgets at the same mean level, by group of domains ({last} table; 95% bootstrap "
           f"interval over items, {BOOT} resamples):\n")
     print("| predictor | " + " | ".join(groups) + " |")
@@ -108,17 +117,20 @@ def main() -> None:
         q = tables[last][1]
         cells = []
         for names in groups.values():
-            idx = torch.isin(dom, torch.tensor([DOMAINS.index(n) for n in names])).nonzero()[:, 0]
+            idx = torch.isin(dom, torch.tensor([ALL_DOMAINS.index(n) for n in names])).nonzero()[:, 0]
+            if not len(idx):
+                cells.append("-")
+                continue
             g, lo, hi = gain_interval(pick[idx], q[idx], levels)
             cells.append(f"{g:+.3f} [{lo:+.3f}, {hi:+.3f}]")
         print(f"| {d} | " + " | ".join(cells) + " |")
     print(f"\nMean level picked per domain ({last} table):\n")
-    print("| predictor | " + " | ".join(DOMAINS) + " |")
-    print("|---|" + "---|" * len(DOMAINS))
+    print("| predictor | " + " | ".join(ALL_DOMAINS) + " |")
+    print("|---|" + "---|" * len(ALL_DOMAINS))
     for d in args.predictors.split(","):
         pick, dom = picks[d, last]
         lv = levels[pick]
-        print(f"| {d} | " + " | ".join(f"{float(lv[dom == i].mean()):.2f}" for i in range(len(DOMAINS))) + " |")
+        print(f"| {d} | " + " | ".join(f"{float(lv[dom == i].mean()):.2f}" for i in range(len(ALL_DOMAINS))) + " |")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,17 @@ class WordTokenizer:
         return {"input_ids": [zlib.crc32(w.encode()) for w in text.split()]}
 
 
+class ChatWordTokenizer(WordTokenizer):
+    chat_template = "word"
+
+    def __call__(self, text, add_special_tokens=True):
+        return super().__call__(text)
+
+    def apply_chat_template(self, turns, add_generation_prompt=False, tokenize=False):
+        text = " ".join(f"<{t['role']}> {t['content']}" for t in turns)
+        return text + (" <assistant>" if add_generation_prompt else "")
+
+
 def test_prompt_mix_splits_are_disjoint_and_test_is_what_the_sweep_evaluates():
     from buddy.eval.tasks import load_mc
     from buddy.eval.zeroshot import tokenize_pair
@@ -110,5 +121,30 @@ def test_prompt_mix_splits_are_disjoint_and_test_is_what_the_sweep_evaluates():
         mix_items(tok, "train", 2, domains=("nope",))
     with pytest.raises(ValueError, match="unknown split"):
         mix_items(tok, "dev", 2, domains=doms)
+
+
+def test_prompt_mix_has_the_routers_domains_and_keeps_the_held_out_ones_to_test():
+    """The predictor's mix is the router's: chat and code in training, moby_dick and qasper only in test."""
+    from buddy.corpus import HELDOUT_DOMAINS, TRAIN_DOMAINS
+    from buddy.prompt_mix import ALL_DOMAINS, DOMAINS, mix_items, split_domains
+
+    assert DOMAINS == TRAIN_DOMAINS and "qasper" not in DOMAINS and set(ALL_DOMAINS) - set(DOMAINS) == set(HELDOUT_DOMAINS)
+    assert split_domains("train") == split_domains("validation") == DOMAINS and split_domains("test") == ALL_DOMAINS
+    for split in ("train", "validation"):
+        with pytest.raises(ValueError, match="held out"):
+            mix_items(WordTokenizer(), split, 2, domains=("qasper",))
+    tok = ChatWordTokenizer()
+    held = mix_items(tok, "test", 3, prompt_len=16, cont_len=8, domains=HELDOUT_DOMAINS)
+    assert [it.domain for it in held] == ["moby_dick"] * 3 + ["qasper"] * 3
+    assert all(len(it.prompt) == 16 and len(it.continuation) == 8 for it in held)
+    chat = {s: mix_items(tok, s, 4, prompt_len=16, cont_len=8, domains=("chat", "code_chat"))
+            for s in ("train", "validation", "test")}
+    for items in chat.values():
+        assert [it.domain for it in items] == ["chat"] * 4 + ["code_chat"] * 4
+        # the prompt ends at the assistant's header, as `generate --chat` sends it; the answer is the continuation
+        assert all(it.prompt[-1] == zlib.crc32(b"<assistant>") and 1 <= len(it.continuation) <= 8 for it in items)
+    keys = {s: {tuple(it.prompt) for it in items} for s, items in chat.items()}
+    assert not keys["train"] & keys["validation"] and not keys["train"] & keys["test"]
+    assert mix_items(WordTokenizer(), "train", 4, domains=("chat",)) == []  # no chat template, no chat domain
 
 

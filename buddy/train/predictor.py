@@ -2,9 +2,9 @@
 
     buddy train predictor --model smollm2 --tradeoff 3.5 --out runs/predictor
 
-Data (`--data`): `mix` (default), the cross-domain prompt mix of `buddy.prompt_mix` (prose, fiction,
-Wikipedia, news, paper abstracts, math and the multiple-choice tasks; the training and validation documents
-only, never the ones `buddy sweep --limit 100` evaluates), or `sotu`, State of the Union windows (train years
+Data (`--data`): `mix` (default), the cross-domain prompt mix of `buddy.prompt_mix` (the domains of the
+router's training mix: prose, math, the multiple-choice tasks, chat and code; the training and validation
+documents only, never the ones `buddy sweep --limit 100` evaluates nor the held-out domains), or `sotu`, State of the Union windows (train years
 for training, validation years for validation). Each item is a prompt of up to `prompt_len` tokens and a
 continuation of up to `cont_len`. For every item and budget level the routed model's quality is measured
 once: the negative mean per-token KL from the dense model over the continuation (or the continuation's
@@ -61,8 +61,8 @@ class PredictorTrainConfig:
     beta: weight of the KL term to the reference (initial, uniform) policy.
     inner: policy updates per sampled batch.
     data: `mix` (the cross-domain prompt mix, buddy/prompt_mix.py) or `sotu` (State of the Union windows).
-    prompts: training items (mix: spread evenly over its 14 domains).
-    val_prompts: validation items (mix: spread evenly over its 14 domains).
+    prompts: training items (mix: spread evenly over its 16 domains).
+    val_prompts: validation items (mix: spread evenly over its 16 domains).
     prompt_len: prompt tokens the predictor sees.
     cont_len: continuation tokens whose quality is measured.
     quality: `kl` (negative mean KL to the dense model) or `nll` (continuation log-likelihood).
@@ -136,9 +136,22 @@ def quality_table(engine, windows: torch.Tensor, levels, prompt_len: int, qualit
     return out
 
 
-def _table_path(bb, planner: str, policy: str, cfg: PredictorTrainConfig, split: str, n: int) -> Path:
-    key = json.dumps([bb.checksum, planner, policy, cfg.level_list, cfg.prompt_len, cfg.cont_len, cfg.quality,
-                      split, n])
+def planner_fingerprint(planner) -> str:
+    """The planner's name and a hash of what decides its plans (router weights, prior, static order), so that a
+    cached table is never reused for another router or calibration."""
+    h = hashlib.sha256(planner.name.encode())
+    module = getattr(planner, "module", None)
+    tensors = [*(module.state_dict().values() if module is not None else ()),
+               *(t for t in (getattr(planner, "prior", None),) if isinstance(t, torch.Tensor))]
+    for t in tensors:
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps([int(x) for x in getattr(planner, "order", ()) or ()]).encode())
+    return f"{planner.name}-{h.hexdigest()[:16]}"
+
+
+def _table_path(bb, planner, policy: str, cfg: PredictorTrainConfig, split: str, n: int) -> Path:
+    key = json.dumps([bb.checksum, str(bb.dtype), planner_fingerprint(planner), policy, cfg.level_list,
+                      cfg.prompt_len, cfg.cont_len, cfg.quality, split, n])
     return cache_dir() / "predictor" / f"{bb.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
 
@@ -165,7 +178,7 @@ def cached_table(engine, bb, cfg: PredictorTrainConfig, split: str, n: int, prog
                           desc=f"quality ({split})")
         return {"features": feats, "quality": q}
 
-    t = _cached(_table_path(bb, engine.planner.name, engine.kv_policy, cfg, split, n), compute)
+    t = _cached(_table_path(bb, engine.planner, engine.kv_policy, cfg, split, n), compute)
     return t["features"], t["quality"]
 
 
@@ -192,17 +205,18 @@ def item_table(engine, items, levels, quality: str = PredictorTrainConfig.qualit
 
 
 def cached_mix_table(engine, bb, cfg: PredictorTrainConfig, split: str, n: int, progress: bool = True):
-    """(features, quality, domain index) of n prompt-mix items of a split (n // len(DOMAINS) per domain);
-    computed once, then cached."""
-    from ..prompt_mix import DOMAINS, VERSION, mix_items
+    """(features, quality, domain index into `prompt_mix.ALL_DOMAINS`) of n prompt-mix items of a split
+    (spread evenly over the split's domains); computed once, then cached."""
+    from ..prompt_mix import ALL_DOMAINS, VERSION, mix_items, split_domains
 
     def compute():
-        items = mix_items(bb.tokenizer, split, max(1, n // len(DOMAINS)), cfg.prompt_len, cfg.cont_len)
+        items = mix_items(bb.tokenizer, split, max(1, n // len(split_domains(split))), cfg.prompt_len, cfg.cont_len)
         feats, q = item_table(engine, items, cfg.level_list, cfg.quality, progress, f"quality (mix {split})",
                               engine.kv_policy)
-        return {"features": feats, "quality": q, "domain": torch.tensor([DOMAINS.index(it.domain) for it in items])}
+        return {"features": feats, "quality": q,
+                "domain": torch.tensor([ALL_DOMAINS.index(it.domain) for it in items])}
 
-    t = _cached(_table_path(bb, engine.planner.name, engine.kv_policy, cfg, f"mix{VERSION}-{split}", n), compute)
+    t = _cached(_table_path(bb, engine.planner, engine.kv_policy, cfg, f"mix{VERSION}-{split}", n), compute)
     return t["features"], t["quality"], t["domain"]
 
 
@@ -256,11 +270,11 @@ def policy_report(policy: BudgetPredictor, feats, quality, levels: torch.Tensor,
 
 def domain_levels(policy: BudgetPredictor, feats, domain: torch.Tensor, levels: torch.Tensor) -> dict:
     """The served policy's mean chosen level per prompt-mix domain."""
-    from ..prompt_mix import DOMAINS
+    from ..prompt_mix import ALL_DOMAINS
 
     with torch.no_grad():
         lv = levels[policy(feats).argmax(dim=-1)]
-    return {DOMAINS[d]: round(float(lv[domain == d].mean()), 4) for d in sorted(set(domain.tolist()))}
+    return {ALL_DOMAINS[d]: round(float(lv[domain == d].mean()), 4) for d in sorted(set(domain.tolist()))}
 
 
 class PredictorTrainer:
@@ -341,11 +355,12 @@ class PredictorTrainer:
     def data_description(self) -> str:
         c = self.cfg
         if c.data == "mix":
-            from ..prompt_mix import DOMAINS
+            from ..prompt_mix import DOMAINS, VERSION
 
             n, v = c.prompts // len(DOMAINS), c.val_prompts // len(DOMAINS)
             return (f"prompt mix (buddy/prompt_mix.py), {n} training and {v} validation items per domain of "
                     f"{', '.join(DOMAINS)}: prompts of up to {c.prompt_len} tokens, continuations of up to "
-                    f"{c.cont_len}; no document of the test split (the first 100 of every task, SOTU 2011-2021)")
+                    f"{c.cont_len}; no document of the test split (the first 100 of every task, SOTU 2011-2021) and none "
+                    f"of the held-out domains; mix version {VERSION}")
         return (f"SOTU train years (<= 2000): {c.prompts} windows of {c.prompt_len} prompt + "
                 f"{c.cont_len} continuation tokens; validation: {c.val_prompts} windows of 2001-2010")

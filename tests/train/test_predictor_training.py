@@ -116,3 +116,26 @@ def test_quality_tables_are_computed_once_and_written_atomically(tmp_path):
     b = _cached(path, compute)
     assert len(calls) == 1 and torch.equal(a["quality"], b["quality"])
     assert [p.name for p in path.parent.iterdir()] == ["t.safetensors"]  # no temporary file left
+
+
+def test_quality_tables_are_keyed_by_the_router_and_the_static_order():
+    """A table measured with one router (or calibration) is never read back for another."""
+    from conftest import tiny_backbone
+
+    from buddy.planner import StaticPlanner
+    from buddy.router import DecisionModule, RouterConfig, RouterPlanner, prior_scores
+    from buddy.train.predictor import _table_path, planner_fingerprint
+
+    bb = tiny_backbone("llama")
+    cfg = PredictorTrainConfig()
+    torch.manual_seed(0)
+    rcfg = RouterConfig(n_layers=bb.n_layers, kv_dim=2 * bb.shapes.n_kv_heads * bb.shapes.head_dim,
+                        hidden_dim=bb.shapes.hidden, width=8)
+    a, b = DecisionModule(rcfg), DecisionModule(rcfg)
+    prior = prior_scores([4, 3, 2, 1], bb.n_layers)
+    path = lambda p: _table_path(bb, p, "fill", cfg, "train", 8)  # noqa: E731
+    assert path(RouterPlanner(a, prior)) == path(RouterPlanner(a, prior.clone()))
+    assert path(RouterPlanner(a, prior)) != path(RouterPlanner(b, prior))
+    assert path(RouterPlanner(a, prior)) != path(RouterPlanner(a, prior_scores([1, 2, 3, 4], bb.n_layers)))
+    s1, s2 = StaticPlanner("static", [4, 3, 2, 1], bb.n_layers), StaticPlanner("static", [1, 2, 3, 4], bb.n_layers)
+    assert path(s1) != path(s2) and planner_fingerprint(s1).startswith("static-")
