@@ -447,16 +447,20 @@ def cmd_train_router(args) -> int:
         order = load_calibration(bb, cfg.calibration)["orders"][cfg.prior]
         if cfg.data == "sotu":
             train = token_windows(bb.tokenizer, sotu_texts("train"), cfg.seq_len)
-            val = token_windows(bb.tokenizer, sotu_texts("validation"), cfg.seq_len, cfg.val_windows)
+            def val_windows(n):
+                return token_windows(bb.tokenizer, sotu_texts("validation"), cfg.seq_len, n)
+            val = val_windows(cfg.val_windows)
             data = (f"SOTU train years <= 2000: {train.shape[0]} windows x {cfg.seq_len} tokens; validation: "
                     f"SOTU 2001-2010, {val.shape[0]} windows x {cfg.seq_len} tokens")
         elif cfg.data != "mix":  # the user's own text file
             from .data import text_file_split
 
             train_text, val_text = text_file_split(cfg.data)
+            def val_windows(n):
+                return token_windows(bb.tokenizer, [val_text], cfg.seq_len, n)
             try:
                 train = token_windows(bb.tokenizer, [train_text], cfg.seq_len)
-                val = token_windows(bb.tokenizer, [val_text], cfg.seq_len, cfg.val_windows)
+                val = val_windows(cfg.val_windows)
             except ValueError as e:
                 raise UsageError(f"--data {cfg.data}: {e}") from None
             data = (f"{cfg.data}: first 90% {train.shape[0]} windows x {cfg.seq_len} tokens; last 10% validation, "
@@ -466,13 +470,17 @@ def cmd_train_router(args) -> int:
 
             per = mix_windows(bb.tokenizer, "train", cfg.seq_len, cfg.train_per_domain)
             train = torch.cat(list(per.values()))
-            val = mix_windows(bb.tokenizer, "validation", cfg.seq_len, cfg.val_windows)
+            def val_windows(n):
+                return mix_windows(bb.tokenizer, "validation", cfg.seq_len, n)
+            val = val_windows(cfg.val_windows)
             data = (f"training mix v{VERSION} (buddy/corpus.py), windows of {cfg.seq_len} tokens; train: "
                     f"{describe(per)}; validation: {describe(val)}")
         command = "buddy train router " + " ".join(shlex.quote(a) for a in sys.argv[3:])
         if distributed:
             command = f"torchrun --nproc_per_node {dist.get_world_size()} -m {command}"
         trainer = RouterTrainer(bb, cfg, order, train, val, out, command=command, data=data)
+        if cfg.scales and cfg.scale_windows:
+            trainer.scale_windows = val_windows(cfg.scale_windows)
         if args.resume and trainer.load_state() and main:
             print(f"resuming {out} at step {trainer.step}", file=sys.stderr)
         best = trainer.run()

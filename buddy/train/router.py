@@ -83,6 +83,9 @@ class TrainConfig:
         always allowed); layer counts in between interpolate. The validation split is the one that also picks
         the checkpoint, so judge the result on test domains. Empty: weight 1 (the router as trained). Rerun
         with `--resume` and the same `--steps` to fit scales for a finished run; `--init` starts from weight 1.
+    scale_windows: fit the scales on this many validation windows per domain, every weight (the prior's and
+        the router's as trained included) measured afresh on them; 0 = the checkpoint's own validation windows.
+        More windows make the per-domain test less noisy (2 windows per domain decide on noise).
     """
 
     kv_policy: str = DEFAULT_KV_POLICY
@@ -111,6 +114,7 @@ class TrainConfig:
     teacher_topk: int = 0
     teacher_cache: str = ""
     scales: str = ""
+    scale_windows: int = 0
 
     def __post_init__(self):
         if self.kv_policy not in KV_POLICIES:
@@ -151,6 +155,8 @@ class TrainConfig:
                      "train_per_domain"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"invalid {name} {getattr(self, name)}: must be >= 1")
+        if self.scale_windows < 0:
+            raise ConfigError(f"invalid scale_windows {self.scale_windows}: must be >= 0 (0 = the validation windows)")
 
     def k_range(self, n_layers: int) -> tuple[int, int]:
         lo, hi = (float(x) for x in self.budgets.split(":"))
@@ -302,6 +308,7 @@ class RouterTrainer:
                                      weight_decay=0.0)
         # validation windows by domain; the validation score is the mean over domains (each domain counts once)
         self.val_windows = val_windows if isinstance(val_windows, dict) else {"validation": val_windows}
+        self.scale_windows: dict | torch.Tensor | None = None  # fit_scales' own windows (TrainConfig.scale_windows)
         self.train_windows = train_windows
         self.step = 0
         self.history: list[dict] = []
@@ -391,8 +398,9 @@ class RouterTrainer:
             loss = loss + self.cfg.ce_weight * ce
         return loss, kl
 
-    def validate(self, use_router: bool = True, module: DecisionModule | None = None) -> dict:
-        """Validation NLL per domain and layer count; `nll` per k and `mean_nll` average the domains."""
+    def validate(self, use_router: bool = True, module: DecisionModule | None = None, windows: dict | None = None) -> dict:
+        """Validation NLL per domain and layer count; `nll` per k and `mean_nll` average the domains
+        (on the validation windows, or on `windows` {domain: [N, T]})."""
         from ..engine import Engine
         from ..eval.ppl import evaluate_windows
 
@@ -400,7 +408,7 @@ class RouterTrainer:
         eng = Engine(self.bb, planner, self.cfg.kv_policy)
         ks = self.cfg.val_ks(self.bb.n_layers)
         domains = {d: {k: evaluate_windows(eng, w, layers=k, batch_size=self.cfg.batch).nll for k in ks}
-                   for d, w in self.val_windows.items()}
+                   for d, w in (windows or self.val_windows).items()}
         res = {k: sum(v[k] for v in domains.values()) / len(domains) for k in ks}
         self.module.train()
         return {"nll": res, "mean_nll": sum(res.values()) / len(res), "domains": domains}
@@ -427,7 +435,7 @@ class RouterTrainer:
     def settings(self) -> dict:
         """The settings a resumed run must share with the run it continues (all but the step count)."""
         return {k: v for k, v in asdict(self.cfg).items()
-                if k not in ("steps", "val_every", "save_every", "teacher_cache", "scales")}
+                if k not in ("steps", "val_every", "save_every", "teacher_cache", "scales", "scale_windows")}
 
     def load_state(self) -> bool:
         path = self.out / "state.pt"
@@ -525,14 +533,17 @@ class RouterTrainer:
         module.load_state_dict(self.best["module"])
         module.scale.fill_(1.0)
         ks = self.cfg.val_ks(self.bb.n_layers)
-        base = self.baseline["domains"]
+        windows = self.scale_windows
+        if windows is not None and not isinstance(windows, dict):
+            windows = {"validation": windows}
+        base = self.baseline["domains"] if windows is None else self.validate(use_router=False, windows=windows)["domains"]
         results = {0.0: base}
         for a in sorted(set(candidates) - {0.0}):
-            if a == 1.0 and self.best["step"] > 0:  # the best checkpoint's own validation (weight 1 in training)
+            if a == 1.0 and self.best["step"] > 0 and windows is None:  # the best checkpoint's own validation
                 results[a] = self.best["domains"]
                 continue
             module.scale.fill_(a)
-            results[a] = self.validate(module=module)["domains"]
+            results[a] = self.validate(module=module, windows=windows)["domains"]
             if progress:
                 tqdm.write(f"scale {a:g}: val ppl " + " ".join(
                     f"k={k}:{math.exp(sum(results[a][d][k] for d in base) / len(base)):.2f}" for k in ks))
@@ -548,7 +559,8 @@ class RouterTrainer:
             "ppl": {f"{a:g}": {str(k): round(math.exp(sum(r[d][k] for d in base) / len(base)), 4) for k in ks}
                     for a, r in sorted(results.items())},
             "rule": "per validated k, the lowest mean NLL among scales no worse than the prior (by more than "
-                    f"{self.SAFE_TOLERANCE} nats) on any validation domain; interpolated between them"}
+                    f"{self.SAFE_TOLERANCE} nats) on any validation domain; interpolated between them",
+            "windows": {d: int(w.shape[0]) for d, w in (windows or self.val_windows).items()}}
         save_router(module, self.meta, self.out)
         if progress:
             tqdm.write("scales: " + " ".join(f"k={k}:{chosen[k]:g}" for k in ks))

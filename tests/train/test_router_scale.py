@@ -72,9 +72,9 @@ def test_routers_written_before_the_scale_load_with_weight_one(tmp_path):
     assert torch.equal(old.scale, torch.ones(9)) and torch.equal(old.fc2.weight, m.fc2.weight)
 
 
-def make(bb, out, scales="", steps=2):
+def make(bb, out, scales="", steps=2, **kw):
     cfg = TrainConfig(steps=steps, batch=2, seq_len=12, val_every=2, val_windows=2, width=16, lr=1e-2,
-                      budgets="0.5:1.0", val_layers="4,6", scales=scales)
+                      budgets="0.5:1.0", val_layers="4,6", scales=scales, **kw)
     g = torch.Generator().manual_seed(0)
     train = torch.randint(0, 97, (8, 12), generator=g)
     val = {"a": torch.randint(0, 97, (2, 12), generator=g), "b": torch.randint(0, 97, (2, 12), generator=g)}
@@ -137,3 +137,30 @@ def test_init_from_a_scaled_router_trains_from_weight_one(tmp_path):
     tr = RouterTrainer(bb, cfg, list(range(1, 7)), torch.randint(0, 97, (4, 12)), torch.randint(0, 97, (2, 12)),
                        tmp_path / "run")
     assert torch.equal(tr.module.scale, torch.ones(9)) and torch.equal(tr.module.fc2.weight, m.fc2.weight)
+
+
+def test_scales_fit_on_their_own_windows_measure_every_weight_afresh(tmp_path, monkeypatch):
+    """With scale_windows the prior and every weight (1 included) are measured on the fit's own windows, and the
+    choice follows them, not the checkpoint's validation."""
+    bb = tiny_backbone("llama", n_layers=8)
+    tr = make(bb, tmp_path / "run", scale_windows=3)
+    tr.run(progress=False)
+    tr.best["step"] = 2
+    tr.baseline = {"domains": {"a": {4: 3.0, 6: 2.0}}}
+    tr.best["domains"] = {"a": {4: 2.0, 6: 1.0}}  # on the checkpoint's windows weight 1 wins everywhere
+    own = {"a": torch.zeros(3, 16, dtype=torch.long)}
+    tr.scale_windows = own
+    seen = []
+
+    def validate(use_router=True, module=None, windows=None):
+        assert windows is own
+        seen.append(None if not use_router else float(module.scale.max()))
+        return {"domains": {"a": {4: 3.0, 6: 2.0}} if not use_router else {"a": {4: 2.5, 6: 2.2}}}
+
+    monkeypatch.setattr(tr, "validate", validate)
+    assert tr.fit_scales([0.0, 1.0], progress=False) == {4: 1.0, 6: 0.0}
+    assert seen == [None, 1.0]
+    v = json.loads((tmp_path / "run" / "router.json").read_text())["validation"]["scale"]
+    assert v["windows"] == {"a": 3}
+    with pytest.raises(ConfigError, match="invalid scale_windows"):
+        TrainConfig(scale_windows=-1)
