@@ -204,13 +204,31 @@ def item_table(engine, items, levels, quality: str = PredictorTrainConfig.qualit
     return torch.stack(feats), q
 
 
+PROMPT_BUCKETS = (*range(16, 128, 16), *range(128, 513, 32))
+CONT_BUCKETS = (4, 8, 12, 16, 24, 32)
+
+
+def bucket_items(items: list) -> list:
+    """Items with their prompt cut from the left to a bucket length (multiples of 16 up to 128, then of 32) and
+    their continuation cut to one of 4, 8, 12, 16, 24, 32 tokens: far fewer distinct shapes, so `item_table`
+    batches them (a prompt's last tokens and a continuation's first ones are kept; shorter ones stay whole)."""
+    from ..prompt_mix import MixItem
+
+    def floor(n, buckets):
+        return max((b for b in buckets if b <= n), default=n)
+
+    return [MixItem(it.domain, it.prompt[len(it.prompt) - floor(len(it.prompt), PROMPT_BUCKETS):],
+                    it.continuation[:floor(len(it.continuation), CONT_BUCKETS)]) for it in items]
+
+
 def cached_mix_table(engine, bb, cfg: PredictorTrainConfig, split: str, n: int, progress: bool = True):
     """(features, quality, domain index into `prompt_mix.ALL_DOMAINS`) of n prompt-mix items of a split
-    (spread evenly over the split's domains); computed once, then cached."""
+    (spread evenly over the split's domains, cut to bucket shapes); computed once, then cached."""
     from ..prompt_mix import ALL_DOMAINS, VERSION, mix_items, split_domains
 
     def compute():
-        items = mix_items(bb.tokenizer, split, max(1, n // len(split_domains(split))), cfg.prompt_len, cfg.cont_len)
+        items = bucket_items(mix_items(bb.tokenizer, split, max(1, n // len(split_domains(split))), cfg.prompt_len,
+                                       cfg.cont_len))
         feats, q = item_table(engine, items, cfg.level_list, cfg.quality, progress, f"quality (mix {split})",
                               engine.kv_policy)
         return {"features": feats, "quality": q,

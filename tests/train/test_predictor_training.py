@@ -139,3 +139,15 @@ def test_quality_tables_are_keyed_by_the_router_and_the_static_order():
     assert path(RouterPlanner(a, prior)) != path(RouterPlanner(a, prior_scores([1, 2, 3, 4], bb.n_layers)))
     s1, s2 = StaticPlanner("static", [4, 3, 2, 1], bb.n_layers), StaticPlanner("static", [1, 2, 3, 4], bb.n_layers)
     assert path(s1) != path(s2) and planner_fingerprint(s1).startswith("static-")
+
+
+def test_bucket_items_keep_the_prompts_end_and_the_continuations_start():
+    from buddy.prompt_mix import MixItem
+    from buddy.train.predictor import bucket_items
+
+    items = [MixItem("d", list(range(100)), list(range(1000, 1030))), MixItem("d", list(range(130)), [7, 8, 9]),
+             MixItem("d", list(range(9)), list(range(1000, 1005)))]
+    a, b, c = bucket_items(items)
+    assert a.prompt == list(range(4, 100)) and a.continuation == list(range(1000, 1024))  # 96 and 24 tokens
+    assert b.prompt == list(range(2, 130)) and b.continuation == [7, 8, 9]  # 128; shorter than every bucket: whole
+    assert c.prompt == list(range(9)) and c.continuation == list(range(1000, 1004))
