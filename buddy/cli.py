@@ -479,7 +479,7 @@ def cmd_train_router(args) -> int:
         if distributed:
             command = f"torchrun --nproc_per_node {dist.get_world_size()} -m {command}"
         trainer = RouterTrainer(bb, cfg, order, train, val, out, command=command, data=data)
-        if cfg.scales and cfg.scale_windows:
+        if cfg.scales and cfg.scale_windows and main:  # only the first process fits scales
             trainer.scale_windows = val_windows(cfg.scale_windows)
         if args.resume and trainer.load_state() and main:
             print(f"resuming {out} at step {trainer.step}", file=sys.stderr)

@@ -17,9 +17,10 @@ on the continuation. The domains and their documents are those of the router's t
 - held out (test split only, never in training or validation): `moby_dick` (chapters of the novel) and
   `qasper` (full texts of NLP papers), as prose.
 
-Splits are disjoint by document, as in `buddy.corpus`: `test` is drawn from the documents that `buddy sweep
---limit 100` evaluates (the first 100 of every task) and the SOTU test years; `validation` the next 50
-documents and the SOTU validation years; `train` everything after and the SOTU training years. Usage:
+Splits are disjoint by document, as in `buddy.corpus`: for the task-file domains `test` is drawn from the
+documents that `buddy sweep --limit 100` evaluates (the first 100 of every task), `validation` from the next
+50, `train` from the rest; SOTU splits by year, `code` and `code_chat` by a hash of the file's path, and the
+held-out domains are all test. Usage:
 
     items = mix_items(tokenizer, "train", per_domain=96)
 

@@ -1,11 +1,12 @@
 """How much a per-prompt budget could gain, and how much a trained predictor gains, on the quality tables.
 
-    .venv/bin/python benchmarks/predictor_headroom.py --predictors runs/mix-l2.5,runs/mix-l3.5
-    .venv/bin/python benchmarks/predictor_headroom.py --data sotu --prompts 384 --val-prompts 96 --predictors ...
+    .venv/bin/python research/predictor_headroom.py --predictors runs/mix-l2.5,runs/mix-l3.5
+    .venv/bin/python research/predictor_headroom.py --data sotu --prompts 384 --val-prompts 96 --predictors ...
 
 Reads the cached quality tables of `buddy train predictor` (computed on first use). `--data mix` (default) also
-reads the prompt mix's test split (`--test-prompts` items: the documents `buddy sweep --limit 100` evaluates and
-SOTU 2011-2021, never used in training or for choosing settings). For each trade-off lambda it prints, per table:
+reads the prompt mix's test split (`--test-prompts` items: the documents `buddy sweep --limit 100` evaluates,
+SOTU 2011-2021, the test files of `code` and `code_chat`, and the held-out domains `moby_dick` and `qasper`;
+never used in training or for choosing settings). For each trade-off lambda it prints, per table:
 - the oracle: each prompt takes its own best level (reward = quality - lambda * level): the mean level and
   quality (negative mean KL to the dense model, nats) it reaches;
 - (mix) the domain oracle: one level per domain, the best for that domain on the same table;
@@ -59,7 +60,7 @@ def main() -> None:
     ap.add_argument("--data", default="mix", choices=["mix", "sotu"])
     ap.add_argument("--prompts", type=int, default=PredictorTrainConfig.prompts)
     ap.add_argument("--val-prompts", type=int, default=PredictorTrainConfig.val_prompts)
-    ap.add_argument("--test-prompts", type=int, default=912, help="mix only: test items (48 per domain)")
+    ap.add_argument("--test-prompts", type=int, default=864, help="mix only: test items (48 per domain)")
     ap.add_argument("--dtype", default="auto", help="as `buddy train predictor --dtype` (tables are cached per dtype)")
     ap.add_argument("--tradeoffs", default="2.5,3.5,5,7")
     ap.add_argument("--predictors", default="", help="comma list of predictor directories")
@@ -130,7 +131,8 @@ def main() -> None:
     for d in args.predictors.split(","):
         pick, dom = picks[d, last]
         lv = levels[pick]
-        print(f"| {d} | " + " | ".join(f"{float(lv[dom == i].mean()):.2f}" for i in range(len(ALL_DOMAINS))) + " |")
+        print(f"| {d} | " + " | ".join(f"{float(lv[dom == i].mean()):.2f}" if (dom == i).any() else "-"
+                                        for i in range(len(ALL_DOMAINS))) + " |")
 
 
 if __name__ == "__main__":

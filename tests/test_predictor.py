@@ -145,6 +145,7 @@ def test_prompt_mix_has_the_routers_domains_and_keeps_the_held_out_ones_to_test(
         assert all(it.prompt[-1] == zlib.crc32(b"<assistant>") and 1 <= len(it.continuation) <= 8 for it in items)
     keys = {s: {tuple(it.prompt) for it in items} for s, items in chat.items()}
     assert not keys["train"] & keys["validation"] and not keys["train"] & keys["test"]
+    assert not keys["validation"] & keys["test"]
     assert mix_items(WordTokenizer(), "train", 4, domains=("chat",)) == []  # no chat template, no chat domain
 
 

@@ -61,7 +61,7 @@ class PredictorTrainConfig:
     beta: weight of the KL term to the reference (initial, uniform) policy.
     inner: policy updates per sampled batch.
     data: `mix` (the cross-domain prompt mix, buddy/prompt_mix.py) or `sotu` (State of the Union windows).
-    prompts: training items (mix: spread evenly over its 16 domains).
+    prompts: training items (mix: spread evenly over its 16 domains; 14 for a model without a chat template).
     val_prompts: validation items (mix: spread evenly over its 16 domains).
     prompt_len: prompt tokens the predictor sees.
     cont_len: continuation tokens whose quality is measured.
@@ -204,21 +204,35 @@ def item_table(engine, items, levels, quality: str = PredictorTrainConfig.qualit
     return torch.stack(feats), q
 
 
-PROMPT_BUCKETS = (*range(16, 128, 16), *range(128, 513, 32))
-CONT_BUCKETS = (4, 8, 12, 16, 24, 32)
+def bucket_length(n: int, prompt: bool) -> int:
+    """The bucket a length falls to: prompts to multiples of 16 below 128, of 32 below 512, then of 64;
+    continuations to multiples of 4 below 16, of 8 below 64, then of 16; shorter ones stay whole."""
+    steps = ((16, 1), (128, 16), (512, 32), (None, 64)) if prompt else ((4, 1), (16, 4), (64, 8), (None, 16))
+    for top, step in steps:
+        if top is None or n < top:
+            return n - n % step
+    return n
 
 
-def bucket_items(items: list) -> list:
-    """Items with their prompt cut from the left to a bucket length (multiples of 16 up to 128, then of 32) and
-    their continuation cut to one of 4, 8, 12, 16, 24, 32 tokens: far fewer distinct shapes, so `item_table`
-    batches them (a prompt's last tokens and a continuation's first ones are kept; shorter ones stay whole)."""
+def bucket_items(items: list, bos: int | None = None) -> list:
+    """Items with their prompt cut from the left to its bucket length and their continuation cut to its
+    (`bucket_length`): far fewer distinct shapes, so `item_table` batches them. A prompt's last tokens and a
+    continuation's first ones are kept, and a leading `bos` (for tokenizers that add one) stays first."""
     from ..prompt_mix import MixItem
 
-    def floor(n, buckets):
-        return max((b for b in buckets if b <= n), default=n)
+    out = []
+    for it in items:
+        head = 1 if bos is not None and it.prompt[:1] == [bos] else 0
+        keep = bucket_length(len(it.prompt) - head, prompt=True)
+        prompt = it.prompt[:head] + it.prompt[len(it.prompt) - keep:]
+        out.append(MixItem(it.domain, prompt, it.continuation[:bucket_length(len(it.continuation), prompt=False)]))
+    return out
 
-    return [MixItem(it.domain, it.prompt[len(it.prompt) - floor(len(it.prompt), PROMPT_BUCKETS):],
-                    it.continuation[:floor(len(it.continuation), CONT_BUCKETS)]) for it in items]
+
+def added_bos(tokenizer) -> int | None:
+    """The BOS id when the tokenizer puts one in front of every text, else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
 
 
 def cached_mix_table(engine, bb, cfg: PredictorTrainConfig, split: str, n: int, progress: bool = True):
@@ -228,7 +242,7 @@ def cached_mix_table(engine, bb, cfg: PredictorTrainConfig, split: str, n: int, 
 
     def compute():
         items = bucket_items(mix_items(bb.tokenizer, split, max(1, n // len(split_domains(split))), cfg.prompt_len,
-                                       cfg.cont_len))
+                                       cfg.cont_len), added_bos(bb.tokenizer))
         feats, q = item_table(engine, items, cfg.level_list, cfg.quality, progress, f"quality (mix {split})",
                               engine.kv_policy)
         return {"features": feats, "quality": q,

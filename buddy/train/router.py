@@ -83,7 +83,7 @@ class TrainConfig:
         always allowed); layer counts in between interpolate. The validation split is the one that also picks
         the checkpoint, so judge the result on test domains. Empty: weight 1 (the router as trained). Rerun
         with `--resume` and the same `--steps` to fit scales for a finished run; `--init` starts from weight 1.
-    scale_windows: fit the scales on this many validation windows per domain, every weight (the prior's and
+    scale_windows: fit the scales on this many validation windows (per domain for `mix`), every weight (the prior's and
         the router's as trained included) measured afresh on them; 0 = the checkpoint's own validation windows.
         More windows make the per-domain test less noisy (2 windows per domain decide on noise).
     """
@@ -157,6 +157,8 @@ class TrainConfig:
                 raise ConfigError(f"invalid {name} {getattr(self, name)}: must be >= 1")
         if self.scale_windows < 0:
             raise ConfigError(f"invalid scale_windows {self.scale_windows}: must be >= 0 (0 = the validation windows)")
+        if self.scale_windows and not self.scales:
+            raise ConfigError("scale_windows is for fitting scales: give scales too (e.g. --scales 0,0.5,1)")
 
     def k_range(self, n_layers: int) -> tuple[int, int]:
         lo, hi = (float(x) for x in self.budgets.split(":"))

@@ -143,7 +143,7 @@ def test_quality_tables_are_keyed_by_the_router_and_the_static_order():
 
 def test_bucket_items_keep_the_prompts_end_and_the_continuations_start():
     from buddy.prompt_mix import MixItem
-    from buddy.train.predictor import bucket_items
+    from buddy.train.predictor import bucket_items, bucket_length
 
     items = [MixItem("d", list(range(100)), list(range(1000, 1030))), MixItem("d", list(range(130)), [7, 8, 9]),
              MixItem("d", list(range(9)), list(range(1000, 1005)))]
@@ -151,3 +151,9 @@ def test_bucket_items_keep_the_prompts_end_and_the_continuations_start():
     assert a.prompt == list(range(4, 100)) and a.continuation == list(range(1000, 1024))  # 96 and 24 tokens
     assert b.prompt == list(range(2, 130)) and b.continuation == [7, 8, 9]  # 128; shorter than every bucket: whole
     assert c.prompt == list(range(9)) and c.continuation == list(range(1000, 1004))
+    # no cap: longer settings keep longer buckets
+    assert [bucket_length(n, True) for n in (15, 16, 127, 130, 511, 600)] == [15, 16, 112, 128, 480, 576]
+    assert [bucket_length(n, False) for n in (3, 7, 33, 64, 100)] == [3, 4, 32, 64, 96]
+    # a tokenizer's leading BOS stays first
+    (d,) = bucket_items([MixItem("d", [1, *range(10, 110)], [5] * 8)], bos=1)
+    assert d.prompt == [1, *range(14, 110)] and len(d.prompt) == 97

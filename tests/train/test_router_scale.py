@@ -143,7 +143,7 @@ def test_scales_fit_on_their_own_windows_measure_every_weight_afresh(tmp_path, m
     """With scale_windows the prior and every weight (1 included) are measured on the fit's own windows, and the
     choice follows them, not the checkpoint's validation."""
     bb = tiny_backbone("llama", n_layers=8)
-    tr = make(bb, tmp_path / "run", scale_windows=3)
+    tr = make(bb, tmp_path / "run")
     tr.run(progress=False)
     tr.best["step"] = 2
     tr.baseline = {"domains": {"a": {4: 3.0, 6: 2.0}}}
@@ -155,12 +155,15 @@ def test_scales_fit_on_their_own_windows_measure_every_weight_afresh(tmp_path, m
     def validate(use_router=True, module=None, windows=None):
         assert windows is own
         seen.append(None if not use_router else float(module.scale.max()))
-        return {"domains": {"a": {4: 3.0, 6: 2.0}} if not use_router else {"a": {4: 2.5, 6: 2.2}}}
+        return {"domains": {"a": {4: 2.4, 6: 2.3}} if not use_router else {"a": {4: 2.5, 6: 2.2}}}
 
     monkeypatch.setattr(tr, "validate", validate)
-    assert tr.fit_scales([0.0, 1.0], progress=False) == {4: 1.0, 6: 0.0}
+    # the checkpoint's validation would give {4: 1, 6: 1} and the stored baseline {4: 1, 6: 0}: the fresh one decides
+    assert tr.fit_scales([0.0, 1.0], progress=False) == {4: 0.0, 6: 1.0}
     assert seen == [None, 1.0]
     v = json.loads((tmp_path / "run" / "router.json").read_text())["validation"]["scale"]
     assert v["windows"] == {"a": 3}
     with pytest.raises(ConfigError, match="invalid scale_windows"):
-        TrainConfig(scale_windows=-1)
+        TrainConfig(scale_windows=-1, scales="0,1")
+    with pytest.raises(ConfigError, match="give scales too"):
+        TrainConfig(scale_windows=4)
