@@ -16,8 +16,10 @@ document with the same weights), with a 95% bootstrap interval over documents.
 
 Per-domain rows (`kl:<domain>` or `ppl:<domain>` tasks of the training mix, buddy/corpus.py) get a third
 table: for each domain, auto's mean KL to the dense model and its perplexity against fixed budgets at auto's
-measured mean layers on that domain, paired by window; and a pooled line over every window of every domain
-(bootstrap resampling windows within each domain):
+measured mean layers on that domain, paired by window; a pooled line over every window of every domain
+(bootstrap resampling windows within each domain); and a cross-domain line: auto on every window against one
+fixed budget for all of them, interpolated to auto's mean layers over all windows (what a single fixed budget
+gives at the same cost; this is where choosing per prompt across domains can gain):
 
     .venv/bin/buddy sweep --model smollm2 --methods dense,router --layers 15,19,23,26,auto --limit 16 \
         --tasks kl:sotu,kl:chat,kl:code,kl:moby_dick,kl:qasper --out runs/auto_domains.jsonl
@@ -181,7 +183,39 @@ def domain_table(mine: dict, pred, lam, bracket, boot) -> list[str]:
         ratio = "{:.3f} [{:.3f}, {:.3f}]".format(*(math.exp(v) for v in boot(pooled_nll, pooled)))
         lines.append(f"| {pred} | {lam} | **all {len(pooled_nll)} domains, pooled** | "
                      f"{sum(len(x) for x in pooled_nll)} | | | | {kl} | {ratio} |")
+        lines.append(cross_domain_row(mine, pred, lam, bracket, boot))
     return lines
+
+
+def cross_domain_row(mine: dict, pred, lam, bracket, boot) -> str:
+    """One row: auto over every window of every domain against ONE fixed budget for all of them, interpolated to
+    auto's mean layers over all windows (what a user of a single fixed budget gets at the same cost), paired by
+    window; the bootstrap resamples windows within each domain."""
+    tasks = [t for t in sorted(mine) if t.split(":")[0] in ("kl", "ppl") and ":" in t and "per_doc" in mine[t]]
+    n = {t: len(mine[t]["per_doc"]["nll"]) for t in tasks}
+    x = sum(mine[t]["layers_per_token"] * n[t] for t in tasks) / sum(n.values())
+    d_kl, d_nll, auto_kl, fixed_kl = [], [], [], []
+    for t in tasks:
+        pair = bracket(t, x)
+        if any("per_doc" not in f for _, f in pair):
+            return ""
+        r = mine[t]["per_doc"]
+        d_nll.append(np.asarray(r["nll"], float) - sum(w * np.asarray(f["per_doc"]["nll"], float) for w, f in pair))
+        if "kl" in r and all("kl" in f["per_doc"] for _, f in pair):
+            fixed = sum(w * np.asarray(f["per_doc"]["kl"], float) for w, f in pair)
+            d_kl.append(np.asarray(r["kl"], float) - fixed)
+            auto_kl.append(np.asarray(r["kl"], float))
+            fixed_kl.append(fixed)
+
+    def pooled(ds):
+        return float(np.concatenate(ds).mean())
+
+    kl = ["-", "-", "-"]
+    if len(d_kl) == len(d_nll):
+        kl = [f"{pooled(auto_kl):.4f}", f"{pooled(fixed_kl):.4f}", "{:+.4f} [{:+.4f}, {:+.4f}]".format(*boot(d_kl, pooled))]
+    ratio = "{:.3f} [{:.3f}, {:.3f}]".format(*(math.exp(v) for v in boot(d_nll, pooled)))
+    return (f"| {pred} | {lam} | **all {len(tasks)} domains, one fixed budget at auto's overall mean** | "
+            f"{sum(n.values())} | {x:.2f} | " + " | ".join(kl) + f" | {ratio} |")
 
 
 if __name__ == "__main__":

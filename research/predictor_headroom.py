@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--data", default="mix", choices=["mix", "sotu"])
     ap.add_argument("--prompts", type=int, default=PredictorTrainConfig.prompts)
     ap.add_argument("--val-prompts", type=int, default=PredictorTrainConfig.val_prompts)
-    ap.add_argument("--test-prompts", type=int, default=864, help="mix only: test items (48 per domain)")
+    ap.add_argument("--test-prompts", type=int, default=864, help="mix only: test items (48 per domain; 0: no test table)")
     ap.add_argument("--dtype", default="auto", help="as `buddy train predictor --dtype` (tables are cached per dtype)")
     ap.add_argument("--tradeoffs", default="2.5,3.5,5,7")
     ap.add_argument("--predictors", default="", help="comma list of predictor directories")
@@ -68,7 +68,7 @@ def main() -> None:
     engine = buddy.load(args.model, planner="router", dtype=args.dtype)
     cfg = PredictorTrainConfig(data=args.data, prompts=args.prompts, val_prompts=args.val_prompts)
     splits = {"train": args.prompts, "validation": args.val_prompts}
-    if args.data == "mix":
+    if args.data == "mix" and args.test_prompts > 0:
         splits["test"] = args.test_prompts
     tables = {name: split_table(engine, cfg, name, n) for name, n in splits.items()}
     levels = torch.tensor(cfg.level_list)

@@ -562,7 +562,9 @@ class RouterTrainer:
                     for a, r in sorted(results.items())},
             "rule": "per validated k, the lowest mean NLL among scales no worse than the prior (by more than "
                     f"{self.SAFE_TOLERANCE} nats) on any validation domain; interpolated between them",
-            "windows": {d: int(w.shape[0]) for d, w in (windows or self.val_windows).items()}}
+            "windows": {d: int(w.shape[0]) for d, w in (windows or self.val_windows).items()},
+            "worst_domain": {f"{a:g}": {str(k): max((round(math.exp(r[d][k] - base[d][k]), 4), d) for d in base)[::-1]
+                                        for k in ks} for a, r in sorted(results.items()) if a}}
         save_router(module, self.meta, self.out)
         if progress:
             tqdm.write("scales: " + " ".join(f"k={k}:{chosen[k]:g}" for k in ks))

@@ -163,6 +163,7 @@ def test_scales_fit_on_their_own_windows_measure_every_weight_afresh(tmp_path, m
     assert seen == [None, 1.0]
     v = json.loads((tmp_path / "run" / "router.json").read_text())["validation"]["scale"]
     assert v["windows"] == {"a": 3}
+    assert v["worst_domain"]["1"]["4"] == ["a", pytest.approx(2.718 ** 0.1, rel=1e-3)]
     with pytest.raises(ConfigError, match="invalid scale_windows"):
         TrainConfig(scale_windows=-1, scales="0,1")
     with pytest.raises(ConfigError, match="give scales too"):
