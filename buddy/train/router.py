@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -86,6 +87,10 @@ class TrainConfig:
     scale_windows: fit the scales on this many validation windows (per domain for `mix`), every weight (the prior's and
         the router's as trained included) measured afresh on them; 0 = the checkpoint's own validation windows.
         More windows make the per-domain test less noisy (2 windows per domain decide on noise).
+    scale_rule: when a weight counts as no worse than the prior on a domain: `strict` (its mean validation NLL is
+        at most 0.002 nats above the prior's) or `interval` (the 95% paired bootstrap interval over windows of its
+        NLL minus the prior's does not lie entirely above 0: only a significant loss rules it out; every weight
+        is then measured afresh, per window).
     """
 
     kv_policy: str = DEFAULT_KV_POLICY
@@ -115,6 +120,7 @@ class TrainConfig:
     teacher_cache: str = ""
     scales: str = ""
     scale_windows: int = 0
+    scale_rule: str = "strict"
 
     def __post_init__(self):
         if self.kv_policy not in KV_POLICIES:
@@ -157,6 +163,8 @@ class TrainConfig:
                 raise ConfigError(f"invalid {name} {getattr(self, name)}: must be >= 1")
         if self.scale_windows < 0:
             raise ConfigError(f"invalid scale_windows {self.scale_windows}: must be >= 0 (0 = the validation windows)")
+        if self.scale_rule not in ("strict", "interval"):
+            raise ConfigError(f"invalid scale_rule {self.scale_rule!r}: must be strict or interval")
         if self.scale_windows and not self.scales:
             raise ConfigError("scale_windows is for fitting scales: give scales too (e.g. --scales 0,0.5,1)")
 
@@ -196,9 +204,17 @@ def routed_train_forward(bb: Backbone, module: DecisionModule, prior: torch.Tens
     return bb.head(h), plan
 
 
+def significantly_worse(nll: list[float], prior_nll: list[float], resamples: int = 2000, seed: int = 0) -> bool:
+    """Whether the 95% paired bootstrap interval over windows of mean(nll - prior_nll) lies entirely above 0."""
+    d = np.asarray(nll, dtype=float) - np.asarray(prior_nll, dtype=float)
+    if len(d) < 2:
+        return bool(d.mean() > 0) if len(d) else False
+    idx = np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))
+    return bool(np.percentile(d[idx].mean(axis=1), 2.5) > 0)
+
+
 def interpolate(n: int, points: dict[int, float]) -> list[float]:
     """Values at 0..n: linear between the given (k, value) points, the nearest point's value outside them."""
-    import numpy as np
 
     ks = sorted(points)
     return [float(x) for x in np.interp(range(n + 1), ks, [points[k] for k in ks])]
@@ -400,20 +416,26 @@ class RouterTrainer:
             loss = loss + self.cfg.ce_weight * ce
         return loss, kl
 
-    def validate(self, use_router: bool = True, module: DecisionModule | None = None, windows: dict | None = None) -> dict:
+    def validate(self, use_router: bool = True, module: DecisionModule | None = None, windows: dict | None = None,
+                 per_window: bool = False) -> dict:
         """Validation NLL per domain and layer count; `nll` per k and `mean_nll` average the domains
-        (on the validation windows, or on `windows` {domain: [N, T]})."""
+        (on the validation windows, or on `windows` {domain: [N, T]}); `per_window` adds `window_nll`
+        {domain: {k: [each window's mean NLL]}}."""
         from ..engine import Engine
         from ..eval.ppl import evaluate_windows
 
         planner = RouterPlanner(module or self.module, self.prior, use_router=use_router)
         eng = Engine(self.bb, planner, self.cfg.kv_policy)
         ks = self.cfg.val_ks(self.bb.n_layers)
-        domains = {d: {k: evaluate_windows(eng, w, layers=k, batch_size=self.cfg.batch).nll for k in ks}
-                   for d, w in (windows or self.val_windows).items()}
+        runs = {d: {k: evaluate_windows(eng, w, layers=k, batch_size=self.cfg.batch, per_window=per_window)
+                    for k in ks} for d, w in (windows or self.val_windows).items()}
+        domains = {d: {k: r.nll for k, r in per.items()} for d, per in runs.items()}
         res = {k: sum(v[k] for v in domains.values()) / len(domains) for k in ks}
         self.module.train()
-        return {"nll": res, "mean_nll": sum(res.values()) / len(res), "domains": domains}
+        out = {"nll": res, "mean_nll": sum(res.values()) / len(res), "domains": domains}
+        if per_window:
+            out["window_nll"] = {d: {k: r.window_nll for k, r in per.items()} for d, per in runs.items()}
+        return out
 
     SAFE_TOLERANCE = 0.002  # nats of validation NLL: `select=safe` treats smaller losses as noise
 
@@ -437,7 +459,8 @@ class RouterTrainer:
     def settings(self) -> dict:
         """The settings a resumed run must share with the run it continues (all but the step count)."""
         return {k: v for k, v in asdict(self.cfg).items()
-                if k not in ("steps", "val_every", "save_every", "teacher_cache", "scales", "scale_windows")}
+                if k not in ("steps", "val_every", "save_every", "teacher_cache", "scales", "scale_windows",
+                             "scale_rule")}
 
     def load_state(self) -> bool:
         path = self.out / "state.pt"
@@ -538,14 +561,20 @@ class RouterTrainer:
         windows = self.scale_windows
         if windows is not None and not isinstance(windows, dict):
             windows = {"validation": windows}
-        base = self.baseline["domains"] if windows is None else self.validate(use_router=False, windows=windows)["domains"]
-        results = {0.0: base}
+        interval = self.cfg.scale_rule == "interval"  # needs per-window NLLs: every weight measured afresh
+        if windows is None and not interval:
+            base = self.baseline["domains"]
+        else:
+            v = self.validate(use_router=False, windows=windows, per_window=interval)
+            base, base_w = v["domains"], v.get("window_nll")
+        results, per_window = {0.0: base}, {}
         for a in sorted(set(candidates) - {0.0}):
-            if a == 1.0 and self.best["step"] > 0 and windows is None:  # the best checkpoint's own validation
+            if a == 1.0 and self.best["step"] > 0 and windows is None and not interval:  # the checkpoint's own
                 results[a] = self.best["domains"]
                 continue
             module.scale.fill_(a)
-            results[a] = self.validate(module=module, windows=windows)["domains"]
+            v = self.validate(module=module, windows=windows, per_window=interval)
+            results[a], per_window[a] = v["domains"], v.get("window_nll")
             if progress:
                 tqdm.write(f"scale {a:g}: val ppl " + " ".join(
                     f"k={k}:{math.exp(sum(results[a][d][k] for d in base) / len(base)):.2f}" for k in ks))
@@ -553,15 +582,23 @@ class RouterTrainer:
         for k in ks:
             def mean(a):
                 return sum(results[a][d][k] for d in base) / len(base)
-            safe = [a for a, r in results.items() if all(r[d][k] <= base[d][k] + self.SAFE_TOLERANCE for d in base)]
+            if interval:
+                safe = [0.0] + [a for a in per_window if not any(
+                    significantly_worse(per_window[a][d][k], base_w[d][k]) for d in base)]
+            else:
+                safe = [a for a, r in results.items()
+                        if all(r[d][k] <= base[d][k] + self.SAFE_TOLERANCE for d in base)]
             chosen[k] = min(safe, key=mean)
         module.scale.copy_(torch.tensor(interpolate(self.bb.n_layers, chosen)))
         self.meta.validation["scale"] = {
             "by_k": {str(k): chosen[k] for k in ks},
             "ppl": {f"{a:g}": {str(k): round(math.exp(sum(r[d][k] for d in base) / len(base)), 4) for k in ks}
                     for a, r in sorted(results.items())},
-            "rule": "per validated k, the lowest mean NLL among scales no worse than the prior (by more than "
-                    f"{self.SAFE_TOLERANCE} nats) on any validation domain; interpolated between them",
+            "rule": ("per validated k, the lowest mean NLL among scales not significantly worse than the prior on "
+                     "any validation domain (95% paired bootstrap interval over windows above 0); interpolated"
+                     if interval else
+                     "per validated k, the lowest mean NLL among scales no worse than the prior (by more than "
+                     f"{self.SAFE_TOLERANCE} nats) on any validation domain; interpolated between them"),
             "windows": {d: int(w.shape[0]) for d, w in (windows or self.val_windows).items()},
             "worst_domain": {f"{a:g}": {str(k): max((round(math.exp(r[d][k] - base[d][k]), 4), d) for d in base)[::-1]
                                         for k in ks} for a, r in sorted(results.items()) if a}}

@@ -152,7 +152,7 @@ def test_scales_fit_on_their_own_windows_measure_every_weight_afresh(tmp_path, m
     tr.scale_windows = own
     seen = []
 
-    def validate(use_router=True, module=None, windows=None):
+    def validate(use_router=True, module=None, windows=None, per_window=False):
         assert windows is own
         seen.append(None if not use_router else float(module.scale.max()))
         return {"domains": {"a": {4: 2.4, 6: 2.3}} if not use_router else {"a": {4: 2.5, 6: 2.2}}}
@@ -168,3 +168,34 @@ def test_scales_fit_on_their_own_windows_measure_every_weight_afresh(tmp_path, m
         TrainConfig(scale_windows=-1, scales="0,1")
     with pytest.raises(ConfigError, match="give scales too"):
         TrainConfig(scale_windows=4)
+
+
+def test_interval_rule_drops_a_weight_only_for_a_significant_loss(tmp_path, monkeypatch):
+    """scale_rule=interval: a weight that loses on one window of a domain but not reliably stays allowed; one
+    that loses on every window of a domain is ruled out, and every weight is measured per window."""
+    from buddy.train.router import significantly_worse
+
+    assert significantly_worse([1.1, 1.2, 1.1, 1.3], [1.0, 1.0, 1.0, 1.0])
+    assert not significantly_worse([1.5, 0.8, 0.9, 0.9], [1.0, 1.0, 1.0, 1.0])
+    bb = tiny_backbone("llama", n_layers=8)
+    tr = make(bb, tmp_path / "run")
+    tr.run(progress=False)
+    tr.cfg.scale_rule = "interval"
+    prior = {"a": [2.0, 2.0, 2.0, 2.0], "b": [2.0, 2.0, 2.0, 2.0]}
+    router = {"a": [1.0, 1.0, 1.0, 1.0], "b": [2.6, 1.9, 1.9, 1.9]}  # b: one bad window, mean 2.075 > 2.0
+    calls = []
+
+    def validate(use_router=True, module=None, windows=None, per_window=False):
+        assert per_window
+        calls.append(use_router)
+        w = prior if not use_router else router
+        return {"domains": {d: {k: sum(x) / 4 for k in (4, 6)} for d, x in w.items()},
+                "window_nll": {d: {k: x for k in (4, 6)} for d, x in w.items()}}
+
+    monkeypatch.setattr(tr, "validate", validate)
+    assert tr.fit_scales([0.0, 1.0], progress=False) == {4: 1.0, 6: 1.0}  # strict would keep 0 (b is worse)
+    assert calls == [False, True]  # the prior and weight 1 measured afresh, per window
+    router["b"] = [2.2, 2.1, 2.2, 2.3]  # worse on every window of b: ruled out
+    assert tr.fit_scales([0.0, 1.0], progress=False) == {4: 0.0, 6: 0.0}
+    with pytest.raises(ConfigError, match="invalid scale_rule"):
+        TrainConfig(scale_rule="loose")
