@@ -342,6 +342,8 @@ def test_auto_vs_fixed_judges_auto_per_domain_and_pooled(tmp_path):
                          cwd=Path(__file__).resolve().parents[2], timeout=120)
     assert out.returncode == 0, out.stderr
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("| p | 1.0 |")]
-    assert [ln.split(" | ")[2] for ln in lines] == ["moby_dick", "sotu", "**all 2 domains, pooled**"]
+    assert [ln.split(" | ")[2] for ln in lines] == [
+        "moby_dick", "sotu", "**all 2 domains, pooled**", "**all 2 domains, one fixed budget at auto's overall mean**"]
     for ln in lines:
         assert "-0.1000 [-0.1000, -0.1000]" in ln and "1.000 [1.000, 1.000]" in ln
+    assert lines[-1].split(" | ")[4] == "17.00"  # the cross-domain line names auto's overall mean layers
