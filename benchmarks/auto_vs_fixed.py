@@ -183,7 +183,9 @@ def domain_table(mine: dict, pred, lam, bracket, boot) -> list[str]:
         ratio = "{:.3f} [{:.3f}, {:.3f}]".format(*(math.exp(v) for v in boot(pooled_nll, pooled)))
         lines.append(f"| {pred} | {lam} | **all {len(pooled_nll)} domains, pooled** | "
                      f"{sum(len(x) for x in pooled_nll)} | | | | {kl} | {ratio} |")
-        lines.append(cross_domain_row(mine, pred, lam, bracket, boot))
+        cross = cross_domain_row(mine, pred, lam, bracket, boot)
+        if cross:  # every domain has per-window fixed rows at auto's overall mean
+            lines.append(cross)
     return lines
 
 

@@ -204,18 +204,22 @@ def routed_train_forward(bb: Backbone, module: DecisionModule, prior: torch.Tens
     return bb.head(h), plan
 
 
-def significantly_worse(nll: list[float], prior_nll: list[float], resamples: int = 2000, seed: int = 0) -> bool:
+def significantly_worse(nll: list[float], prior_nll: list[float]) -> bool:
     """Whether the 95% paired bootstrap interval over windows of mean(nll - prior_nll) lies entirely above 0."""
+    from ..eval.stats import paired_bootstrap
+
     d = np.asarray(nll, dtype=float) - np.asarray(prior_nll, dtype=float)
-    if len(d) < 2:
-        return bool(d.mean() > 0) if len(d) else False
-    idx = np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))
-    return bool(np.percentile(d[idx].mean(axis=1), 2.5) > 0)
+    return d.size > 0 and paired_bootstrap(d)[1] > 0
+
+
+def worst_domain(nll: dict, prior: dict, k: int) -> list:
+    """[domain, perplexity ratio to the prior] of the domain where {domain: {k: NLL}} loses most at k."""
+    d = max(prior, key=lambda d: nll[d][k] - prior[d][k])
+    return [d, round(math.exp(nll[d][k] - prior[d][k]), 4)]
 
 
 def interpolate(n: int, points: dict[int, float]) -> list[float]:
     """Values at 0..n: linear between the given (k, value) points, the nearest point's value outside them."""
-
     ks = sorted(points)
     return [float(x) for x in np.interp(range(n + 1), ks, [points[k] for k in ks])]
 
@@ -600,8 +604,8 @@ class RouterTrainer:
                      "per validated k, the lowest mean NLL among scales no worse than the prior (by more than "
                      f"{self.SAFE_TOLERANCE} nats) on any validation domain; interpolated between them"),
             "windows": {d: int(w.shape[0]) for d, w in (windows or self.val_windows).items()},
-            "worst_domain": {f"{a:g}": {str(k): max((round(math.exp(r[d][k] - base[d][k]), 4), d) for d in base)[::-1]
-                                        for k in ks} for a, r in sorted(results.items()) if a}}
+            "worst_domain": {f"{a:g}": {str(k): worst_domain(r, base, k) for k in ks}
+                             for a, r in sorted(results.items()) if a}}
         save_router(module, self.meta, self.out)
         if progress:
             tqdm.write("scales: " + " ".join(f"k={k}:{chosen[k]:g}" for k in ks))
