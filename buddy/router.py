@@ -38,6 +38,10 @@ class RouterConfig:
     gate: a second head on the same hidden layer: per token and budget, whether the router's plan is
         expected to beat the prior's plan; where it is not, the token runs the prior's plan (trained after
         the scores, with `buddy train router --estimator gate --init DIR`).
+    standardize: subtract each input feature's mean and divide by its standard deviation, both measured over
+        training tokens (`fit_standardization`), before the LayerNorms. Without it a feature that is nearly
+        constant across tokens hides the part that varies: Qwen2.5's pooled layer-0 K/V (large key biases) vary
+        across tokens by 0.05% of their energy, SmolLM2's by 4% (`research/router_inputs.py`).
     """
 
     n_layers: int
@@ -47,6 +51,7 @@ class RouterConfig:
     budget_features: int = 8
     budget_onehot: bool = False
     gate: bool = False
+    standardize: bool = False
 
 
 class DecisionModule(nn.Module):
@@ -62,6 +67,10 @@ class DecisionModule(nn.Module):
         nn.init.zeros_(self.fc2.bias)
         if cfg.gate:
             self.fc_gate = nn.Linear(cfg.width, 1)
+        if cfg.standardize:  # identity until fit_standardization (or loading) sets them
+            for name, dim in (("kv", cfg.kv_dim), ("h", cfg.hidden_dim)):
+                self.register_buffer(f"mu_{name}", torch.zeros(dim))
+                self.register_buffer(f"sd_{name}", torch.ones(dim))
         self.register_buffer("freqs", math.pi * torch.arange(1, cfg.budget_features + 1, dtype=torch.float32))
         # per layer count k: the weight of the router's scores against the prior's at inference (`heads`); 1 as
         # trained, fitted on validation by `buddy train router --scales` (0 = the prior's plan)
@@ -71,6 +80,16 @@ class DecisionModule(nn.Module):
     def _scale_default(self, state_dict, prefix, *args, **kwargs):
         """Routers (and training states) written before the scale existed load with scale 1."""
         state_dict.setdefault(prefix + "scale", torch.ones_like(self.scale))
+
+    @torch.no_grad()
+    def fit_standardization(self, kv0_mean: torch.Tensor, h0: torch.Tensor) -> None:
+        """Set the per-feature means and standard deviations from [..., kv_dim] and [..., hidden] samples."""
+        if not self.cfg.standardize:
+            raise ValueError("this Decision Module was built without standardize")
+        for name, x in (("kv", kv0_mean), ("h", h0)):
+            x = x.reshape(-1, x.shape[-1]).double()
+            getattr(self, f"mu_{name}").copy_(x.mean(0))
+            getattr(self, f"sd_{name}").copy_(x.std(0).clamp_min(1e-6))
 
     def budget_encoding(self, frac: torch.Tensor) -> torch.Tensor:
         """[B] fractions k/L in (0, 1] -> [B, 2F+1 (+ L+1 one-hot of k)]."""
@@ -87,6 +106,9 @@ class DecisionModule(nn.Module):
         B, T = h0.shape[:2]
         dtype = self.fc1.weight.dtype
         b = self.budget_encoding(frac)[:, None].expand(B, T, -1)
+        if self.cfg.standardize:
+            kv0_mean = (kv0_mean.to(self.mu_kv.dtype) - self.mu_kv) / self.sd_kv
+            h0 = (h0.to(self.mu_h.dtype) - self.mu_h) / self.sd_h
         x = torch.cat([self.norm_kv(kv0_mean.to(dtype)), self.norm_h(h0.to(dtype)), b.to(dtype)], dim=-1)
         return nn.functional.gelu(self.fc1(x))
 

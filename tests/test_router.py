@@ -179,3 +179,36 @@ def test_gate_chooses_per_token_between_router_and_prior_plans():
     assert per_token.all()
 
 
+
+
+def test_standardize_reads_the_varying_part_of_a_near_constant_feature_and_round_trips(tmp_path):
+    bb = tiny_backbone("llama", n_layers=8)
+    kv_dim = 2 * bb.shapes.n_kv_heads * bb.shapes.head_dim
+    cfg = dict(n_layers=8, kv_dim=kv_dim, hidden_dim=bb.shapes.hidden, width=16)
+    torch.manual_seed(0)
+    std = DecisionModule(RouterConfig(**cfg, standardize=True))
+    torch.nn.init.normal_(std.fc2.weight)
+    plain = DecisionModule(RouterConfig(**cfg))
+    plain.load_state_dict(std.state_dict(), strict=False)  # same weights, no standardization
+    # a feature that is a large constant (a bias) plus a small part that varies by token
+    bias_kv, bias_h = 100 * torch.randn(kv_dim), 50 * torch.randn(bb.shapes.hidden)
+    kv, h = bias_kv + 0.01 * torch.randn(2, 64, kv_dim), bias_h + 0.01 * torch.randn(2, 64, bb.shapes.hidden)
+    with pytest.raises(ValueError, match="without standardize"):
+        plain.fit_standardization(kv, h)
+    assert torch.equal(std.forward(kv, h, torch.full((2,), 0.5)), plain.forward(kv, h, torch.full((2,), 0.5)))
+    std.fit_standardization(kv, h)
+    assert torch.allclose(std.mu_kv, kv.reshape(-1, kv_dim).mean(0), atol=1e-4)
+    frac = torch.full((2,), 0.5)
+    # standardized: the module reads exactly what the plain one reads from standardized inputs
+    z_kv = (kv - std.mu_kv) / std.sd_kv
+    z_h = (h - std.mu_h) / std.sd_h
+    assert torch.allclose(std.forward(kv, h, frac), plain.forward(z_kv, z_h, frac), atol=1e-5)
+    # the plain module barely tells the tokens apart; the standardized one does
+    spread = lambda s: s.std(dim=(0, 1)).mean().item()  # noqa: E731
+    assert spread(std.forward(kv, h, frac)) > 20 * spread(plain.forward(kv, h, frac))
+    meta = RouterMeta(model="tiny", checksum="c0ffee", n_layers=8, kv_policy="fill", budgets=(0.5, 1.0),
+                      prior="static-greedy", prior_order=list(range(1, 7)), config=vars(std.cfg))
+    save_router(std, meta, tmp_path / "r")
+    loaded, _ = load_router(tmp_path / "r", checksum="c0ffee", n_layers=8)
+    assert loaded.cfg.standardize and torch.equal(loaded.mu_h, std.mu_h) and torch.equal(loaded.sd_kv, std.sd_kv)
+    assert torch.equal(loaded.forward(kv, h, frac), std.forward(kv, h, frac))

@@ -21,7 +21,7 @@ from buddy.allocation import (  # noqa: E402
     fit_mu_table,
 )
 from buddy.backbone import load_backbone  # noqa: E402
-from buddy.engine import Engine  # noqa: E402
+from buddy.engine import Engine, router_features  # noqa: E402
 from buddy.export import export_vllm  # noqa: E402
 from buddy.predictor import BudgetPredictor, PredictorConfig  # noqa: E402
 from buddy.router import (  # noqa: E402
@@ -51,10 +51,12 @@ def family_reference(out: Path, family: str) -> list[dict]:
                                 num_attention_heads=2, num_key_value_heads=1)  # head_dim 64: vLLM's CPU kernels
     bb = load_backbone(str(ckpt), "cpu", "float32")
     cfg = RouterConfig(n_layers=L, kv_dim=2 * bb.shapes.n_kv_heads * bb.shapes.head_dim, hidden_dim=bb.shapes.hidden,
-                       width=16)
+                       width=16, standardize=family == "qwen2")
     torch.manual_seed(0)
     module = DecisionModule(cfg)
     torch.nn.init.normal_(module.fc2.weight, std=1.0)  # a router whose plans differ by token
+    if cfg.standardize:  # its input statistics reach vLLM through the export
+        module.fit_standardization(*router_features(bb, torch.tensor([PROMPTS[0]]), "fill"))
     module.scale[4], module.scale[5] = 0.5, 0.0  # fitted per-k weights (`--scales`) reach vLLM through the export
     meta = RouterMeta(model=bb.name, checksum=bb.checksum, n_layers=L, kv_policy="fill", budgets=(0.5, 0.9),
                       prior="static-greedy", prior_order=[3, 1, 5, 2, 6, 4], config=vars(cfg), steps=1)

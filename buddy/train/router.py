@@ -52,6 +52,9 @@ class TrainConfig:
     tau: temperature of the straight-through sigmoid around the top-k threshold.
     ce_weight: weight of the LM cross-entropy added to the KL loss.
     width: hidden width of the Decision Module.
+    standardize: standardize the Decision Module's inputs per feature, with means and deviations measured
+        on `standardize_windows` training windows before the first step (buddy/router.py, RouterConfig).
+    standardize_windows: training windows (evenly spaced) that measure the standardization.
     budget_onehot: give the Decision Module a one-hot encoding of k besides the Fourier features.
     data: training text: `mix` (the cross-domain mix of buddy/corpus.py; validation is the mean over its
         domains), `sotu` (SOTU training years; validation on SOTU 2001-2010), or your own UTF-8 `.txt` file
@@ -102,6 +105,8 @@ class TrainConfig:
     tau: float = 1.0
     ce_weight: float = 0.0
     width: int = 256
+    standardize: bool = False
+    standardize_windows: int = 64
     budget_onehot: bool = True
     data: str = "mix"
     train_per_domain: int = 1000
@@ -292,7 +297,8 @@ class RouterTrainer:
         torch.manual_seed(cfg.seed)
         rcfg = RouterConfig(n_layers=bb.n_layers, kv_dim=2 * bb.shapes.n_kv_heads * bb.shapes.head_dim,
                             hidden_dim=bb.shapes.hidden, width=cfg.width,
-                            budget_onehot=cfg.budget_onehot, gate=cfg.estimator == "gate")
+                            budget_onehot=cfg.budget_onehot, gate=cfg.estimator == "gate",
+                            standardize=cfg.standardize)
         self.init_meta = None
         if cfg.init:  # start from a trained router (its shape and prior win over the settings above)
             from ..router import load_router
@@ -306,6 +312,8 @@ class RouterTrainer:
         if cfg.init:
             self.module.load_state_dict(init.state_dict(), strict=False)
             self.module.scale.fill_(1.0)  # a fitted weight belongs to the weights it was fitted for
+        elif rcfg.standardize:  # every process measures the same windows; a resumed run loads its own
+            self.fit_standardization(train_windows, cfg.standardize_windows)
         if rcfg.gate and cfg.estimator == "gate":  # only the gate trains; it starts closed (= the prior's plan)
             for name, p in self.module.named_parameters():
                 p.requires_grad_(name.startswith("fc_gate"))
@@ -341,6 +349,16 @@ class RouterTrainer:
                                budgets=tuple(float(x) for x in cfg.budgets.split(":")), prior=cfg.prior,
                                prior_order=list(order), config=asdict(rcfg), command=command, data=data,
                                git_commit=git_commit(), calibration=cfg.calibration)
+
+    def fit_standardization(self, windows: torch.Tensor, n: int) -> None:
+        """The Decision Module's input statistics from n evenly spaced training windows (layer 0 only)."""
+        idx = torch.linspace(0, len(windows) - 1, min(n, len(windows))).round().long()
+        kv, h = [], []
+        for chunk in idx.split(8):
+            kv0, h0 = router_features(self.bb, windows[chunk].to(self.bb.device), self.cfg.kv_policy)
+            kv.append(kv0.float().cpu())
+            h.append(h0.float().cpu())
+        self.module.fit_standardization(torch.cat(kv), torch.cat(h))
 
     # --- deterministic data and budgets per step (so a resumed run repeats exactly) ----------------------
     def shard(self) -> slice:

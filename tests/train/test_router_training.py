@@ -77,6 +77,30 @@ def test_training_resumes_to_the_same_result(tmp_path):
         other.load_state()
 
 
+def test_standardize_measures_the_inputs_on_training_windows_and_resumes_with_them(tmp_path):
+    from buddy.engine import router_features
+
+    bb = tiny_backbone("llama", n_layers=8)
+    t = make_trainer(bb, tmp_path / "z", 2)
+    assert not t.module.cfg.standardize
+    t.cfg.standardize, t.cfg.standardize_windows = True, 4
+    t = RouterTrainer(bb, t.cfg, list(range(1, 7)), t.train_windows, t.val_windows["validation"], tmp_path / "z",
+                      command="test", data="random")
+    idx = torch.linspace(0, len(t.train_windows) - 1, 4).round().long()  # evenly spaced
+    kv0, h0 = router_features(bb, t.train_windows[idx], "fill")
+    assert torch.allclose(t.module.mu_kv, kv0.reshape(-1, kv0.shape[-1]).mean(0), atol=1e-5)
+    assert torch.allclose(t.module.sd_h, h0.reshape(-1, h0.shape[-1]).std(0), atol=1e-5)
+    t.run(progress=False)
+    meta = json.loads((tmp_path / "z" / "router.json").read_text())
+    assert meta["config"]["standardize"] is True
+    loaded, _ = load_router(tmp_path / "z", n_layers=8)
+    assert torch.equal(loaded.mu_kv, t.module.mu_kv)
+    resumed = RouterTrainer(bb, t.cfg, list(range(1, 7)), t.train_windows, t.val_windows["validation"],
+                            tmp_path / "z", command="test", data="random")
+    resumed.module.mu_kv.zero_()
+    assert resumed.load_state() and torch.equal(resumed.module.mu_kv, t.module.mu_kv)
+
+
 def test_swap_plans_keep_exact_k_and_swap_near_the_threshold():
     from buddy.train.router import swap_plans
 
