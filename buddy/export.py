@@ -133,10 +133,12 @@ def export_vllm(bb, module, meta, out: str | Path, default_layers: int, command:
         cfg["buddy"]["depth"] = {**asdict(depth.cfg), "levels": list(depth.cfg.levels)}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     index = out / "model.safetensors.index.json"
-    state = {f"buddy_router.{k}": v.detach().to(bb.dtype).contiguous() for k, v in module.state_dict().items()}
-    for name, extra in (("buddy_predictor", predictor), ("buddy_depth", depth)):  # float32: they pick depths
-        if extra is not None:
-            state.update({f"{name}.{k}": v.detach().float().contiguous() for k, v in extra.state_dict().items()})
+    # float32 whatever the model's dtype: these pick layers and depths (and a standardized router's input means,
+    # e.g. 145 for Qwen2.5's pooled keys, would lose the variation it reads in bfloat16)
+    state = {}
+    for name, part in (("buddy_router", module), ("buddy_predictor", predictor), ("buddy_depth", depth)):
+        if part is not None:
+            state.update({f"{name}.{k}": v.detach().float().contiguous() for k, v in part.state_dict().items()})
     save_file(state, out / "buddy_router.safetensors", metadata={"format": "pt"})
     if index.is_file():  # vLLM reads only the files an index lists: add the router's tensors to it
         idx = json.loads(index.read_text())

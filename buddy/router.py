@@ -89,7 +89,10 @@ class DecisionModule(nn.Module):
         for name, x in (("kv", kv0_mean), ("h", h0)):
             x = x.reshape(-1, x.shape[-1]).double()
             getattr(self, f"mu_{name}").copy_(x.mean(0))
-            getattr(self, f"sd_{name}").copy_(x.std(0).clamp_min(1e-6))
+            sd = x.std(0)
+            # floored relative to the feature's typical deviation, so a dimension constant in training cannot
+            # turn a small drift at inference into a huge input
+            getattr(self, f"sd_{name}").copy_(sd.clamp_min(1e-3 * float(sd.mean()) + 1e-12))
 
     def budget_encoding(self, frac: torch.Tensor) -> torch.Tensor:
         """[B] fractions k/L in (0, 1] -> [B, 2F+1 (+ L+1 one-hot of k)]."""

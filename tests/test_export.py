@@ -136,3 +136,27 @@ def test_vllm_export_holds_the_model_router_and_budget_settings(tiny_ckpt, tmp_p
     capsys.readouterr()
     with pytest.raises(SystemExit):  # vLLM's attention kernel has no per-position mask
         main(base + ["--kv-policy", "mask", "--out", str(tmp_path / "x")])
+
+
+def test_vllm_export_keeps_the_router_float32_in_a_bfloat16_model(tiny_ckpt, tmp_path):
+    """A standardized router's input means (145 for Qwen2.5's pooled keys) would lose in bfloat16 the variation
+    the router reads, and its top-k would differ from Buddy's float32 engine: the export keeps float32."""
+    import torch
+    from safetensors.torch import load_file
+
+    from buddy.backbone import load_backbone
+    from buddy.cli import main
+    from buddy.router import DecisionModule, RouterConfig, RouterMeta, save_router
+
+    bb = load_backbone(str(tiny_ckpt), "cpu", "float32")
+    cfg = RouterConfig(n_layers=6, kv_dim=64, hidden_dim=64, width=8, standardize=True)
+    module = DecisionModule(cfg)
+    module.fit_standardization(145 + 0.05 * torch.randn(100, 64), torch.randn(100, 64))
+    meta = RouterMeta(model="tiny", checksum=bb.checksum, n_layers=6, kv_policy="fill", budgets=(0.5, 0.9),
+                      prior="static-greedy", prior_order=[3, 1, 4, 2], config=vars(cfg))
+    save_router(module, meta, tmp_path / "router")
+    assert main(["export", "--format", "vllm", "--model", str(tiny_ckpt), "--dtype", "bfloat16", "--router",
+                 str(tmp_path / "router"), "--out", str(tmp_path / "v")]) == 0
+    w = load_file(tmp_path / "v" / "buddy_router.safetensors")
+    assert all(v.dtype == torch.float32 for v in w.values())
+    assert torch.equal(w["buddy_router.mu_kv"], module.mu_kv) and torch.equal(w["buddy_router.sd_kv"], module.sd_kv)

@@ -179,8 +179,6 @@ def test_gate_chooses_per_token_between_router_and_prior_plans():
     assert per_token.all()
 
 
-
-
 def test_standardize_reads_the_varying_part_of_a_near_constant_feature_and_round_trips(tmp_path):
     bb = tiny_backbone("llama", n_layers=8)
     kv_dim = 2 * bb.shapes.n_kv_heads * bb.shapes.head_dim

@@ -163,7 +163,7 @@ class TrainConfig:
         if self.data not in ("mix", "sotu") and not self.data.endswith(".txt"):
             raise ConfigError(f"invalid data {self.data!r}: must be mix, sotu or a UTF-8 .txt file of your own")
         for name in ("steps", "batch", "seq_len", "val_every", "save_every", "val_windows", "width", "band",
-                     "train_per_domain"):
+                     "train_per_domain", "standardize_windows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"invalid {name} {getattr(self, name)}: must be >= 1")
         if self.scale_windows < 0:
@@ -307,6 +307,9 @@ class RouterTrainer:
             if list(self.init_meta.prior_order) != list(order):
                 raise ConfigError(f"router {cfg.init} was trained with another prior order than calibration "
                                   f"{cfg.calibration!r} gives: pass the calibration it was trained with")
+            if cfg.standardize and not init.cfg.standardize:
+                raise ConfigError(f"router {cfg.init} was trained without --standardize; its weights read raw "
+                                  "inputs: drop --standardize, or train from scratch")
             rcfg = RouterConfig(**{**asdict(init.cfg), "gate": rcfg.gate or init.cfg.gate})
         self.module = DecisionModule(rcfg).to(bb.device)
         if cfg.init:
@@ -489,7 +492,10 @@ class RouterTrainer:
         if not path.is_file():
             return False
         state = load_state(path, self.bb.device)
-        check_resume(path, state.get("settings"), self.settings())
+        saved = state.get("settings")
+        if saved is not None:  # states written before --standardize existed trained without it
+            saved = {"standardize": False, **saved}
+        check_resume(path, saved, self.settings())
         self.module.load_state_dict(state["module"])
         self.opt.load_state_dict(state["opt"])
         self.step, self.history = state["step"], state["history"]

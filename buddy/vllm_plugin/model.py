@@ -61,9 +61,9 @@ class _Buddy:
         self.n_layers = hf.num_hidden_layers
         self.kv_policy = b["kv_policy"]
         self.default_k = int(b["default_layers"])
-        self.buddy_router = DecisionModule(RouterConfig(**b["router"]))
-        # float32 from the start (vLLM builds modules in the model's dtype): the weights load unrounded and the
-        # argmax runs as in Buddy's engine
+        # float32 from the start (vLLM builds modules in the model's dtype): the weights (float32 in the export) load
+        # unrounded and the top-k and argmax run as in Buddy's engine
+        self.buddy_router = DecisionModule(RouterConfig(**b["router"])).float()
         self.buddy_predictor = BudgetPredictor(PredictorConfig(**b["predictor"])).float() if b.get("predictor") else None
         self.register_buffer("buddy_prior", prior_scores(b["prior_order"], self.n_layers), persistent=False)
         BuddyBatchState.n_layers, BuddyBatchState.default_k = self.n_layers, self.default_k

@@ -101,6 +101,24 @@ def test_standardize_measures_the_inputs_on_training_windows_and_resumes_with_th
     assert resumed.load_state() and torch.equal(resumed.module.mu_kv, t.module.mu_kv)
 
 
+def test_standardize_is_refused_where_it_cannot_hold(tmp_path):
+    bb = tiny_backbone("llama", n_layers=8)
+    t = make_trainer(bb, tmp_path / "raw", 2)
+    t.run(progress=False)  # a router trained on raw inputs, and its state
+    with pytest.raises(ConfigError, match="standardize_windows 0"):
+        TrainConfig(standardize=True, standardize_windows=0)
+    cfg = TrainConfig(**{**vars(t.cfg), "standardize": True, "init": str(tmp_path / "raw")})
+    with pytest.raises(ConfigError, match="without --standardize"):
+        RouterTrainer(bb, cfg, list(range(1, 7)), t.train_windows, t.val_windows["validation"], tmp_path / "x")
+    cfg = TrainConfig(**{**vars(t.cfg), "standardize": True})
+    resumed = RouterTrainer(bb, cfg, list(range(1, 7)), t.train_windows, t.val_windows["validation"], tmp_path / "raw")
+    state = torch.load(tmp_path / "raw" / "state.pt", weights_only=True)
+    del state["settings"]["standardize"]  # a state written before the option existed
+    torch.save(state, tmp_path / "raw" / "state.pt")
+    with pytest.raises(ConfigError, match=r"standardize False \(now True\)"):
+        resumed.load_state()
+
+
 def test_swap_plans_keep_exact_k_and_swap_near_the_threshold():
     from buddy.train.router import swap_plans
 
