@@ -41,7 +41,7 @@ class RouterConfig:
     standardize: subtract each input feature's mean and divide by its standard deviation, both measured over
         training tokens (`fit_standardization`), before the LayerNorms. Without it a feature that is nearly
         constant across tokens hides the part that varies: Qwen2.5's pooled layer-0 K/V (large key biases) vary
-        across tokens by 0.05% of their energy, SmolLM2's by 4% (`research/router_inputs.py`).
+        across tokens by 0.07% of their energy, SmolLM2's by 4% (`research/router_inputs.py`).
     """
 
     n_layers: int
