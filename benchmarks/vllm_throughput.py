@@ -9,9 +9,11 @@ Runs in vLLM's environment (`make setup-vllm`). Each model runs in its own proce
 one engine per process): vLLM dense on the plain checkpoint, then the Buddy export at budgets 1.0, 0.75,
 0.5 and mixed (0.5 / 0.75 / 1.0 cycling over the requests). At concurrency c it submits c requests at once
 (greedy, `ignore_eos`, `--max-tokens` each; at c = 1 four requests in turn) and counts generated tokens per
-second of wall time. `--buddy-server` adds Buddy's own server at the largest concurrency, through
-benchmarks/serve_load.py in the main environment. Ratios are to vLLM dense at the same concurrency. The
-last line is JSON.
+second of wall time; each cell is timed `--repeats` times and reports the median (single runs on a
+2-core machine vary by several percent). `--buddy-server` adds Buddy's own server at the largest concurrency
+and budgets 1.0, 0.75 and 0.5, through benchmarks/serve_load.py in the main environment (the same repeats).
+Ratios are to vLLM dense at the same concurrency, and for Buddy in vLLM at the largest concurrency also to
+Buddy's own server at the same budget. The last line is JSON.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -31,7 +34,8 @@ SETTINGS = {"1.0": [{"budget": 1.0}], "0.75": [{"budget": 0.75}], "0.5": [{"budg
             "mixed": [{"budget": 0.5}, {"budget": 0.75}, {"budget": 1.0}]}
 
 
-def run_model(model: str, settings: list[str], concurrency: list[int], max_tokens: int, dtype: str) -> list[dict]:
+def run_model(model: str, settings: list[str], concurrency: list[int], max_tokens: int, dtype: str,
+              repeats: int = 1) -> list[dict]:
     """In this process: load `model` once and time every (setting, concurrency) cell."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     from vllm import LLM, SamplingParams
@@ -46,24 +50,27 @@ def run_model(model: str, settings: list[str], concurrency: list[int], max_token
                                      extra_args=extra[i % len(extra)]) for i in range(n)]
             prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
             llm.generate(prompts[:1], params[:1], use_tqdm=False)  # warm-up
-            t0 = time.perf_counter()
-            if c == 1:
-                outs = [o for i in range(n) for o in llm.generate([prompts[i]], [params[i]], use_tqdm=False)]
-            else:
-                outs = llm.generate(prompts, params, use_tqdm=False)
-            wall = time.perf_counter() - t0
-            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            runs = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                if c == 1:
+                    outs = [o for i in range(n) for o in llm.generate([prompts[i]], [params[i]], use_tqdm=False)]
+                else:
+                    outs = llm.generate(prompts, params, use_tqdm=False)
+                wall = time.perf_counter() - t0
+                tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+                runs.append(tokens / wall)
             rows.append({"impl": "vllm dense" if setting == "dense" else "buddy in vllm", "setting": setting,
-                         "concurrency": c, "requests": n, "tokens": tokens, "wall_s": wall,
-                         "tok_s": tokens / wall})
-            print(f"{setting} c={c}: {tokens / wall:.1f} tok/s", file=sys.stderr, flush=True)
+                         "concurrency": c, "requests": n, "tokens": tokens, "tok_s": statistics.median(runs),
+                         "tok_s_runs": runs})
+            print(f"{setting} c={c}: {statistics.median(runs):.1f} tok/s", file=sys.stderr, flush=True)
     return rows
 
 
 def child(args) -> list[dict]:
     cmd = [sys.executable, __file__, "--one", args.dense if args.one_setting == "dense" else args.export,
            "--settings", args.one_setting, "--concurrency", args.concurrency, "--max-tokens", str(args.max_tokens),
-           "--dtype", args.dtype]
+           "--dtype", args.dtype, "--repeats", str(args.repeats)]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     if r.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
@@ -77,13 +84,15 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the median is reported")
     ap.add_argument("--buddy-server", action="store_true", help="also time Buddy's own server (main environment)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--settings", help=argparse.SUPPRESS)
     args = ap.parse_args()
     conc = [int(c) for c in args.concurrency.split(",")]
     if args.one:
-        print(json.dumps(run_model(args.one, args.settings.split(","), conc, args.max_tokens, args.dtype)))
+        print(json.dumps(run_model(args.one, args.settings.split(","), conc, args.max_tokens, args.dtype,
+                                   args.repeats)))
         return
     if not (args.export and args.dense):
         ap.error("give --export (a buddy export --format vllm directory) and --dense (the plain checkpoint)")
@@ -96,23 +105,34 @@ def main() -> None:
     if args.buddy_server:
         main_py = os.environ.get("BUDDY_MAIN_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
         c = max(conc)
-        r = subprocess.run([main_py, str(ROOT / "benchmarks" / "serve_load.py"), "--concurrency", str(c),
-                            "--requests", str(c), "--max-tokens", str(args.max_tokens), "--budgets", "1.0",
-                            "--dtype", args.dtype], capture_output=True, text=True)
-        if r.returncode == 0:
-            res = json.loads(r.stdout.strip().splitlines()[-1])
-            level = res["levels"][0] if "levels" in res else res
-            rows.append({"impl": "buddy serve", "setting": "1.0", "concurrency": c, "tok_s": level["tok_s"]})
-        else:
-            print(f"buddy serve run failed: {r.stderr[-2000:]}", file=sys.stderr)
+        for budget in ("1.0", "0.75", "0.5"):
+            r = subprocess.run([main_py, str(ROOT / "benchmarks" / "serve_load.py"), "--concurrency",
+                                ",".join([str(c)] * args.repeats), "--requests", str(c), "--max-tokens",
+                                str(args.max_tokens), "--budgets", budget, "--dtype", args.dtype],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                runs = [lv["tok_s"] for lv in json.loads(r.stdout.strip().splitlines()[-1])["levels"]]
+                rows.append({"impl": "buddy serve", "setting": budget, "concurrency": c,
+                             "tok_s": statistics.median(runs), "tok_s_runs": runs})
+            else:
+                print(f"buddy serve run failed: {r.stderr[-2000:]}", file=sys.stderr)
+    print_table(rows)
+    print(json.dumps({"dtype": args.dtype, "max_tokens": args.max_tokens, "repeats": args.repeats, "rows": rows}))
+
+
+def print_table(rows: list[dict]) -> None:
+    """Adds x_dense (and x_buddy_serve where Buddy's server ran the same budget and concurrency) to the rows."""
     dense = {r["concurrency"]: r["tok_s"] for r in rows if r["impl"] == "vllm dense"}
-    print("| impl | budget | concurrency | tokens/s | x vLLM dense |")
-    print("|---|---|---|---|---|")
+    serve = {(r["setting"], r["concurrency"]): r["tok_s"] for r in rows if r["impl"] == "buddy serve"}
+    print("| impl | budget | concurrency | tokens/s | x vLLM dense | x Buddy serve |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         r["x_dense"] = r["tok_s"] / dense[r["concurrency"]] if r["concurrency"] in dense else None
+        key = (r["setting"], r["concurrency"])
+        r["x_buddy_serve"] = r["tok_s"] / serve[key] if r["impl"] == "buddy in vllm" and key in serve else None
         x = f"{r['x_dense']:.2f}" if r["x_dense"] else ""
-        print(f"| {r['impl']} | {r['setting']} | {r['concurrency']} | {r['tok_s']:.1f} | {x} |")
-    print(json.dumps({"dtype": args.dtype, "max_tokens": args.max_tokens, "rows": rows}))
+        xs = f"{r['x_buddy_serve']:.2f}" if r["x_buddy_serve"] else ""
+        print(f"| {r['impl']} | {r['setting']} | {r['concurrency']} | {r['tok_s']:.1f} | {x} | {xs} |")
 
 
 if __name__ == "__main__":

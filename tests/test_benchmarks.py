@@ -27,3 +27,21 @@ def test_research_probes_parse_and_are_documented():
         ast.parse(p.read_text(), filename=str(p))
         assert p.name in readme, f"{p.name} is not listed in research/README.md"
     assert not set(MAINTAINED) & {p.name for p in probes}
+
+
+def test_vllm_throughput_table_compares_each_budget_with_dense_and_buddys_server(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from vllm_throughput import print_table
+    finally:
+        sys.path.pop(0)
+    rows = [{"impl": "vllm dense", "setting": "dense", "concurrency": 32, "tok_s": 200.0},
+            {"impl": "buddy in vllm", "setting": "0.5", "concurrency": 32, "tok_s": 300.0},
+            {"impl": "buddy in vllm", "setting": "1.0", "concurrency": 32, "tok_s": 190.0},
+            {"impl": "buddy in vllm", "setting": "mixed", "concurrency": 32, "tok_s": 250.0},
+            {"impl": "buddy serve", "setting": "0.5", "concurrency": 32, "tok_s": 100.0}]
+    print_table(rows)
+    assert rows[1]["x_dense"] == 1.5 and rows[1]["x_buddy_serve"] == 3.0  # the same budget only
+    assert rows[2]["x_dense"] == 0.95 and rows[2]["x_buddy_serve"] is None and rows[3]["x_buddy_serve"] is None
+    assert rows[4]["x_dense"] == 0.5 and rows[4]["x_buddy_serve"] is None
+    assert "| buddy in vllm | 0.5 | 32 | 300.0 | 1.50 | 3.00 |" in capsys.readouterr().out
