@@ -86,12 +86,12 @@ class _Buddy:
             return ks, csum / torch.arange(1, T + 1, dtype=torch.float32, device=x.device)[:, None]
         counts = qsl[1:] - qsl[:-1]
         ks = torch.repeat_interleave(st.k[: counts.numel()], counts)
-        means = torch.empty_like(x)
+        means = torch.zeros_like(x)
         pos = positions.cpu()
         for r in range(counts.numel()):
             a, e = int(qsl[r]), int(qsl[r + 1])
-            if a == e:
-                continue
+            if a == e or (int(st.k[r]) == self.n_layers and not st.per_token[r]):
+                continue  # a request at full depth runs every layer: its router inputs are never read
             s, n = (torch.zeros(D), 0.0) if int(pos[a]) == 0 else st.history(r, D)
             c = s.to(x.device) + torch.cumsum(x[a:e], 0)
             m = n + torch.arange(1, e - a + 1, dtype=torch.float32, device=x.device)
@@ -171,8 +171,11 @@ class _Buddy:
         h = h + layer0.self_attn.o_proj(o)[0]
         h = h + layer0.mlp(layer0.post_attention_layernorm(h))
         ks, kv0_mean = self._per_token(positions, torch.cat([k, v], dim=-1), h)
-        plan = self._plan(h, kv0_mean, ks)
-        runs_all = plan.all(dim=0).tolist()
+        if bool((ks == self.n_layers).all()):  # every token runs every layer: no plan to make
+            runs_all, plan = [True] * self.n_layers, None
+        else:
+            plan = self._plan(h, kv0_mean, ks)
+            runs_all = plan.all(dim=0).tolist()
         for i in range(1, self.n_layers):
             h = self._layer(m.layers[i], positions, h, None if runs_all[i] else plan[:, i])
         return m.norm(h)
