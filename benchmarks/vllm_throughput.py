@@ -13,7 +13,8 @@ second of wall time; each cell is timed `--repeats` times and reports the median
 2-core machine vary by several percent). `--buddy-server` adds Buddy's own server at the largest concurrency
 and budgets 1.0, 0.75 and 0.5, through benchmarks/serve_load.py in the main environment (the same repeats).
 Ratios are to vLLM dense at the same concurrency, and for Buddy in vLLM at the largest concurrency also to
-Buddy's own server at the same budget. The last line is JSON.
+Buddy's own server at the same budget (`--serve-model`, the export's source model; the server streams over
+HTTP and stops a request at end of sequence, where vLLM's requests here ignore it). The last line is JSON.
 """
 
 from __future__ import annotations
@@ -85,11 +86,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the median is reported")
+    ap.add_argument("--serve-model", default="smollm2", help="the model Buddy's own server loads (--buddy-server)")
     ap.add_argument("--buddy-server", action="store_true", help="also time Buddy's own server (main environment)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--settings", help=argparse.SUPPRESS)
     args = ap.parse_args()
     conc = [int(c) for c in args.concurrency.split(",")]
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
     if args.one:
         print(json.dumps(run_model(args.one, args.settings.split(","), conc, args.max_tokens, args.dtype,
                                    args.repeats)))
@@ -108,7 +112,8 @@ def main() -> None:
         for budget in ("1.0", "0.75", "0.5"):
             r = subprocess.run([main_py, str(ROOT / "benchmarks" / "serve_load.py"), "--concurrency",
                                 ",".join([str(c)] * args.repeats), "--requests", str(c), "--max-tokens",
-                                str(args.max_tokens), "--budgets", budget, "--dtype", args.dtype],
+                                str(args.max_tokens), "--budgets", budget, "--dtype", args.dtype,
+                                "--model", args.serve_model],
                                capture_output=True, text=True)
             if r.returncode == 0:
                 runs = [lv["tok_s"] for lv in json.loads(r.stdout.strip().splitlines()[-1])["levels"]]

@@ -198,3 +198,22 @@ def test_vllm_serve_takes_the_budget_from_vllm_xargs(reference):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_batch_state_never_drops_the_state_of_a_request_still_in_the_batch(monkeypatch):
+    from collections import OrderedDict
+
+    import torch
+
+    from buddy.vllm_plugin import batch_state
+
+    monkeypatch.setattr(batch_state, "MAX_STATES", 3)
+    st = object.__new__(batch_state.BuddyBatchState)
+    st.key, st.auto = [101, None], OrderedDict()
+    st.k = torch.zeros(2, dtype=torch.long)
+    st.choose(0, 7)  # the running "auto" request chose first: the oldest entry
+    for key in range(5):  # newer requests come and go
+        st.key[1] = key
+        st.choose(1, 5)
+    assert len(st.auto) == 3 and st.auto[101] == 7  # the oldest out-of-batch ones went, not the running one
+    assert list(st.auto) == [101, 3, 4]

@@ -4,7 +4,7 @@ vLLM's model forward sees flattened tokens and attention metadata, not requests.
 processors do see requests: before every forward, `update_state` reports the requests added to the
 persistent batch (with their SamplingParams), removed and moved. `BuddyBatchState` keeps, per batch slot,
 the request's layer count k (from `extra_args`) and the running sums of its layer-0 K/V (the router's
-context feature), so the model can expand them to its tokens through `query_start_loc` (batch slot i owns
+context feature; not kept for a request at full depth, whose plan is every layer), so the model can expand them to its tokens through `query_start_loc` (batch slot i owns
 tokens query_start_loc[i]:query_start_loc[i+1] in vLLM 0.32's V1 runner).
 
 A request that is not scheduled in a step is removed and later re-added as the same request: its router
@@ -139,8 +139,7 @@ class BuddyBatchState(LogitsProcessor):
         acc = self.accounts.get(key)
         if acc is None:
             acc = self.accounts[key] = [0, 0, -1]
-            while len(self.accounts) > MAX_STATES:
-                self.accounts.popitem(last=False)
+            self._bound(self.accounts)
         return acc
 
     def chosen_k(self, slot: int) -> int | None:
@@ -153,8 +152,7 @@ class BuddyBatchState(LogitsProcessor):
         if key is not None:
             self.auto[key] = k
             self.auto.move_to_end(key)
-            while len(self.auto) > MAX_STATES:
-                self.auto.popitem(last=False)
+            self._bound(self.auto)
 
     def remember(self, slot: int, kv_sum: torch.Tensor, count: float) -> None:
         key = self.key[slot]
@@ -162,5 +160,13 @@ class BuddyBatchState(LogitsProcessor):
             return
         self.states[key] = (kv_sum, count)
         self.states.move_to_end(key)
-        while len(self.states) > MAX_STATES:
-            self.states.popitem(last=False)
+        self._bound(self.states)
+
+    def _bound(self, d: OrderedDict) -> None:
+        """Keep at most MAX_STATES entries, dropping the oldest of requests out of the batch: a request still in a
+        slot keeps its state however many newer requests come (an "auto" request's choice, above all)."""
+        if len(d) <= MAX_STATES:
+            return
+        active = set(self.key)
+        for key in [key for key in d if key not in active][: len(d) - MAX_STATES]:
+            del d[key]
