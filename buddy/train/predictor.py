@@ -5,9 +5,9 @@
 Data (`--data`): `mix` (default), the cross-domain prompt mix of `buddy.prompt_mix` (the domains of the
 router's training mix: prose, math, the multiple-choice tasks, chat and code; the training and validation
 documents only, never the ones `buddy sweep --limit 100` evaluates nor the held-out domains), or `sotu`, State
-of the Union windows (train years for training, validation years for validation). Each item is a prompt of up to `prompt_len` tokens and a
-continuation of up to `cont_len`. For every item and budget level the routed model's quality is measured
-once: the negative mean per-token KL from the dense model over the continuation (or the continuation's
+of the Union windows (train years for training, validation years for validation). Each item is a prompt of up
+to `prompt_len` tokens and a continuation of up to `cont_len`. For every item and budget level the routed
+model's quality is measured once: the negative mean per-token KL from the dense model over the continuation (or the continuation's
 log-likelihood, `--quality nll`), with the prompt routed as a prompt and the continuation as decode. These
 tables are cached, so GRPO itself is cheap and several trade-offs reuse them.
 

@@ -4,8 +4,9 @@ vLLM's model forward sees flattened tokens and attention metadata, not requests.
 processors do see requests: before every forward, `update_state` reports the requests added to the
 persistent batch (with their SamplingParams), removed and moved. `BuddyBatchState` keeps, per batch slot,
 the request's layer count k (from `extra_args`) and the running sums of its layer-0 K/V (the router's
-context feature; not kept for a request at full depth, whose plan is every layer), so the model can expand them to its tokens through `query_start_loc` (batch slot i owns
-tokens query_start_loc[i]:query_start_loc[i+1] in vLLM 0.32's V1 runner).
+context feature; not kept for a request at full depth, whose plan is every layer), so the model can expand
+them to its tokens through `query_start_loc` (batch slot i owns tokens query_start_loc[i]:query_start_loc[i+1]
+in vLLM 0.32's V1 runner).
 
 A request that is not scheduled in a step is removed and later re-added as the same request: its router
 state is keyed by the identity of its output-token list, which vLLM keeps, and reset whenever the request's
