@@ -7,8 +7,9 @@ router's training mix: prose, math, the multiple-choice tasks, chat and code; th
 documents only, never the ones `buddy sweep --limit 100` evaluates nor the held-out domains), or `sotu`, State
 of the Union windows (train years for training, validation years for validation). Each item is a prompt of up
 to `prompt_len` tokens and a continuation of up to `cont_len`. For every item and budget level the routed
-model's quality is measured once: the negative mean per-token KL from the dense model over the continuation (or the continuation's
-log-likelihood, `--quality nll`), with the prompt routed as a prompt and the continuation as decode. These
+model's quality is measured once: the negative mean per-token KL from the dense model over the continuation
+(or the continuation's log-likelihood, `--quality nll`), with the prompt routed as a prompt and the
+continuation as decode. These
 tables are cached, so GRPO itself is cheap and several trade-offs reuse them.
 
 GRPO: for each prompt sample a group of G levels from the policy; reward = quality - tradeoff * layer
