@@ -10,8 +10,10 @@ one engine per process): vLLM dense on the plain checkpoint, then the Buddy expo
 0.5 and mixed (0.5 / 0.75 / 1.0 cycling over the requests). At concurrency c it submits c requests at once
 (greedy, `ignore_eos`, `--max-tokens` each; at c = 1 four requests in turn) and counts generated tokens per
 second of wall time; each cell is timed `--repeats` times and reports the median (single runs on a
-2-core machine vary by several percent). `--buddy-server` adds Buddy's own server at the largest concurrency
-and budgets 1.0, 0.75 and 0.5, through benchmarks/serve_load.py in the main environment (the same repeats).
+2-core machine vary by several percent). The repeats run in rounds: a dense process, then a Buddy process,
+each timing every one of its cells once, so that a slow spell of the machine falls on both sides alike.
+`--buddy-server` adds Buddy's own server at the largest concurrency and budgets 1.0, 0.75 and 0.5, through
+benchmarks/serve_load.py in the main environment (the same repeats).
 Ratios are to vLLM dense at the same concurrency, and for Buddy in vLLM at the largest concurrency also to
 Buddy's own server at the same budget (`--serve-model`, the export's source model; the server streams over
 HTTP and stops a request at end of sequence, where vLLM's requests here ignore it). The last line is JSON.
@@ -42,7 +44,7 @@ def run_model(model: str, settings: list[str], concurrency: list[int], max_token
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model, dtype=dtype, enforce_eager=True, enable_prefix_caching=False, max_model_len=512)
-    rows = []
+    cells = []
     for setting in settings:
         extra = SETTINGS.get(setting, [None])
         for c in concurrency:
@@ -51,27 +53,47 @@ def run_model(model: str, settings: list[str], concurrency: list[int], max_token
                                      extra_args=extra[i % len(extra)]) for i in range(n)]
             prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
             llm.generate(prompts[:1], params[:1], use_tqdm=False)  # warm-up
-            runs = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                if c == 1:
-                    outs = [o for i in range(n) for o in llm.generate([prompts[i]], [params[i]], use_tqdm=False)]
-                else:
-                    outs = llm.generate(prompts, params, use_tqdm=False)
-                wall = time.perf_counter() - t0
-                tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-                runs.append(tokens / wall)
-            rows.append({"impl": "vllm dense" if setting == "dense" else "buddy in vllm", "setting": setting,
-                         "concurrency": c, "requests": n, "tokens": tokens, "tok_s": statistics.median(runs),
-                         "tok_s_runs": runs})
-            print(f"{setting} c={c}: {statistics.median(runs):.1f} tok/s", file=sys.stderr, flush=True)
+            cells.append({"impl": "vllm dense" if setting == "dense" else "buddy in vllm", "setting": setting,
+                          "concurrency": c, "requests": n, "prompts": prompts, "params": params, "tok_s_runs": []})
+    for _ in range(repeats):  # cells interleaved: a slow spell of the machine hits every cell of a round alike
+        for cell in cells:
+            t0 = time.perf_counter()
+            prompts, params = cell["prompts"], cell["params"]
+            if cell["concurrency"] == 1:
+                outs = [o for p, sp in zip(prompts, params) for o in llm.generate([p], [sp], use_tqdm=False)]
+            else:
+                outs = llm.generate(prompts, params, use_tqdm=False)
+            wall = time.perf_counter() - t0
+            cell["tokens"] = sum(len(o.outputs[0].token_ids) for o in outs)
+            cell["tok_s_runs"].append(cell["tokens"] / wall)
+    rows = []
+    for cell in cells:
+        del cell["prompts"], cell["params"]
+        rows.append({**cell, "tok_s": statistics.median(cell["tok_s_runs"])})
+        print(f"{cell['setting']} c={cell['concurrency']}: {rows[-1]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
     return rows
 
 
-def child(args) -> list[dict]:
-    cmd = [sys.executable, __file__, "--one", args.dense if args.one_setting == "dense" else args.export,
-           "--settings", args.one_setting, "--concurrency", args.concurrency, "--max-tokens", str(args.max_tokens),
-           "--dtype", args.dtype, "--repeats", str(args.repeats)]
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per cell from several rounds' rows: every round's runs, and their median."""
+    out: dict[tuple, dict] = {}
+    for rows in rounds:
+        for r in rows:
+            key = (r["impl"], r["setting"], r["concurrency"])
+            if key in out:
+                out[key]["tok_s_runs"] = out[key]["tok_s_runs"] + r["tok_s_runs"]
+            else:
+                out[key] = dict(r)
+    for r in out.values():
+        r["tok_s"] = statistics.median(r["tok_s_runs"])
+    return list(out.values())
+
+
+def child(args, settings: str) -> list[dict]:
+    """One round in a fresh process: each cell of `settings` timed once."""
+    cmd = [sys.executable, __file__, "--one", args.dense if settings == "dense" else args.export,
+           "--settings", settings, "--concurrency", args.concurrency, "--max-tokens", str(args.max_tokens),
+           "--dtype", args.dtype, "--repeats", "1"]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     if r.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
@@ -100,12 +122,8 @@ def main() -> None:
         return
     if not (args.export and args.dense):
         ap.error("give --export (a buddy export --format vllm directory) and --dense (the plain checkpoint)")
-    rows = []
-    for setting in ("dense", "buddy"):
-        args.one_setting = setting
-        if setting == "buddy":
-            args.one_setting = ",".join(SETTINGS)
-        rows += child(args)
+    # dense and Buddy alternate, a round each, so that their ratios are measured side by side in time
+    rows = merge_rounds([child(args, s) for _ in range(args.repeats) for s in ("dense", ",".join(SETTINGS))])
     if args.buddy_server:
         main_py = os.environ.get("BUDDY_MAIN_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
         c = max(conc)

@@ -45,3 +45,17 @@ def test_vllm_throughput_table_compares_each_budget_with_dense_and_buddys_server
     assert rows[2]["x_dense"] == 0.95 and rows[2]["x_buddy_serve"] is None and rows[3]["x_buddy_serve"] is None
     assert rows[4]["x_dense"] == 0.5 and rows[4]["x_buddy_serve"] is None
     assert "| buddy in vllm | 0.5 | 32 | 300.0 | 1.50 | 3.00 |" in capsys.readouterr().out
+
+
+def test_vllm_throughput_rounds_merge_into_one_row_per_cell_with_the_median():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from vllm_throughput import merge_rounds
+    finally:
+        sys.path.pop(0)
+    cell = {"impl": "buddy in vllm", "setting": "0.5", "concurrency": 8}
+    rounds = [[{**cell, "tok_s": 10.0, "tok_s_runs": [10.0]}, {**cell, "concurrency": 1, "tok_s_runs": [3.0]}],
+              [{**cell, "tok_s": 30.0, "tok_s_runs": [30.0]}], [{**cell, "tok_s": 12.0, "tok_s_runs": [12.0]}]]
+    rows = merge_rounds(rounds)
+    assert len(rows) == 2 and rows[0]["tok_s_runs"] == [10.0, 30.0, 12.0] and rows[0]["tok_s"] == 12.0
+    assert rows[1]["concurrency"] == 1 and rows[1]["tok_s"] == 3.0 and rounds[0][0]["tok_s_runs"] == [10.0]

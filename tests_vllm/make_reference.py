@@ -34,7 +34,7 @@ from buddy.router import (  # noqa: E402
 
 L, NEW = 8, 8
 PROMPTS = [[2 + (7 * i + j) % 90 for j in range(6 + i)] for i in range(3)]  # token ids of the tiny vocabulary
-ASKS = [(0, 4, "fill"), (1, 6, "fill"), (2, 8, "fill"), (0, 8, "fill"), (1, 4, "zero"), (2, 5, "zero")]
+ASKS = [(0, 4, "fill"), (1, 6, "fill"), (2, 8, "fill"), (0, 8, "fill"), (1, 4, "zero"), (2, 5, "zero"), (1, 6, "zero")]
 FAMILIES = ("llama", "qwen2")
 
 

@@ -36,9 +36,16 @@ def llm_for(path):
                max_num_seqs=8, seed=0)
 
 
+def _fill_kv_caches_with_leftovers(model) -> None:
+    for layer in model.model.layers:
+        layer.self_attn.attn.kv_cache.fill_(50.0)
+
+
 @pytest.mark.parametrize("family,policy", [("llama", "fill"), ("llama", "zero"), ("qwen2", "fill")])
-def test_vllm_tokens_equal_buddy_at_per_request_budgets(reference, family, policy):
+def test_vllm_tokens_equal_buddy_at_per_request_budgets(reference, family, policy, monkeypatch):
     from vllm import SamplingParams
+
+    from buddy.vllm_plugin.model import _Buddy
 
     out, ref = reference
     asks = [a for a in ref[family] if a["kv_policy"] == policy and a["layers"] != "auto" and "allocation" not in a]
@@ -50,6 +57,18 @@ def test_vllm_tokens_equal_buddy_at_per_request_budgets(reference, family, polic
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, extra_args=x) for x in extra]
     batch = llm.generate([{"prompt_token_ids": a["prompt_ids"]} for a in asks], params)
     assert [list(o.outputs[0].token_ids) for o in batch] == [a["tokens"] for a in asks]  # one mixed batch
+    # alone at 6 of 8 layers, each step has layers that no token runs, and later tokens run some of them:
+    # only their K/V are written (fill: from the unchanged stream; zero: zeros). Every cache slot first
+    # holds large values (another request's leftovers), so a slot read but not written changes the tokens
+    # (checked: with the write left out, this ask's tokens differ for both policies)
+    six = next(i for i, a in enumerate(asks) if a["layers"] == 6)
+    llm.apply_model(_fill_kv_caches_with_leftovers)
+    written, write = [], _Buddy._write_kv_only
+    monkeypatch.setattr(_Buddy, "_write_kv_only", lambda self, *a: (written.append(1), write(self, *a))[1])
+    alone = llm.generate([{"prompt_token_ids": asks[six]["prompt_ids"]}], params[six])
+    assert list(alone[0].outputs[0].token_ids) == asks[six]["tokens"]
+    assert len(written) >= n - 1
+    monkeypatch.undo()
     alone = llm.generate([{"prompt_token_ids": asks[0]["prompt_ids"]}], params[0])
     assert list(alone[0].outputs[0].token_ids) == asks[0]["tokens"]
     with pytest.raises(Exception, match="budget"):

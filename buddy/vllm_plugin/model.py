@@ -13,7 +13,9 @@ per token from here). What differs by KV policy and plan:
   holds another request's values.
 The output projection and the MLP run only for the tokens that execute the layer (gathered rows), and only
 those tokens' residual streams change. So a mixed batch pays attention for all tokens and the rest of each
-layer for its executing tokens only; docs/vllm.md states the cost.
+layer for its executing tokens only; docs/vllm.md states the cost. A layer that no token of the step
+executes runs no attention at all: its K/V (computed from the unchanged streams under `fill`, zeros under
+`zero`) are written into the paged cache by the backend's own cache write (`unified_kv_cache_update`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
@@ -162,6 +165,24 @@ class _Buddy:
         hr = hr + layer.mlp(layer.post_attention_layernorm(hr))
         return h.index_copy(0, rows, hr)
 
+    def _write_kv_only(self, layer, positions, h) -> None:
+        """No token of the step executes this layer: write its K/V into the paged cache (from the unchanged
+        streams under `fill`, zeros under `zero`) through the attention backend's own cache write, with no
+        query, attention kernel, output projection or MLP."""
+        attn = layer.self_attn.attn
+        if not is_forward_context_available():
+            return
+        if attn.attn_backend.forward_includes_kv_cache_update or attn.kv_sharing_target_layer_name is not None:
+            self._layer(layer, positions, h, torch.zeros(h.shape[0], dtype=torch.bool, device=h.device))
+            return  # a backend whose attention op writes the cache itself: run it, change no stream
+        if self.kv_policy == "zero":
+            k = h.new_zeros(h.shape[0], attn.num_kv_heads * attn.head_size)
+            v = h.new_zeros(h.shape[0], attn.num_kv_heads * attn.head_size_v)
+        else:
+            _, k, v = self._qkv(layer, positions, layer.input_layernorm(h))
+        unified_kv_cache_update(k.view(-1, attn.num_kv_heads, attn.head_size),
+                                v.view(-1, attn.num_kv_heads, attn.head_size_v), attn.layer_name)
+
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         m = self.model
         h = m.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -172,12 +193,17 @@ class _Buddy:
         h = h + layer0.mlp(layer0.post_attention_layernorm(h))
         ks, kv0_mean = self._per_token(positions, torch.cat([k, v], dim=-1), h)
         if bool((ks == self.n_layers).all()):  # every token runs every layer: no plan to make
-            runs_all, plan = [True] * self.n_layers, None
+            runs_all, runs_any, plan = [True] * self.n_layers, [True] * self.n_layers, None
         else:
             plan = self._plan(h, kv0_mean, ks)
-            runs_all = plan.all(dim=0).tolist()
+            runs_all, runs_any = plan.all(dim=0).tolist(), plan.any(dim=0).tolist()
         for i in range(1, self.n_layers):
-            h = self._layer(m.layers[i], positions, h, None if runs_all[i] else plan[:, i])
+            if runs_all[i]:
+                h = self._layer(m.layers[i], positions, h, None)
+            elif runs_any[i]:
+                h = self._layer(m.layers[i], positions, h, plan[:, i])
+            else:
+                self._write_kv_only(m.layers[i], positions, h)
         return m.norm(h)
 
 
