@@ -48,7 +48,9 @@ def main(out: Path) -> None:
 
 def family_reference(out: Path, family: str) -> list[dict]:
     ckpt = save_tiny_checkpoint(out / f"tiny-{family}", family, n_layers=L, hidden_size=128, intermediate_size=192,
-                                num_attention_heads=2, num_key_value_heads=1)  # head_dim 64: vLLM's CPU kernels
+                                # head_dim 64 (vLLM's CPU kernels); llama's one KV head is replicated on two
+                                # tensor-parallel ranks, qwen2's two are split over them
+                                num_attention_heads=2, num_key_value_heads=1 if family == "llama" else 2)
     bb = load_backbone(str(ckpt), "cpu", "float32")
     cfg = RouterConfig(n_layers=L, kv_dim=2 * bb.shapes.n_kv_heads * bb.shapes.head_dim, hidden_dim=bb.shapes.hidden,
                        width=16, standardize=family == "qwen2")

@@ -78,6 +78,22 @@ def test_vllm_tokens_equal_buddy_at_per_request_budgets(reference, family, polic
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_two_tensor_parallel_ranks_give_buddys_tokens(reference, family):
+    """Each rank holds part of the KV heads (qwen2: one of two; llama: a copy of the only one), so the router's
+    layer-0 K/V are gathered from the ranks: every rank must make the plan of Buddy's engine."""
+    import sys
+
+    out, ref = reference
+    asks = [a for a in ref[family] if a["kv_policy"] == "fill" and a["layers"] != "auto" and "allocation" not in a]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    r = subprocess.run([sys.executable, str(ROOT / "tests_vllm" / "tp_generate.py"), str(out / f"model-{family}-fill"),
+                        json.dumps(asks)], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("TOKENS "))
+    assert json.loads(line.split(" ", 1)[1]) == [a["tokens"] for a in asks]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_budget_auto_picks_buddys_depth_and_tokens(reference, family):
     """budget "auto": the exported budget predictor picks each prompt's k from its prompt, as Buddy's engine
     does, and the tokens are Buddy's (the prompts get different ks); the same rows in one batch with fixed ones."""

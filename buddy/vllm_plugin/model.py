@@ -22,6 +22,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from vllm.distributed import (
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_gather,
+)
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
 from vllm.model_executor.models.llama import LlamaForCausalLM
@@ -62,6 +66,7 @@ class _Buddy:
             raise ValueError("Buddy models need prefix caching off (cached K/V depend on each request's plan): "
                              "pass enable_prefix_caching=False or --no-enable-prefix-caching")
         self.n_layers = hf.num_hidden_layers
+        self.n_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
         self.kv_policy = b["kv_policy"]
         self.default_k = int(b["default_layers"])
         # float32 from the start (vLLM builds modules in the model's dtype): the weights (float32 in the export) load
@@ -73,6 +78,20 @@ class _Buddy:
         self.buddy_depth = DepthHead(DepthConfig(**b["depth"])).float() if b.get("depth") else None
         BuddyBatchState.has_predictor = self.buddy_predictor is not None
         BuddyBatchState.has_depth = self.buddy_depth is not None
+
+    def _all_kv_heads(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Layer 0's K and V (after rotary) of this rank's KV heads -> of all KV heads, in Buddy's layout (K heads
+        then V heads), so that every tensor-parallel rank gives the router the same input and makes the same
+        plan. vLLM splits the KV heads over the ranks in order, or, with fewer heads than ranks, gives rank r
+        head r // (ranks / heads)."""
+        tp = get_tensor_model_parallel_world_size()
+        if tp == 1:
+            return torch.cat([k, v], dim=-1)
+        k, v = (tensor_model_parallel_all_gather(x.contiguous(), dim=-1) for x in (k, v))
+        copies = max(1, tp // self.n_kv_heads)
+        if copies > 1:  # each head gathered from `copies` ranks: keep one
+            k, v = (x.view(x.shape[0], tp, -1)[:, ::copies].flatten(1) for x in (k, v))
+        return torch.cat([k, v], dim=-1)
 
     # --- per-token inputs of the router ---
     def _per_token(self, positions: torch.Tensor, kv0: torch.Tensor, h0: torch.Tensor):
@@ -191,7 +210,7 @@ class _Buddy:
         o = layer0.self_attn.attn(q, k, v)
         h = h + layer0.self_attn.o_proj(o)[0]
         h = h + layer0.mlp(layer0.post_attention_layernorm(h))
-        ks, kv0_mean = self._per_token(positions, torch.cat([k, v], dim=-1), h)
+        ks, kv0_mean = self._per_token(positions, self._all_kv_heads(k, v), h)
         if bool((ks == self.n_layers).all()):  # every token runs every layer: no plan to make
             runs_all, runs_any, plan = [True] * self.n_layers, [True] * self.n_layers, None
         else:
