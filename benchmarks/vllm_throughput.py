@@ -8,7 +8,8 @@
 Runs in vLLM's environment (`make setup-vllm`). Each model runs in its own process (vLLM's CPU build keeps
 one engine per process): vLLM dense on the plain checkpoint, then the Buddy export at budgets 1.0, 0.75,
 0.5 and mixed (0.5 / 0.75 / 1.0 cycling over the requests). At concurrency c it submits c requests at once
-(greedy, `ignore_eos`, `--max-tokens` each; at c = 1 four requests in turn) and counts generated tokens per
+(greedy, `ignore_eos`, `--max-tokens` each; at c = 1 four requests in turn; each cell first runs its own batch
+for 8 tokens untimed) and counts generated tokens per
 second of wall time; each cell is timed `--repeats` times and reports the median (single runs on a
 2-core machine vary by several percent). The repeats run in rounds: a dense process, then a Buddy process,
 each timing every one of its cells once, so that a slow spell of the machine falls on both sides alike.
@@ -52,7 +53,8 @@ def run_model(model: str, settings: list[str], concurrency: list[int], max_token
             params = [SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
                                      extra_args=extra[i % len(extra)]) for i in range(n)]
             prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-            llm.generate(prompts[:1], params[:1], use_tqdm=False)  # warm-up
+            warm = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, extra_args=p.extra_args) for p in params]
+            llm.generate(prompts, warm, use_tqdm=False)  # warm-up: the cell's own batch, so its shapes are not new
             cells.append({"impl": "vllm dense" if setting == "dense" else "buddy in vllm", "setting": setting,
                           "concurrency": c, "requests": n, "prompts": prompts, "params": params, "tok_s_runs": []})
     for _ in range(repeats):  # cells interleaved: a slow spell of the machine hits every cell of a round alike

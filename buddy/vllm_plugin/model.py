@@ -5,9 +5,9 @@ Buddy's engine: heads concatenated, K then V) feed the running prefix mean that,
 and the request's budget, is the Decision Module's input. The plan is exact top-(k-2) of router + prior
 scores per token (the gate, where the router has one, falls back to the prior's plan per token).
 
-Then, for every layer i >= 1, attention runs for all tokens of the step, so that every token's K/V for
-layer i is written into vLLM's paged cache (the cache layout is the kernel's own and cannot be written
-per token from here). What differs by KV policy and plan:
+Then, for every layer i >= 1 that some token of the step executes, attention runs for all tokens of the
+step, so that every token's K/V for layer i is written into vLLM's paged cache (the kernel takes the whole
+step's metadata). What differs by KV policy and plan:
 - `fill`: a skipped token's K/V are computed from its unchanged residual stream, as in Buddy's engine;
 - `zero`: a skipped token's K and V are multiplied by zero before the write, so a reused paged block never
   holds another request's values.
@@ -24,8 +24,10 @@ import torch
 from torch import nn
 from vllm.distributed import (
     get_tensor_model_parallel_world_size,
+    get_tp_group,
     tensor_model_parallel_all_gather,
 )
+from vllm.distributed.kv_transfer import has_kv_transfer_group
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
 from vllm.model_executor.models.llama import LlamaForCausalLM
@@ -66,7 +68,9 @@ class _Buddy:
             raise ValueError("Buddy models need prefix caching off (cached K/V depend on each request's plan): "
                              "pass enable_prefix_caching=False or --no-enable-prefix-caching")
         self.n_layers = hf.num_hidden_layers
-        self.n_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        if getattr(hf, "qk_norm", False):
+            raise ValueError("Buddy models in vLLM do not support qk_norm attention (the routed layers compute Q/K/V "
+                             "themselves)")
         self.kv_policy = b["kv_policy"]
         self.default_k = int(b["default_layers"])
         # float32 from the start (vLLM builds modules in the model's dtype): the weights (float32 in the export) load
@@ -81,17 +85,22 @@ class _Buddy:
 
     def _all_kv_heads(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Layer 0's K and V (after rotary) of this rank's KV heads -> of all KV heads, in Buddy's layout (K heads
-        then V heads), so that every tensor-parallel rank gives the router the same input and makes the same
-        plan. vLLM splits the KV heads over the ranks in order, or, with fewer heads than ranks, gives rank r
-        head r // (ranks / heads)."""
+        then V heads), so that the router reads every head on every tensor-parallel rank. vLLM splits the KV
+        heads over the ranks in order, or, with fewer heads than ranks, gives rank r head r // copies."""
         tp = get_tensor_model_parallel_world_size()
         if tp == 1:
             return torch.cat([k, v], dim=-1)
-        k, v = (tensor_model_parallel_all_gather(x.contiguous(), dim=-1) for x in (k, v))
-        copies = max(1, tp // self.n_kv_heads)
-        if copies > 1:  # each head gathered from `copies` ranks: keep one
-            k, v = (x.view(x.shape[0], tp, -1)[:, ::copies].flatten(1) for x in (k, v))
-        return torch.cat([k, v], dim=-1)
+        kv = tensor_model_parallel_all_gather(torch.cat([k, v], dim=-1), dim=-1)  # one gather: [k0 v0 k1 v1 ...]
+        kv = kv.view(kv.shape[0], tp, 2, -1)[:, :: self.model.layers[0].self_attn.qkv_proj.num_kv_head_replicas]
+        return torch.cat([kv[:, :, 0].flatten(1), kv[:, :, 1].flatten(1)], dim=-1)
+
+    @staticmethod
+    def _same_on_every_rank(x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's x on every tensor-parallel rank: the ranks must skip the same layers (a rank whose plan
+        differed by a rounding tie would run its all-reduces on other rows), so they take rank 0's."""
+        if get_tensor_model_parallel_world_size() == 1:
+            return x
+        return get_tp_group().broadcast(x.contiguous(), src=0)
 
     # --- per-token inputs of the router ---
     def _per_token(self, positions: torch.Tensor, kv0: torch.Tensor, h0: torch.Tensor):
@@ -191,9 +200,13 @@ class _Buddy:
         attn = layer.self_attn.attn
         if not is_forward_context_available():
             return
-        if attn.attn_backend.forward_includes_kv_cache_update or attn.kv_sharing_target_layer_name is not None:
+        if attn.kv_sharing_target_layer_name is not None:
+            return  # the layer reads another layer's cache and writes none
+        if attn.attn_backend.forward_includes_kv_cache_update or has_kv_transfer_group():
+            # the cache write is inside the attention op, or a KV connector saves each layer's K/V around it:
+            # run the op, change no stream
             self._layer(layer, positions, h, torch.zeros(h.shape[0], dtype=torch.bool, device=h.device))
-            return  # a backend whose attention op writes the cache itself: run it, change no stream
+            return
         if self.kv_policy == "zero":
             k = h.new_zeros(h.shape[0], attn.num_kv_heads * attn.head_size)
             v = h.new_zeros(h.shape[0], attn.num_kv_heads * attn.head_size_v)
@@ -211,10 +224,11 @@ class _Buddy:
         h = h + layer0.self_attn.o_proj(o)[0]
         h = h + layer0.mlp(layer0.post_attention_layernorm(h))
         ks, kv0_mean = self._per_token(positions, self._all_kv_heads(k, v), h)
+        ks = self._same_on_every_rank(ks)
         if bool((ks == self.n_layers).all()):  # every token runs every layer: no plan to make
             runs_all, runs_any, plan = [True] * self.n_layers, [True] * self.n_layers, None
         else:
-            plan = self._plan(h, kv0_mean, ks)
+            plan = self._same_on_every_rank(self._plan(h, kv0_mean, ks).to(torch.uint8)).bool()
             runs_all, runs_any = plan.all(dim=0).tolist(), plan.any(dim=0).tolist()
         for i in range(1, self.n_layers):
             if runs_all[i]:
