@@ -53,7 +53,8 @@ def run_model(model: str, settings: list[str], concurrency: list[int], max_token
             params = [SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
                                      extra_args=extra[i % len(extra)]) for i in range(n)]
             prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-            warm = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, extra_args=p.extra_args) for p in params]
+            warm = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, extra_args=p.extra_args)
+                    for p in params]
             llm.generate(prompts, warm, use_tqdm=False)  # warm-up: the cell's own batch, so its shapes are not new
             cells.append({"impl": "vllm dense" if setting == "dense" else "buddy in vllm", "setting": setting,
                           "concurrency": c, "requests": n, "prompts": prompts, "params": params, "tok_s_runs": []})
