@@ -15,9 +15,11 @@ second of wall time; each cell is timed `--repeats` times and reports the median
 each timing every one of its cells once, so that a slow spell of the machine falls on both sides alike.
 `--buddy-server` adds Buddy's own server at the largest concurrency and budgets 1.0, 0.75 and 0.5, through
 benchmarks/serve_load.py in the main environment (the same repeats).
-Ratios are to vLLM dense at the same concurrency, and for Buddy in vLLM at the largest concurrency also to
-Buddy's own server at the same budget (`--serve-model`, the export's source model; the server streams over
-HTTP and stops a request at end of sequence, where vLLM's requests here ignore it). The last line is JSON.
+Ratios are to vLLM dense at the same concurrency (of the medians, and the median of the per-round ratios),
+and for Buddy in vLLM at the largest concurrency also to Buddy's own server at the same budget
+(`--serve-model`, the export's source model; the server streams over HTTP and stops a request at end of
+sequence, where vLLM's requests here ignore it). The last line is JSON; `--table FILE` prints the table again
+from a saved output.
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the median is reported")
     ap.add_argument("--serve-model", default="smollm2", help="the model Buddy's own server loads (--buddy-server)")
     ap.add_argument("--buddy-server", action="store_true", help="also time Buddy's own server (main environment)")
+    ap.add_argument("--table", metavar="FILE", help="print the table again from a saved run's output (its JSON line)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--settings", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -122,6 +125,10 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_model(args.one, args.settings.split(","), conc, args.max_tokens, args.dtype,
                                    args.repeats)))
+        return
+    if args.table:
+        saved = json.loads(Path(args.table).read_text().strip().splitlines()[-1])
+        print_table(saved["rows"])
         return
     if not (args.export and args.dense):
         ap.error("give --export (a buddy export --format vllm directory) and --dense (the plain checkpoint)")
@@ -146,19 +153,30 @@ def main() -> None:
     print(json.dumps({"dtype": args.dtype, "max_tokens": args.max_tokens, "repeats": args.repeats, "rows": rows}))
 
 
+def paired(a: dict, b: dict) -> float | None:
+    """Median over rounds of a's tokens/s over b's in the same round (both timed in that round, so a slow
+    spell of the machine cancels); None without runs from the same rounds."""
+    ra, rb = a.get("tok_s_runs") or [], b.get("tok_s_runs") or []
+    if not ra or len(ra) != len(rb):
+        return None
+    return statistics.median(x / y for x, y in zip(ra, rb))
+
+
 def print_table(rows: list[dict]) -> None:
-    """Adds x_dense (and x_buddy_serve where Buddy's server ran the same budget and concurrency) to the rows."""
-    dense = {r["concurrency"]: r["tok_s"] for r in rows if r["impl"] == "vllm dense"}
+    """Adds to the rows x_dense (the ratio of medians to vLLM dense at the same concurrency), x_dense_paired (the
+    median of the per-round ratios), and x_buddy_serve (to Buddy's server at the same budget and concurrency)."""
+    dense = {r["concurrency"]: r for r in rows if r["impl"] == "vllm dense"}
     serve = {(r["setting"], r["concurrency"]): r["tok_s"] for r in rows if r["impl"] == "buddy serve"}
-    print("| impl | budget | concurrency | tokens/s | x vLLM dense | x Buddy serve |")
-    print("|---|---|---|---|---|---|")
+    print("| impl | budget | concurrency | tokens/s | x vLLM dense | x vLLM dense, paired by round | x Buddy serve |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        r["x_dense"] = r["tok_s"] / dense[r["concurrency"]] if r["concurrency"] in dense else None
+        d = dense.get(r["concurrency"])
+        r["x_dense"] = r["tok_s"] / d["tok_s"] if d else None
+        r["x_dense_paired"] = paired(r, d) if d and r["impl"] == "buddy in vllm" else None
         key = (r["setting"], r["concurrency"])
         r["x_buddy_serve"] = r["tok_s"] / serve[key] if r["impl"] == "buddy in vllm" and key in serve else None
-        x = f"{r['x_dense']:.2f}" if r["x_dense"] else ""
-        xs = f"{r['x_buddy_serve']:.2f}" if r["x_buddy_serve"] else ""
-        print(f"| {r['impl']} | {r['setting']} | {r['concurrency']} | {r['tok_s']:.1f} | {x} | {xs} |")
+        x, xp, xs = (f"{r[k]:.2f}" if r[k] else "" for k in ("x_dense", "x_dense_paired", "x_buddy_serve"))
+        print(f"| {r['impl']} | {r['setting']} | {r['concurrency']} | {r['tok_s']:.1f} | {x} | {xp} | {xs} |")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,25 @@ def test_vllm_throughput_table_compares_each_budget_with_dense_and_buddys_server
     assert rows[1]["x_dense"] == 1.5 and rows[1]["x_buddy_serve"] == 3.0  # the same budget only
     assert rows[2]["x_dense"] == 0.95 and rows[2]["x_buddy_serve"] is None and rows[3]["x_buddy_serve"] is None
     assert rows[4]["x_dense"] == 0.5 and rows[4]["x_buddy_serve"] is None
-    assert "| buddy in vllm | 0.5 | 32 | 300.0 | 1.50 | 3.00 |" in capsys.readouterr().out
+    assert "| buddy in vllm | 0.5 | 32 | 300.0 | 1.50 |  | 3.00 |" in capsys.readouterr().out
+
+
+def test_vllm_throughput_pairs_the_ratio_to_dense_by_round(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from vllm_throughput import print_table
+    finally:
+        sys.path.pop(0)
+    # a slow second round hits both sides: the per-round ratios are 1.0, 1.0, 1.2; the medians' ratio is not 1.0
+    rows = [{"impl": "vllm dense", "setting": "dense", "concurrency": 8, "tok_s": 100.0,
+             "tok_s_runs": [100.0, 50.0, 110.0]},
+            {"impl": "buddy in vllm", "setting": "1.0", "concurrency": 8, "tok_s": 100.0,
+             "tok_s_runs": [100.0, 50.0, 132.0]},
+            {"impl": "buddy in vllm", "setting": "0.5", "concurrency": 8, "tok_s": 150.0, "tok_s_runs": [150.0]}]
+    print_table(rows)
+    assert rows[1]["x_dense"] == 1.0 and rows[1]["x_dense_paired"] == 1.0
+    assert rows[2]["x_dense_paired"] is None  # not from the same rounds
+    assert "| buddy in vllm | 1.0 | 8 | 100.0 | 1.00 | 1.00 |  |" in capsys.readouterr().out
 
 
 def test_vllm_throughput_rounds_merge_into_one_row_per_cell_with_the_median():
