@@ -62,9 +62,9 @@ def make_depth(bb: Backbone, kv_policy: str, path: str | None = None):
     return head.to(bb.device)
 
 
-def router_dir(bb: Backbone, kv_policy: str) -> Path | None:
-    """The shipped router for this model: the one trained for `kv_policy`, else the `fill` one."""
-    for policy in (kv_policy, DEFAULT_KV_POLICY):
+def router_dir(bb: Backbone, kv_policy: str, fallback: bool = True) -> Path | None:
+    """The shipped router for this model: the one trained for `kv_policy`, else (with `fallback`) the `fill` one."""
+    for policy in (kv_policy, DEFAULT_KV_POLICY) if fallback else (kv_policy,):
         d = ROUTERS / f"{bb.name}-{policy}"
         if (d / "router.json").is_file():
             return d
@@ -77,12 +77,15 @@ class PlannerError(BuddyError):
 
 def make_planner(name: str | None, bb: Backbone, kv_policy: str = LoadConfig.kv_policy, router: str | None = None,
                  reroute_every: int | None = None, calibration: str | None = LoadConfig.calibration) -> Planner:
-    """Build a planner by name; None picks the best available: the trained router, else static-greedy."""
+    """Build a planner by name; None picks the best available: the router (`router`, else the one shipped for
+    this KV policy), else static-greedy. A `fill` router is measured worse than static-greedy under `zero`
+    and `mask` (docs/results.md, "KV policy zero"), so it is used there only when asked for by name."""
     from .calibration import calibration_path, load_calibration
 
     rdir = Path(router) if router else router_dir(bb, kv_policy)
     if name is None:
-        name = "router" if rdir else ("static-greedy" if calibration_path(bb, calibration).is_file() else "full")
+        own = router or router_dir(bb, kv_policy, fallback=False)
+        name = "router" if own else ("static-greedy" if calibration_path(bb, calibration).is_file() else "full")
     if name in ROUTER_PLANNERS:
         from .router import RouterPlanner, load_router, prior_scores
 

@@ -62,6 +62,19 @@ def test_shipped_router_is_the_default_and_reroutes_per_token(smol):
     assert len({s.layers for s in steps}) > 1  # the path changes between tokens
 
 
+def test_a_fill_router_is_not_the_default_under_zero_or_mask(smol):
+    """No router trained for `zero` or `mask` ships, and the `fill` router is worse than static-greedy under them
+    (docs/results.md, "KV policy zero"): the default planner there is static-greedy; by name it still loads."""
+    from buddy.api import make_planner, router_dir
+
+    for policy in ("zero", "mask"):
+        assert router_dir(smol.bb, policy, fallback=False) is None  # else this test has no case to check
+        assert make_planner(None, smol.bb, policy).name == "static-greedy"
+        with pytest.warns(UserWarning, match="trained for kv policy 'fill'"):
+            assert make_planner("router", smol.bb, policy).name == "router"
+    assert make_planner(None, smol.bb, "fill").name == "router"
+
+
 def test_router_for_another_model_is_refused(tmp_path):
     import shutil
 
