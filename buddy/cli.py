@@ -570,9 +570,10 @@ def _export_vllm(args, budget, command: str) -> int:
     from .router import load_router
 
     bb = load_backbone(args.model, args.device, args.dtype, getattr(args, "quant", "none"))
-    rdir = args.router or router_dir(bb, args.kv_policy)
-    if rdir is None:
-        raise UsageError(f"no trained {args.kv_policy} router for model {bb.name!r}: pass --router DIR")
+    rdir = args.router or router_dir(bb, args.kv_policy, fallback=False)
+    if rdir is None:  # a router trained for another policy is worse than static there (docs/results.md)
+        raise UsageError(f"no router trained for kv policy {args.kv_policy!r} ships for model {bb.name!r} (the "
+                         f"`fill` one is worse than static-greedy under other policies): pass --router DIR")
     module, meta = load_router(rdir, checksum=bb.checksum, n_layers=bb.n_layers)
     k = bb.n_layers if args.budget is None and args.layers is None else budget.k(bb.n_layers)
     predictor = make_predictor(bb, args.predictor)

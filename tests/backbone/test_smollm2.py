@@ -75,6 +75,14 @@ def test_a_fill_router_is_not_the_default_under_zero_or_mask(smol):
     assert make_planner(None, smol.bb, "fill").name == "router"
 
 
+def test_vllm_export_under_zero_needs_a_router_trained_for_it(tmp_path, capsys):
+    from buddy.cli import main
+
+    out = tmp_path / "v"
+    assert main(["export", "--format", "vllm", "--model", "smollm2", "--kv-policy", "zero", "--out", str(out)]) == 2
+    assert "no router trained for kv policy 'zero'" in capsys.readouterr().err and not out.exists()
+
+
 def test_router_for_another_model_is_refused(tmp_path):
     import shutil
 
