@@ -71,20 +71,34 @@ def router_dir(bb: Backbone, kv_policy: str, fallback: bool = True) -> Path | No
     return None
 
 
+def router_policy(d: Path) -> str | None:
+    """The KV policy a router directory was trained for (its router.json), or None when it has none."""
+    import json
+
+    try:
+        return json.loads((Path(d) / "router.json").read_text()).get("kv_policy")
+    except (OSError, ValueError):
+        return None
+
+
 class PlannerError(BuddyError):
     """Unknown planner, or one this model cannot use yet."""
 
 
 def make_planner(name: str | None, bb: Backbone, kv_policy: str = LoadConfig.kv_policy, router: str | None = None,
                  reroute_every: int | None = None, calibration: str | None = LoadConfig.calibration) -> Planner:
-    """Build a planner by name; None picks the best available: the router (`router`, else the one shipped for
-    this KV policy), else static-greedy. A `fill` router is measured worse than static-greedy under `zero`
-    and `mask` (docs/results.md, "KV policy zero"), so it is used there only when asked for by name."""
+    """Build a planner by name; None picks the best available: the router (`router`, else the one shipped),
+    if it was trained for this KV policy, else static-greedy (full without a calibration). A `fill` router is
+    measured worse than static-greedy under `zero` (docs/results.md, "KV policy zero") and `mask`
+    (docs/results-history.md, KV policies), so it runs under them only when asked for by name."""
     from .calibration import calibration_path, load_calibration
 
     rdir = Path(router) if router else router_dir(bb, kv_policy)
     if name is None:
-        own = router or router_dir(bb, kv_policy, fallback=False)
+        own = router_dir(bb, kv_policy, fallback=False) if router is None else router_policy(rdir) == kv_policy
+        if router is not None and not own:
+            warnings.warn(f"router {rdir} was trained for kv policy {router_policy(rdir)!r}, not {kv_policy!r}: "
+                          "the default planner is static-greedy (--planner router uses it anyway)", stacklevel=2)
         name = "router" if own else ("static-greedy" if calibration_path(bb, calibration).is_file() else "full")
     if name in ROUTER_PLANNERS:
         from .router import RouterPlanner, load_router, prior_scores

@@ -17,6 +17,7 @@ import json
 import shlex
 import sys
 import time
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -368,8 +369,8 @@ def cmd_serve(args) -> int:
                          make_depth(bb, p, args.depth))
                for p in cfg.policies}
     server = Server(engines, bb.name, cfg)
-    planner = engines[cfg.policies[0]].planner.name
-    print(f"buddy: serving {bb.name} (planner {planner}, kv policies {','.join(cfg.policies)}) on "
+    planners = ", ".join(f"{p}: {e.planner.name}" for p, e in engines.items())
+    print(f"buddy: serving {bb.name} (planner per kv policy: {planners}) on "
           f"http://{cfg.host}:{cfg.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(create_app(server), host=cfg.host, port=cfg.port, log_level=cfg.log_level)
     return 0
@@ -575,6 +576,9 @@ def _export_vllm(args, budget, command: str) -> int:
         raise UsageError(f"no router trained for kv policy {args.kv_policy!r} ships for model {bb.name!r} (the "
                          f"`fill` one is worse than static-greedy under other policies): pass --router DIR")
     module, meta = load_router(rdir, checksum=bb.checksum, n_layers=bb.n_layers)
+    if meta.kv_policy != args.kv_policy:
+        warnings.warn(f"router {rdir} was trained for kv policy {meta.kv_policy!r}, not {args.kv_policy!r}: expect "
+                      "lower quality than static-greedy (docs/results.md, \"KV policy zero\")", stacklevel=2)
     k = bb.n_layers if args.budget is None and args.layers is None else budget.k(bb.n_layers)
     predictor = make_predictor(bb, args.predictor)
     depth = make_depth(bb, args.kv_policy, args.depth)
@@ -718,13 +722,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_budget_args(ex, export=True)
     _add_dataclass_args(ex, ExportConfig)
     ex.add_argument("--calibration", default=LoadConfig.calibration, help=_doc_of(LoadConfig, "calibration"))
-    ex.add_argument("--router", default=None, help="vllm: the router directory (default: the shipped one)")
+    ex.add_argument("--router", default=None, help="vllm: the router directory (default: the one shipped for "
+                    "--kv-policy; only `fill` ships)")
     ex.add_argument("--predictor", default=None, help="vllm: the budget predictor for budget 'auto' (default: the "
                     "shipped one, when the model has one)")
     ex.add_argument("--depth", default=None, help="vllm: the depth head for allocation 'token' (default: the "
                     "shipped one, when the model has one)")
     ex.add_argument("--kv-policy", default=LoadConfig.kv_policy, choices=VLLM_KV_POLICIES,
-                    help=f"vllm: the KV policy of the shipped router to export (default {LoadConfig.kv_policy})")
+                    help=f"vllm: the KV policy the export runs (default {LoadConfig.kv_policy}); give a --router "
+                    "trained for it")
     ex.set_defaults(func=cmd_export)
 
     pl = sub.add_parser("plot", help="plots from sweep results and generation traces")

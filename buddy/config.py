@@ -46,8 +46,8 @@ class LoadConfig:
     """How to load a model for routed inference.
 
     model: a registry name (`smollm2`, `qwen-coder-0.5b`) or a local Hugging Face checkpoint directory.
-    planner: `router` (trained Decision Module; default when one trained for the KV policy exists for the
-        model, else `static-greedy`), `full`,
+    planner: `router` (trained Decision Module; default when the router, `router` or the shipped one, was
+        trained for the KV policy, else `static-greedy`, or `full` without a calibration), `full`,
         `static-bi`, `static-greedy`, `random` (a seeded random static order), the router ablations
         `router-frozen`, `router-noprior`, `prior`; None picks the default.
     kv_policy: what a skipped (layer, token) leaves in the KV cache: `fill`, `mask` or `zero`.

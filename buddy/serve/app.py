@@ -6,7 +6,7 @@ Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/comp
 template); streaming (server-sent events) and not. Buddy's own request fields, which the `openai` client sends
 with `extra_body=`: `budget` (a fraction in (0, 1] or "auto") or `layers` (an exact layer count), and
 `kv_policy`, and `allocation` ("request", the default, or "token": each token its own depth, the mean exact).
-`usage` adds `layers_per_token` (measured), `budget`, `layers`, `k` and `allocation`. Errors use OpenAI's
+`usage` adds `layers_per_token` (measured), `budget`, `layers`, `k`, `allocation`, `kv_policy` and `planner`. Errors use OpenAI's
 format with a 4xx status.
 """
 
@@ -219,7 +219,8 @@ class Server:
         n = len(req.tokens)
         return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n,
                 "layers_per_token": round(req.layer_sum / max(n, 1), 3), **budget_echo(o["budget"], o["k"]),
-                "allocation": o["allocation"], "n_layers": self.engine.n_layers}
+                "allocation": o["allocation"], "kv_policy": o["kv_policy"],
+                "planner": self.engines[o["kv_policy"]].planner.name, "n_layers": self.engine.n_layers}
 
 
 class _Guard:

@@ -58,6 +58,15 @@ def test_completion_and_chat_equal_buddy_generate(client):
     u = r.usage.model_dump()
     assert u["completion_tokens"] == 12 and u["layers_per_token"] == 15 and u["budget"] == 0.5
     assert u["layers"] is None and u["k"] == 15
+    assert u["kv_policy"] == "fill" and u["planner"] == "router"
+
+
+def test_usage_names_the_planner_of_each_kv_policy(client):
+    """No router trained for `zero` ships (the `fill` one is worse than static there): `zero` runs static-greedy."""
+    r = client.completions.create(model="smollm2", prompt=PROMPTS[1], max_tokens=4, temperature=0,
+                                  extra_body={"budget": 0.5, "kv_policy": "zero"})
+    u = r.usage.model_dump()
+    assert u["kv_policy"] == "zero" and u["planner"] == "static-greedy" and u["layers_per_token"] == 15
     msgs = [{"role": "user", "content": "Name a color."}]
     c = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=10, temperature=0,
                                        extra_body={"budget": 0.75})
