@@ -82,7 +82,8 @@ def test_vllm_export_holds_the_model_router_and_budget_settings(tiny_ckpt, tmp_p
     save_router(module, meta, tmp_path / "router")
     base = ["export", "--format", "vllm", "--model", str(tiny_ckpt), "--dtype", "float32", "--router",
             str(tmp_path / "router")]
-    assert main(base + ["--layers", "4", "--kv-policy", "zero", "--out", str(tmp_path / "v")]) == 0
+    with pytest.warns(UserWarning, match="trained for kv policy 'fill', not 'zero'"):  # exported as asked
+        assert main(base + ["--layers", "4", "--kv-policy", "zero", "--out", str(tmp_path / "v")]) == 0
     c = json.loads((tmp_path / "v" / "config.json").read_text())
     assert c["architectures"] == ["BuddyLlamaForCausalLM"] and c["model_type"] == "llama"
     b = c["buddy"]
