@@ -5,14 +5,14 @@
     .venv-vllm/bin/python benchmarks/vllm_throughput.py --export exported/smollm2-vllm \\
         --dense ~/.cache/buddy/models/smollm2 --concurrency 1,8,32 --max-tokens 64
 
-Runs in vLLM's environment (`make setup-vllm`). Each model runs in its own process (vLLM's CPU build keeps
-one engine per process): vLLM dense on the plain checkpoint, then the Buddy export at budgets 1.0, 0.75,
-0.5 and mixed (0.5 / 0.75 / 1.0 cycling over the requests). At concurrency c it submits c requests at once
-(greedy, `ignore_eos`, `--max-tokens` each; at c = 1 four requests in turn; each cell first runs its own batch
-for 8 tokens untimed) and counts generated tokens per
-second of wall time; each cell is timed `--repeats` times and reports the median (single runs on a
-2-core machine vary by several percent). The repeats run in rounds: a dense process, then a Buddy process,
-each timing every one of its cells once, so that a slow spell of the machine falls on both sides alike.
+Runs in vLLM's environment (`make setup-vllm`). Each model runs in its own process (vLLM's CPU build keeps one
+engine per process): vLLM dense on the plain checkpoint, then the Buddy export at budgets 1.0, 0.75, 0.5 and
+mixed (0.5 / 0.75 / 1.0 cycling over the requests). At concurrency c it submits c requests at once (greedy,
+`ignore_eos`, `--max-tokens` each; at c = 1 four requests in turn; each cell first runs its own batch for 8
+tokens untimed) and counts generated tokens per second of wall time; each cell is timed `--repeats` times and
+reports the median (single runs on a 2-core machine vary by several percent). The repeats run in rounds: a
+dense process, then a Buddy process, each timing every one of its cells once, so that a slow spell of the
+machine falls on both sides alike.
 `--buddy-server` adds Buddy's own server at the largest concurrency and budgets 1.0, 0.75 and 0.5, through
 benchmarks/serve_load.py in the main environment (the same repeats).
 Ratios are to vLLM dense at the same concurrency (of the medians, and the median of the per-round ratios),
@@ -127,8 +127,12 @@ def main() -> None:
                                    args.repeats)))
         return
     if args.table:
-        saved = json.loads(Path(args.table).read_text().strip().splitlines()[-1])
-        print_table(saved["rows"])
+        try:
+            rows = json.loads(Path(args.table).read_text().strip().splitlines()[-1])["rows"]
+        except (OSError, IndexError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"--table {args.table}: not a saved output of this benchmark (its last line, JSON with "
+                     f"'rows'): {type(e).__name__}: {e}")
+        print_table(rows)
         return
     if not (args.export and args.dense):
         ap.error("give --export (a buddy export --format vllm directory) and --dense (the plain checkpoint)")

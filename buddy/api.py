@@ -71,16 +71,6 @@ def router_dir(bb: Backbone, kv_policy: str, fallback: bool = True) -> Path | No
     return None
 
 
-def router_policy(d: Path) -> str | None:
-    """The KV policy a router directory was trained for (its router.json), or None when it has none."""
-    import json
-
-    try:
-        return json.loads((Path(d) / "router.json").read_text()).get("kv_policy")
-    except (OSError, ValueError):
-        return None
-
-
 class PlannerError(BuddyError):
     """Unknown planner, or one this model cannot use yet."""
 
@@ -92,21 +82,22 @@ def make_planner(name: str | None, bb: Backbone, kv_policy: str = LoadConfig.kv_
     measured worse than static-greedy under `zero` (docs/results.md, "KV policy zero") and `mask`
     (docs/results-history.md, KV policies), so it runs under them only when asked for by name."""
     from .calibration import calibration_path, load_calibration
+    from .router import RouterPlanner, load_router, prior_scores
 
     rdir = Path(router) if router else router_dir(bb, kv_policy)
+    wants_router = name is None or name in ROUTER_PLANNERS
+    loaded = load_router(rdir, checksum=bb.checksum, n_layers=bb.n_layers) if router and wants_router else None
     if name is None:
-        own = router_dir(bb, kv_policy, fallback=False) if router is None else router_policy(rdir) == kv_policy
+        own = router_dir(bb, kv_policy, fallback=False) if router is None else loaded[1].kv_policy == kv_policy
         if router is not None and not own:
-            warnings.warn(f"router {rdir} was trained for kv policy {router_policy(rdir)!r}, not {kv_policy!r}: "
+            warnings.warn(f"router {rdir} was trained for kv policy {loaded[1].kv_policy!r}, not {kv_policy!r}: "
                           "the default planner is static-greedy (--planner router uses it anyway)", stacklevel=2)
         name = "router" if own else ("static-greedy" if calibration_path(bb, calibration).is_file() else "full")
     if name in ROUTER_PLANNERS:
-        from .router import RouterPlanner, load_router, prior_scores
-
         if rdir is None:
             raise PlannerError(f"no trained router for model {bb.name!r}: train one with "
                                f"`buddy train router --model {bb.name}` and pass --router DIR")
-        module, meta = load_router(rdir, checksum=bb.checksum, n_layers=bb.n_layers)
+        module, meta = loaded or load_router(rdir, checksum=bb.checksum, n_layers=bb.n_layers)
         if meta.kv_policy != kv_policy:
             warnings.warn(f"router {rdir} was trained for kv policy {meta.kv_policy!r}, not {kv_policy!r}: "
                           "expect lower quality (docs/results-history.md, KV policies)", stacklevel=2)

@@ -77,3 +77,12 @@ def test_vllm_throughput_rounds_merge_into_one_row_per_cell_with_the_median():
     rows = merge_rounds(rounds)
     assert len(rows) == 2 and rows[0]["tok_s_runs"] == [10.0, 30.0, 12.0] and rows[0]["tok_s"] == 12.0
     assert rows[1]["concurrency"] == 1 and rows[1]["tok_s"] == 3.0 and rounds[0][0]["tok_s_runs"] == [10.0]
+
+
+def test_vllm_throughput_table_names_a_file_that_is_not_a_saved_run(tmp_path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not json\n")
+    for path in (bad, tmp_path / "missing.txt"):
+        r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vllm_throughput.py"), "--table", str(path)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and f"--table {path}: not a saved output" in r.stderr and "Traceback" not in r.stderr
