@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from buddy.budget import Budget
+from buddy.eval.stats import stratified_bootstrap
 from buddy.eval.sweep import read_results
 from buddy.predictor import DEFAULT_LEVELS
 
@@ -98,10 +99,7 @@ def main() -> None:
             out.append(np.asarray(mine[t]["per_doc"][key], float) - fixed)
         return out
 
-    def boot(diffs, stat, n=4000, seed=0):
-        rng = np.random.default_rng(seed)
-        reps = [stat([d[rng.integers(0, len(d), len(d))] for d in diffs]) for _ in range(n)]
-        return stat(diffs), *np.percentile(reps, [2.5, 97.5])
+    boot = stratified_bootstrap
 
     paired_lines, domain_lines = [], []
     print("| predictor | lambda | task | auto layers/token | auto | fixed | auto - fixed | fixed, levels | "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
@@ -30,6 +30,7 @@ class GenResult:
     docs: int
     layers_per_token: float
     wall_s: float
+    per_doc: dict = field(default_factory=dict)  # {"acc": [1 if a document is right]}, for paired intervals
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +107,7 @@ def evaluate_gen(engine, task: str, docs: list[GenDoc], budget=None, layers=None
     outputs, layer_sum, n_tok = generate_until(engine, [d.prompt for d in docs], k, max_new_tokens or MAX_NEW[task],
                                                [d.stop for d in docs], batch_size, finished, progress, task,
                                                allocation)
-    correct = sum(is_correct(task, out, d.answer) for d, out in zip(docs, outputs))
+    right = [int(is_correct(task, out, d.answer)) for d, out in zip(docs, outputs)]
     n = max(len(docs), 1)
-    return GenResult(task, correct / n, len(docs), layer_sum / max(n_tok, 1), time.perf_counter() - t0), outputs
+    return GenResult(task, sum(right) / n, len(docs), layer_sum / max(n_tok, 1), time.perf_counter() - t0,
+                     {"acc": right}), outputs

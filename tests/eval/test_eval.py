@@ -165,6 +165,8 @@ def test_lambada_output_is_the_greedy_generation(smol32):
         alone = "".join(s.text for s in smol32.generate(d.prompt, max_new_tokens=8))
         assert alone.startswith(out)
     assert res.docs == 2 and res.layers_per_token == 30
+    assert res.per_doc["acc"] == [int(is_correct("lambada", o, d.answer)) for d, o in zip(docs, outs)]
+    assert res.acc == sum(res.per_doc["acc"]) / 2
 
 
 @pytest.mark.integration
@@ -288,6 +290,59 @@ def test_router_vs_static_benchmark_reads_sweep_rows(tmp_path):
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last["cells"] == 2 and last["never_worse"] and last["worst"]["static"] == "static-greedy"
     assert "| moby_dick | yes | 15 |" in out.stdout
+
+
+def test_stratified_bootstrap_resamples_within_groups():
+    from buddy.eval.stats import stratified_bootstrap
+
+    def avg(gs):
+        return float(np.mean([g.mean() for g in gs]))
+
+    rng = np.random.default_rng(0)
+    groups = [rng.normal(0.3, 1.0, 300), rng.normal(-0.1, 1.0, 50)]
+    m, lo, hi = stratified_bootstrap(groups, avg)
+    assert m == pytest.approx(avg(groups)) and lo < m < hi
+    # a constant group adds no spread: the interval is the other group's, halved by the average
+    m1, lo1, hi1 = stratified_bootstrap([groups[0], np.zeros(7)], avg)
+    assert m1 == pytest.approx(groups[0].mean() / 2) and hi1 - lo1 < hi - lo
+    assert stratified_bootstrap([[1.0, 1.0], [3.0]], avg) == (2.0, 2.0, 2.0)
+    with pytest.raises(ValueError):
+        stratified_bootstrap([[1.0], []], avg)
+
+
+def test_tasks_vs_static_benchmark_pairs_accuracy_by_document(tmp_path):
+    import subprocess
+    import sys
+
+    acc = {  # 4 documents per task; the router is right where the better static method is, plus one more
+        "router": {"a": [1, 1, 0, 1], "b": [0, 1, 1, 0], "lambada": [1, 0, 0, 0]},
+        "static-bi": {"a": [1, 0, 0, 1], "b": [0, 1, 0, 0], "lambada": [1, 1, 0, 0]},
+        "static-greedy": {"a": [0, 0, 0, 1], "b": [0, 1, 1, 0], "lambada": [0, 0, 0, 0]},
+    }
+    rows = [{"model": "m", "method": m, "kv_policy": "fill", "k": 15, "n_layers": 30, "task": t,
+             "acc": float(np.mean(v)), "docs": 4, "per_doc": {"acc": v}} for m, per in acc.items() for t, v in per.items()]
+    rows.append({"model": "m", "method": "router", "kv_policy": "fill", "k": 19, "n_layers": 30, "task": "a",
+                 "acc": 1.0, "docs": 1})  # no per-document results: not compared
+    f = tmp_path / "r.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run([sys.executable, "benchmarks/tasks_vs_static.py", str(f), "--tasks", "a,b", "--extra", "lambada"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert out.returncode == 0, out.stderr
+    (res,) = json.loads(out.stdout.strip().splitlines()[-1])["by_k"]
+    assert res["k"] == 15
+    # per task, against the better static method on that task
+    assert res["tasks"]["a"]["best_static"] == "static-bi" and res["tasks"]["a"]["diff"] == pytest.approx(0.25)
+    assert res["tasks"]["b"]["diff"] == pytest.approx(0.0)
+    assert res["tasks"]["lambada"]["best_static"] == "static-bi" and res["tasks"]["lambada"]["diff"] == pytest.approx(-0.25)
+    # the average, against the one static method with the higher average (static-bi 0.375, static-greedy 0.375:
+    # a tie goes to the first listed); lambada stays outside it
+    avg = res["average"]
+    assert avg["router"] == pytest.approx(0.625) and avg["best_static"] == "static-bi"
+    assert avg["diff"] == pytest.approx(0.25) and avg["ci"][0] <= 0.25 <= avg["ci"][1] and avg["docs"] == 8
+    assert "| router | 15 | 75.0 | 50.0 | 62.5 | 25.0 |" in out.stdout
+    bad = subprocess.run([sys.executable, "benchmarks/tasks_vs_static.py", str(f), "--tasks", "zzz"], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert bad.returncode != 0 and "no router rows" in bad.stderr
 
 
 def test_kl_to_the_dense_model_is_zero_at_full_depth_and_grows_with_skipping():
