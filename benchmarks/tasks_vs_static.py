@@ -28,37 +28,57 @@ def mean_of_means(groups) -> float:
     return float(np.mean([g.mean() for g in groups]))
 
 
+def cells_of(rows: list[dict], metric: str) -> dict:
+    """{(method, task, k): row} of the rows with per-document results; one row per cell, or SystemExit."""
+    cell = {}
+    for r in rows:
+        if metric not in r or metric not in r.get("per_doc", {}) or r.get("allocation", "request") != "request":
+            continue
+        key = (r["method"], r["task"], r["k"])
+        if key in cell and cell[key] != r:
+            raise SystemExit(f"two rows for {key} (model, KV policy, limit or calibration differ): compare them from "
+                             "separate results files")
+        cell[key] = r
+    return cell
+
+
 def compare(rows: list[dict], tasks: list[str], extra: list[str], method: str, statics: list[str],
             metric: str = "acc") -> list[dict]:
     """Per k: the router's and each static method's accuracies, and the paired differences (see the module doc)."""
-    cell = {(r["method"], r["task"], r["k"]): r for r in rows
-            if metric in r and metric in r.get("per_doc", {}) and r.get("allocation", "request") == "request"}
+    cell = cells_of(rows, metric)
+
+    def acc(m, t, k):
+        return np.asarray(cell[(m, t, k)]["per_doc"][metric], dtype=float)
+
+    def diff(t, k, static):
+        a, b = acc(method, t, k), acc(static, t, k)
+        if a.shape != b.shape:
+            raise SystemExit(f"{t} at k={k}: {method} has {a.size} documents, {static} {b.size}: the rows are not "
+                             "paired (rerun both with the same --limit into a fresh --out)")
+        return a - b
+
     out = []
     for k in sorted({k for m, _, k in cell if m == method and k != "auto"}):
-        mine = {t: cell[(method, t, k)] for t in tasks + extra if (method, t, k) in cell}
-        have = [s for s in statics if all((s, t, k) in cell for t in mine)]
-        if not have or not mine:
-            continue
-
-        def acc(m, t):
-            return np.asarray(cell[(m, t, k)]["per_doc"][metric], dtype=float)
-
-        res = {"k": k, "tasks": {}, "n_layers": next(iter(mine.values()))["n_layers"]}
-        for t in mine:
+        res = {"k": k, "tasks": {}}
+        for t in tasks + extra:
+            have = [s for s in statics if (s, t, k) in cell]
+            if (method, t, k) not in cell or not have:
+                continue
             best = max(have, key=lambda s: cell[(s, t, k)][metric])
-            d, lo, hi = paired_bootstrap(acc(method, t) - acc(best, t))
+            d, lo, hi = paired_bootstrap(diff(t, k, best))
             res["tasks"][t] = {method: cell[(method, t, k)][metric], **{s: cell[(s, t, k)][metric] for s in have},
-                               "best_static": best, "diff": d, "ci": [lo, hi], "docs": len(acc(method, t))}
-        avg_tasks = [t for t in tasks if t in mine]
-        if len(avg_tasks) == len(tasks) and len(tasks) > 1:
+                               "best_static": best, "diff": d, "ci": [lo, hi], "docs": len(acc(method, t, k))}
+        have = [s for s in statics if all((s, t, k) in cell for t in tasks)]
+        if len(tasks) > 1 and have and all(t in res["tasks"] for t in tasks):
             avg = {m: float(np.mean([cell[(m, t, k)][metric] for t in tasks])) for m in [method] + have}
             best = max(have, key=avg.get)
-            d, lo, hi = stratified_bootstrap([acc(method, t) - acc(best, t) for t in tasks], mean_of_means)
+            d, lo, hi = stratified_bootstrap([diff(t, k, best) for t in tasks], mean_of_means)
             worst = min(tasks, key=lambda t: res["tasks"][t]["diff"])
             res["average"] = {**avg, "best_static": best, "diff": d, "ci": [lo, hi],
                               "docs": sum(res["tasks"][t]["docs"] for t in tasks),
                               "worst_task": [worst, res["tasks"][worst]["diff"]]}
-        out.append(res)
+        if res["tasks"]:
+            out.append(res)
     return out
 
 
@@ -78,8 +98,9 @@ def main() -> None:
     res = compare(rows, tasks, extra, args.method, statics, args.metric)
     if not res:
         raise SystemExit(f"{args.results}: no {args.method} rows with per-document {args.metric} and static rows "
-                         "at the same k (run `buddy sweep` with --methods ...,static-bi,static-greedy,router)")
-    dense = {r["task"]: r[args.metric] for r in rows if r["method"] == "dense" and args.metric in r}
+                         "at the same k (run `buddy sweep --methods dense,static-bi,static-greedy,router` into a fresh --out: "
+                         "rows written before per-document results are kept and skipped)")
+    dense = {t: r[args.metric] for (m, t, _), r in cells_of(rows, args.metric).items() if m == "dense"}
     cols = tasks + (["average"] if len(tasks) > 1 else []) + extra
     print("| method | k | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))

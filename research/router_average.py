@@ -25,11 +25,15 @@ from buddy.eval.ppl import evaluate_windows
 from buddy.router import DecisionModule, RouterPlanner, load_router, prior_scores
 
 
-def weights_of(path: str, bb) -> dict:
+def weights_of(path: str, bb, prior_order: list[int]) -> dict:
+    """A router directory's or a training state's weights (a state's own prior is checked when it is resumed)."""
     p = Path(path)
     if p.is_file():
         return load_state(p, bb.device)["module"]
-    return load_router(p, checksum=bb.checksum, n_layers=bb.n_layers)[0].state_dict()
+    module, meta = load_router(p, checksum=bb.checksum, n_layers=bb.n_layers)
+    if list(meta.prior_order) != list(prior_order):
+        raise SystemExit(f"{path} was trained with another prior than --a: their weights do not average")
+    return module.state_dict()
 
 
 def main() -> None:
@@ -45,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     bb = load_backbone(args.model, "cpu", args.dtype)
     a_mod, meta = load_router(Path(args.a), checksum=bb.checksum, n_layers=bb.n_layers)
-    wa, wb = a_mod.state_dict(), weights_of(args.b, bb)
+    wa, wb = a_mod.state_dict(), weights_of(args.b, bb, meta.prior_order)
     prior = prior_scores(meta.prior_order, bb.n_layers)
     ks = [int(x) for x in args.layers.split(",")]
     val = mix_windows(bb.tokenizer, "validation", 256, args.windows)
@@ -66,9 +70,10 @@ def main() -> None:
     row("prior", base)
     for w in (float(x) for x in args.weights.split(",")):
         module = DecisionModule(a_mod.cfg)
-        mixed = {n: (1 - w) * wa[n].float() + w * wb[n].float() if wa[n].is_floating_point() else wa[n] for n in wa}
+        mixed = {n: (1 - w) * wa[n].float() + w * wb.get(n, wa[n]).float() if wa[n].is_floating_point() else wa[n]
+                 for n in wa}
         module.load_state_dict({n: v.to(wa[n].dtype) for n, v in mixed.items()})
-        module.scale.fill_(1.0)
+        module.scale.fill_(1.0)  # a fitted per-k weight belongs to the weights it was fitted for
         with torch.no_grad():
             row(f"w={w:g}", validate(module))
 
