@@ -12,6 +12,7 @@ what gets written. Checkpoints are atomic; `--resume` continues a killed run wit
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -90,6 +91,10 @@ class TrainConfig:
     scale_windows: fit the scales on this many validation windows (per domain for `mix`), every weight (the prior's and
         the router's as trained included) measured afresh on them; 0 = the checkpoint's own validation windows.
         More windows make the per-domain test less noisy (2 windows per domain decide on noise).
+    ema: 0 validates and writes the weights as trained; d in (0, 1) keeps an exponential moving average of them
+        (each step: average = d * average + (1 - d) * weights) and validates and writes the average instead, which
+        smooths the swings between checkpoints (docs/results.md, "Training longer"). 0.99 averages over about the
+        last 100 steps.
     scale_rule: when a weight counts as no worse than the prior on a domain: `strict` (its mean validation NLL is
         at most 0.002 nats above the prior's) or `interval` (the 95% paired bootstrap interval over windows of its
         NLL minus the prior's does not lie entirely above 0: only a significant loss rules it out; every weight
@@ -126,6 +131,7 @@ class TrainConfig:
     scales: str = ""
     scale_windows: int = 0
     scale_rule: str = "strict"
+    ema: float = 0.0
 
     def __post_init__(self):
         if self.kv_policy not in KV_POLICIES:
@@ -170,6 +176,8 @@ class TrainConfig:
             raise ConfigError(f"invalid scale_windows {self.scale_windows}: must be >= 0 (0 = the validation windows)")
         if self.scale_rule not in ("strict", "interval"):
             raise ConfigError(f"invalid scale_rule {self.scale_rule!r}: must be strict or interval")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"invalid ema {self.ema}: must be in [0, 1) (0: no average; e.g. 0.99)")
         if self.scale_windows and not self.scales:
             raise ConfigError("scale_windows is for fitting scales: give scales too (e.g. --scales 0,0.5,1)")
 
@@ -322,6 +330,8 @@ class RouterTrainer:
                 p.requires_grad_(name.startswith("fc_gate"))
             torch.nn.init.zeros_(self.module.fc_gate.weight)
             torch.nn.init.zeros_(self.module.fc_gate.bias)
+        # the weights that validate and ship: the module itself, or its moving average (TrainConfig.ema)
+        self.ema_module = copy.deepcopy(self.module).requires_grad_(False) if cfg.ema else None
         self.rank, self.world = _dist()
         if cfg.estimator == "gate" and self.world > 1:
             raise ConfigError("estimator gate runs in one process (it is small): launch it without torchrun")
@@ -474,11 +484,25 @@ class RouterTrainer:
             return self._safe(v)
         return v["mean_nll"] < self.best["mean_nll"]
 
+    def shipped(self) -> DecisionModule:
+        """The weights that validate and are written: the moving average with `ema`, else the module."""
+        return self.ema_module if self.ema_module is not None else self.module
+
+    @torch.no_grad()
+    def update_average(self) -> None:
+        if self.ema_module is None:
+            return
+        d = self.cfg.ema
+        avg = self.ema_module.state_dict()
+        for name, p in self.module.state_dict().items():
+            if p.is_floating_point():
+                avg[name].mul_(d).add_(p, alpha=1 - d)
+
     # --- checkpoints ------------------------------------------------------------------------------------
     def save_state(self) -> None:
         save_state(self.out / "state.pt", {
             "step": self.step, "module": self.module.state_dict(), "opt": self.opt.state_dict(),
-            "history": self.history, "best": self.best, "baseline": self.baseline,
+            **({"ema": self.ema_module.state_dict()} if self.ema_module is not None else {}), "history": self.history, "best": self.best, "baseline": self.baseline,
             "train_seconds": self.train_seconds, "settings": self.settings()})
 
     def settings(self) -> dict:
@@ -494,9 +518,11 @@ class RouterTrainer:
         state = load_state(path, self.bb.device)
         saved = state.get("settings")
         if saved is not None:  # states written before --standardize existed trained without it
-            saved = {"standardize": False, **saved}
+            saved = {"standardize": False, "ema": 0.0, **saved}  # and without --ema
         check_resume(path, saved, self.settings())
         self.module.load_state_dict(state["module"])
+        if self.ema_module is not None:
+            self.ema_module.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
         self.step, self.history = state["step"], state["history"]
         self.best, self.baseline, self.train_seconds = state["best"], state["baseline"], state["train_seconds"]
@@ -544,6 +570,7 @@ class RouterTrainer:
             loss_value = float(_all_sum(loss.detach())) / self.world
             torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], 1.0)
             self.opt.step()
+            self.update_average()
             self.step += 1
             dt = time.perf_counter() - t0
             self.train_seconds += dt
@@ -554,13 +581,13 @@ class RouterTrainer:
             bar.update(1)
             if main and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
                 t1 = time.perf_counter()
-                v = self.validate()
+                v = self.validate(module=self.ema_module)
                 self.train_seconds += time.perf_counter() - t1
                 self.history[-1]["val_mean_nll"] = v["mean_nll"]
                 self.history[-1]["val_domains"] = v["domains"]
                 if self._better(v):
                     self.best = {"step": self.step, "mean_nll": v["mean_nll"], "nll": v["nll"],
-                                 "domains": v["domains"], "module": {k: t.clone() for k, t in self.module.state_dict().items()}}
+                                 "domains": v["domains"], "module": {k: t.clone() for k, t in self.shipped().state_dict().items()}}
                 worst = max((math.exp(x - self.baseline["domains"][d][k]), d, k)
                             for d, per in v["domains"].items() for k, x in per.items())
                 bar.write(f"step {self.step}: val ppl " + " ".join(

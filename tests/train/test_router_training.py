@@ -168,3 +168,43 @@ def test_gate_training_changes_only_the_gate_and_round_trips(tmp_path):
     assert module.cfg.gate and meta.steps == 3
     with pytest.raises(Exception, match="--init"):
         TrainConfig(estimator="gate")
+
+
+def test_ema_validates_and_writes_the_moving_average_and_resumes_with_it(tmp_path):
+    bb = tiny_backbone("llama", n_layers=8)
+
+    def trainer(out, steps):
+        t = make_trainer(bb, out, steps)
+        t.cfg.ema = 0.5
+        return RouterTrainer(bb, t.cfg, list(range(1, 7)), t.train_windows, t.val_windows["validation"], out,
+                             command="test", data="random")
+
+    t = trainer(tmp_path / "u", 1)
+    before = {n: v.clone() for n, v in t.ema_module.state_dict().items()}
+    with torch.no_grad():
+        t.module.fc1.weight.add_(1.0)
+    t.update_average()  # average = 0.5 * average + 0.5 * weights
+    assert torch.allclose(t.ema_module.fc1.weight, before["fc1.weight"] + 0.5)
+    assert torch.equal(t.ema_module.freqs, before["freqs"]) and not t.ema_module.fc1.weight.requires_grad
+
+    straight = trainer(tmp_path / "a", 4)
+    straight.run(progress=False)
+    assert not torch.allclose(straight.ema_module.fc2.weight, straight.module.fc2.weight)  # the average lags
+    first = trainer(tmp_path / "b", 2)
+    first.run(progress=False)
+    resumed = trainer(tmp_path / "b", 4)
+    assert resumed.load_state() and resumed.step == 2
+    resumed.run(progress=False)
+    for n, v in straight.ema_module.state_dict().items():
+        assert torch.allclose(v, resumed.ema_module.state_dict()[n], atol=1e-6), n
+    # what is written is the average at the best validated step (or the starting weights at step 0)
+    written, _ = load_router(tmp_path / "a", n_layers=8)
+    assert {n: v for n, v in written.state_dict().items()}.keys() == straight.best["module"].keys()
+    assert all(torch.equal(written.state_dict()[n], v) for n, v in straight.best["module"].items() if n != "scale")
+    if straight.best["step"] == 4:
+        assert torch.equal(written.fc2.weight, straight.ema_module.fc2.weight)
+    plain = make_trainer(bb, tmp_path / "b", 4)  # a run with the average is not resumed without it
+    with pytest.raises(ConfigError, match="ema"):
+        plain.load_state()
+    with pytest.raises(ConfigError, match="invalid ema"):
+        TrainConfig(ema=1.0)
