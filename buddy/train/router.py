@@ -502,7 +502,8 @@ class RouterTrainer:
     def save_state(self) -> None:
         save_state(self.out / "state.pt", {
             "step": self.step, "module": self.module.state_dict(), "opt": self.opt.state_dict(),
-            **({"ema": self.ema_module.state_dict()} if self.ema_module is not None else {}), "history": self.history, "best": self.best, "baseline": self.baseline,
+            **({"ema": self.ema_module.state_dict()} if self.ema_module is not None else {}),
+            "history": self.history, "best": self.best, "baseline": self.baseline,
             "train_seconds": self.train_seconds, "settings": self.settings()})
 
     def settings(self) -> dict:
@@ -581,7 +582,7 @@ class RouterTrainer:
             bar.update(1)
             if main and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
                 t1 = time.perf_counter()
-                v = self.validate(module=self.ema_module)
+                v = self.validate(module=self.shipped())
                 self.train_seconds += time.perf_counter() - t1
                 self.history[-1]["val_mean_nll"] = v["mean_nll"]
                 self.history[-1]["val_domains"] = v["domains"]
