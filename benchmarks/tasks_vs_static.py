@@ -98,8 +98,8 @@ def main() -> None:
     res = compare(rows, tasks, extra, args.method, statics, args.metric)
     if not res:
         raise SystemExit(f"{args.results}: no {args.method} rows with per-document {args.metric} and static rows "
-                         "at the same k (run `buddy sweep --methods dense,static-bi,static-greedy,router` into a fresh --out: "
-                         "rows written before per-document results are kept and skipped)")
+                         "at the same k (run `buddy sweep --methods dense,static-bi,static-greedy,router` into a "
+                         "fresh --out: rows written before per-document results are kept and skipped)")
     dense = {t: r[args.metric] for (m, t, _), r in cells_of(rows, args.metric).items() if m == "dense"}
     cols = tasks + (["average"] if len(tasks) > 1 else []) + extra
     print("| method | k | " + " | ".join(cols) + " |")
