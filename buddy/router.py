@@ -228,6 +228,7 @@ class RouterMeta:
     validation: dict = field(default_factory=dict)
     best_step: int = 0
     calibration: str = "sotu"  # the calibration whose order is the prior (routers made before `mix` name none)
+    init: dict = field(default_factory=dict)  # the router it started from (`--init`): path, sha256, its commit and steps
 
 
 def save_router(module: DecisionModule, meta: RouterMeta, out_dir: Path) -> None:

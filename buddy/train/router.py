@@ -13,6 +13,7 @@ what gets written. Checkpoints are atomic; `--resume` continues a killed run wit
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import os
 import time
@@ -283,6 +284,13 @@ def _all_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def init_record(path: Path, meta) -> dict:
+    """What a run started from, so its metadata still names it after the directory is overwritten."""
+    h = hashlib.sha256((path / "router.safetensors").read_bytes()).hexdigest()
+    return {"path": str(path), "sha256": h, "git_commit": meta.git_commit, "steps": meta.steps,
+            "data": meta.data}
+
+
 def init_distributed() -> bool:
     """Join the process group of a torchrun launch (gloo on CPU, NCCL on CUDA); False when not launched so."""
     import torch.distributed as dist
@@ -361,7 +369,8 @@ class RouterTrainer:
         self.meta = RouterMeta(model=bb.name, checksum=bb.checksum, n_layers=bb.n_layers, kv_policy=cfg.kv_policy,
                                budgets=tuple(float(x) for x in cfg.budgets.split(":")), prior=cfg.prior,
                                prior_order=list(order), config=asdict(rcfg), command=command, data=data,
-                               git_commit=git_commit(), calibration=cfg.calibration)
+                               git_commit=git_commit(), calibration=cfg.calibration,
+                               init=init_record(Path(cfg.init), self.init_meta) if cfg.init else {})
 
     def fit_standardization(self, windows: torch.Tensor, n: int) -> None:
         """The Decision Module's input statistics from n evenly spaced training windows (layer 0 only)."""

@@ -1,5 +1,6 @@
 """Router training (buddy/train/router.py): the training forward equals cached decode, gradients reach the router, resumable and deterministic runs that refuse changed settings, the swap and straight-through estimators, gate training."""
 
+import hashlib
 import json
 import math
 
@@ -166,6 +167,10 @@ def test_gate_training_changes_only_the_gate_and_round_trips(tmp_path):
         assert torch.equal(v, after[k]) == (not k.startswith("fc_gate")), k
     module, meta = load_router(tmp_path / "gate", n_layers=8)
     assert module.cfg.gate and meta.steps == 3
+    # the metadata names the router it started from, by content, so it survives that directory being overwritten
+    weights = (tmp_path / "router" / "router.safetensors").read_bytes()
+    assert meta.init == {"path": str(tmp_path / "router"), "sha256": hashlib.sha256(weights).hexdigest(),
+                         "git_commit": first.meta.git_commit, "steps": 1, "data": "random"}
     with pytest.raises(Exception, match="--init"):
         TrainConfig(estimator="gate")
 
