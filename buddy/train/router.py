@@ -17,6 +17,7 @@ import hashlib
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -513,7 +514,7 @@ class RouterTrainer:
             "step": self.step, "module": self.module.state_dict(), "opt": self.opt.state_dict(),
             **({"ema": self.ema_module.state_dict()} if self.ema_module is not None else {}),
             "history": self.history, "best": self.best, "baseline": self.baseline,
-            "train_seconds": self.train_seconds, "settings": self.settings()})
+            "train_seconds": self.train_seconds, "settings": self.settings(), "init": self.meta.init})
 
     def settings(self) -> dict:
         """The settings a resumed run must share with the run it continues (all but the step count)."""
@@ -536,6 +537,12 @@ class RouterTrainer:
         self.opt.load_state_dict(state["opt"])
         self.step, self.history = state["step"], state["history"]
         self.best, self.baseline, self.train_seconds = state["best"], state["baseline"], state["train_seconds"]
+        started = state.get("init")
+        if started:  # the run's start is what it recorded then, even if --init DIR holds other weights now
+            if started["sha256"] != self.meta.init.get("sha256"):
+                warnings.warn(f"{self.cfg.init} holds other weights than the router this run started from "
+                              f"(sha256 {started['sha256'][:12]}); its metadata keeps naming that one", stacklevel=2)
+            self.meta.init = started
         return True
 
     def _write_best(self) -> None:

@@ -15,6 +15,7 @@ from buddy.router import (
     RouterPlanner,
     load_router,
     prior_scores,
+    save_router,
 )
 from buddy.train.router import RouterTrainer, TrainConfig, routed_train_forward
 
@@ -173,6 +174,32 @@ def test_gate_training_changes_only_the_gate_and_round_trips(tmp_path):
                          "git_commit": first.meta.git_commit, "steps": 1, "data": "random"}
     with pytest.raises(Exception, match="--init"):
         TrainConfig(estimator="gate")
+
+
+def test_a_resumed_run_keeps_naming_the_router_it_started_from(tmp_path):
+    bb = tiny_backbone("llama", n_layers=8)
+    make_trainer(bb, tmp_path / "start", 1).run(progress=False)
+    started = hashlib.sha256((tmp_path / "start" / "router.safetensors").read_bytes()).hexdigest()
+
+    def cont(steps):
+        cfg = TrainConfig(steps=steps, batch=2, seq_len=12, val_every=2, val_windows=2, width=16, lr=1e-2,
+                          budgets="0.5:1.0", init=str(tmp_path / "start"))
+        g = torch.Generator().manual_seed(1)
+        return RouterTrainer(bb, cfg, list(range(1, 7)), torch.randint(0, 97, (8, 12), generator=g),
+                             torch.randint(0, 97, (2, 12), generator=g), tmp_path / "cont", command="test",
+                             data="random")
+
+    cont(2).run(progress=False)
+    module, meta = load_router(tmp_path / "start", n_layers=8)  # the start directory now holds other weights
+    with torch.no_grad():
+        module.fc2.weight.add_(1.0)
+    save_router(module, meta, tmp_path / "start")
+    assert hashlib.sha256((tmp_path / "start" / "router.safetensors").read_bytes()).hexdigest() != started
+    t = cont(4)
+    with pytest.warns(UserWarning, match="other weights than the router this run started from"):
+        assert t.load_state()
+    t.run(progress=False)
+    assert load_router(tmp_path / "cont", n_layers=8)[1].init["sha256"] == started
 
 
 def test_ema_validates_and_writes_the_moving_average_and_resumes_with_it(tmp_path):
