@@ -7,7 +7,9 @@
 
 Runs in vLLM's environment (`make setup-vllm`). Each model runs in its own process (vLLM's CPU build keeps one
 engine per process): vLLM dense on the plain checkpoint, then the Buddy export at budgets 1.0, 0.75, 0.5 and
-mixed (0.5 / 0.75 / 1.0 cycling over the requests). At concurrency c it submits c requests at once (greedy,
+mixed (0.5 / 0.75 / 1.0 cycling over the requests), and mixed-grouped (the same requests submitted one budget at a
+time, each group's generate call after the last: path-aware batching, where every step's batch shares one layer
+count). At concurrency c it submits c requests at once (greedy,
 `ignore_eos`, `--max-tokens` each; at c = 1 four requests in turn; each cell first runs its own batch for 8
 tokens untimed) and counts generated tokens per second of wall time; each cell is timed `--repeats` times and
 reports the median (single runs on a 2-core machine vary by several percent). The repeats run in rounds: a
@@ -37,7 +39,22 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The best way to learn is",
            "In 1969, astronauts", "My favourite food is", "Water boils at", "The stock market"]
 SETTINGS = {"1.0": [{"budget": 1.0}], "0.75": [{"budget": 0.75}], "0.5": [{"budget": 0.5}],
-            "mixed": [{"budget": 0.5}, {"budget": 0.75}, {"budget": 1.0}]}
+            "mixed": [{"budget": 0.5}, {"budget": 0.75}, {"budget": 1.0}],
+            "mixed-grouped": [{"budget": 0.5}, {"budget": 0.75}, {"budget": 1.0}]}
+GROUPED = {"mixed-grouped"}  # path-aware batching: the same requests, submitted one budget group at a time
+
+
+def batches(prompts: list, params: list, grouped: bool) -> list[tuple[list, list]]:
+    """The generate calls of one timed cell: all requests at once, or one call per budget (grouped), so that
+    every step's batch shares one layer count."""
+    if not grouped:
+        return [(prompts, params)]
+    groups: dict[str, tuple[list, list]] = {}
+    for p, sp in zip(prompts, params):
+        g = groups.setdefault(json.dumps(sp.extra_args, sort_keys=True), ([], []))
+        g[0].append(p)
+        g[1].append(sp)
+    return list(groups.values())
 
 
 def run_model(model: str, settings: list[str], concurrency: list[int], max_tokens: int, dtype: str,
@@ -57,7 +74,8 @@ def run_model(model: str, settings: list[str], concurrency: list[int], max_token
             prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
             warm = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, extra_args=p.extra_args)
                     for p in params]
-            llm.generate(prompts, warm, use_tqdm=False)  # warm-up: the cell's own batch, so its shapes are not new
+            for ps, sps in batches(prompts, warm, setting in GROUPED):  # warm-up: the cell's own batches
+                llm.generate(ps, sps, use_tqdm=False)
             cells.append({"impl": "vllm dense" if setting == "dense" else "buddy in vllm", "setting": setting,
                           "concurrency": c, "requests": n, "prompts": prompts, "params": params, "tok_s_runs": []})
     for _ in range(repeats):  # cells interleaved: a slow spell of the machine hits every cell of a round alike
@@ -67,7 +85,8 @@ def run_model(model: str, settings: list[str], concurrency: list[int], max_token
             if cell["concurrency"] == 1:
                 outs = [o for p, sp in zip(prompts, params) for o in llm.generate([p], [sp], use_tqdm=False)]
             else:
-                outs = llm.generate(prompts, params, use_tqdm=False)
+                outs = [o for ps, sps in batches(prompts, params, cell["setting"] in GROUPED)
+                        for o in llm.generate(ps, sps, use_tqdm=False)]
             wall = time.perf_counter() - t0
             cell["tokens"] = sum(len(o.outputs[0].token_ids) for o in outs)
             cell["tok_s_runs"].append(cell["tokens"] / wall)

@@ -86,3 +86,24 @@ def test_vllm_throughput_table_names_a_file_that_is_not_a_saved_run(tmp_path):
         r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vllm_throughput.py"), "--table", str(path)],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and f"--table {path}: not a saved output" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_vllm_throughput_grouped_cell_submits_one_call_per_budget_in_request_order():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from vllm_throughput import SETTINGS, batches
+    finally:
+        sys.path.pop(0)
+
+    class Params:  # the only attribute `batches` reads from vLLM's SamplingParams
+        def __init__(self, extra_args):
+            self.extra_args = extra_args
+
+    extra = SETTINGS["mixed-grouped"]
+    params = [Params(extra[i % len(extra)]) for i in range(7)]
+    prompts = [f"p{i}" for i in range(7)]
+    assert batches(prompts, params, grouped=False) == [(prompts, params)]
+    calls = batches(prompts, params, grouped=True)
+    assert [ps for ps, _ in calls] == [["p0", "p3", "p6"], ["p1", "p4"], ["p2", "p5"]]
+    assert [{sp.extra_args["budget"] for sp in sps} for _, sps in calls] == [{0.5}, {0.75}, {1.0}]
+    assert SETTINGS["mixed-grouped"] == SETTINGS["mixed"]  # the same requests; only the submission differs
