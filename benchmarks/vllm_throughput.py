@@ -38,9 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The best way to learn is",
            "In 1969, astronauts", "My favourite food is", "Water boils at", "The stock market"]
+MIXED = [{"budget": 0.5}, {"budget": 0.75}, {"budget": 1.0}]
 SETTINGS = {"1.0": [{"budget": 1.0}], "0.75": [{"budget": 0.75}], "0.5": [{"budget": 0.5}],
-            "mixed": [{"budget": 0.5}, {"budget": 0.75}, {"budget": 1.0}],
-            "mixed-grouped": [{"budget": 0.5}, {"budget": 0.75}, {"budget": 1.0}]}
+            "mixed": MIXED, "mixed-grouped": MIXED}
 GROUPED = {"mixed-grouped"}  # path-aware batching: the same requests, submitted one budget group at a time
 
 
