@@ -78,6 +78,10 @@ class TrainConfig:
         `safe` (the lowest mean among checkpoints no worse than the prior, by more than 0.002 nats, on any
         validation domain and layer count; the prior itself if none is).
     band: `swap` picks the swapped layers among this many ranks on each side of the threshold.
+    swap_every: `swap` swaps at every token (1) and credits each swap with its own token's KL change, or swaps at
+        one token in every N (a random offset per row and step) and credits each swap with the KL change of its
+        token and of the N-1 tokens after it, which read its K/V. Under `fill`, later tokens carry about two
+        thirds of a swap's effect (research/swap_crosstalk.py), which the per-token credit leaves out.
     seed: seed for data order, budgets and initialisation.
     teacher_topk: 0 runs the dense model (the teacher) at every step, exactly; K > 0 keeps each token's K most
         likely tokens plus one bucket for the rest (the coarsened KL, never above the exact one) and caches
@@ -127,6 +131,7 @@ class TrainConfig:
     init: str = ""
     select: str = "mean"
     band: int = 3
+    swap_every: int = 1
     seed: int = 0
     teacher_topk: int = 0
     teacher_cache: str = ""
@@ -171,9 +176,11 @@ class TrainConfig:
         if self.data not in ("mix", "sotu") and not self.data.endswith(".txt"):
             raise ConfigError(f"invalid data {self.data!r}: must be mix, sotu or a UTF-8 .txt file of your own")
         for name in ("steps", "batch", "seq_len", "val_every", "save_every", "val_windows", "width", "band",
-                     "train_per_domain", "standardize_windows"):
+                     "swap_every", "train_per_domain", "standardize_windows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"invalid {name} {getattr(self, name)}: must be >= 1")
+        if self.swap_every > 1 and self.estimator != "swap":
+            raise ConfigError(f"swap_every {self.swap_every} is for the swap estimator, not {self.estimator!r}")
         if self.scale_windows < 0:
             raise ConfigError(f"invalid scale_windows {self.scale_windows}: must be >= 0 (0 = the validation windows)")
         if self.scale_rule not in ("strict", "interval"):
@@ -263,6 +270,26 @@ def swap_plans(scores: torch.Tensor, k: torch.Tensor, band: int, gen: torch.Gene
     mid[bi, ti, c[bi, ti]] = True
     swapped = torch.cat([plan[..., :1], mid, plan[..., -1:]], dim=-1)
     return plan, swapped, a, c, valid
+
+
+def sparse_swaps(plan: torch.Tensor, swapped: torch.Tensor, valid: torch.Tensor, every: int, gen: torch.Generator,
+                 rows: slice = slice(None), batch: int | None = None):
+    """Keep the swaps of one token in every `every` (a random offset per row, drawn for the whole global batch
+    like swap_plans' draws); the other tokens run `plan`. Returns (swapped plan, valid [B, T])."""
+    B, T = valid.shape
+    off = torch.randint(0, every, (batch or B,), generator=gen)[rows].to(valid.device)
+    pos = torch.arange(T, device=valid.device)
+    at = (pos[None, :] >= off[:, None]) & ((pos[None, :] - off[:, None]) % every == 0)
+    valid = valid & at
+    return torch.where(valid[..., None], swapped, plan), valid
+
+
+def window_sum(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, T] -> [B, T]: x[t] + ... + x[t + n - 1], cut at the end of the sequence."""
+    T = x.shape[-1]
+    cs = torch.nn.functional.pad(x.cumsum(-1), (1, 0))
+    end = torch.arange(T, device=x.device).add(n).clamp_max(T)
+    return cs[..., end] - cs[..., :T]
 
 
 def _dist() -> tuple[int, int]:
@@ -425,8 +452,13 @@ class RouterTrainer:
         scores = self.net(kv0, h0, k.float() / self.bb.n_layers) + self.prior
         gen = torch.Generator().manual_seed(self.cfg.seed * 31337 + self.step)
         plan, swapped, a, c, valid = swap_plans(scores.detach(), k, self.cfg.band, gen, self.shard(), self.cfg.batch)
+        n = self.cfg.swap_every
+        if n > 1:
+            swapped, valid = sparse_swaps(plan, swapped, valid, n, gen, self.shard(), self.cfg.batch)
         kl = self._kl(dense, plan, ids, k)
         gain = kl - self._kl(dense, swapped, ids, k)  # > 0: the dropped layer c would have been better
+        if n > 1:  # a swap's credit: its own token and the next n-1, which read its K/V
+            gain = window_sum(gain, n)
         margin = scores.gather(-1, c[..., None])[..., 0] - scores.gather(-1, a[..., None])[..., 0]
         w = gain.abs() * valid
         # normalised by the global weight, times the process count: DDP's gradient mean is then the global loss's
@@ -529,7 +561,7 @@ class RouterTrainer:
         state = load_state(path, self.bb.device)
         saved = state.get("settings")
         if saved is not None:  # states written before --standardize existed trained without it
-            saved = {"standardize": False, "ema": 0.0, **saved}  # and without --ema
+            saved = {"standardize": False, "ema": 0.0, "swap_every": 1, **saved}  # and without --ema, --swap-every
         check_resume(path, saved, self.settings())
         self.module.load_state_dict(state["module"])
         if self.ema_module is not None:

@@ -136,6 +136,44 @@ def test_swap_plans_keep_exact_k_and_swap_near_the_threshold():
     assert ((ra >= 2) & (ra <= 3)).all() and ((rc >= 4) & (rc <= 5)).all()
 
 
+def test_sparse_swaps_swap_one_token_in_n_and_credit_it_with_the_tokens_after_it():
+    from buddy.train.router import sparse_swaps, swap_plans, window_sum
+
+    scores = torch.randn(4, 13, 10)
+    k = torch.tensor([6, 7, 8, 6])
+    gen = torch.Generator().manual_seed(0)
+    plan, swapped, a, c, valid = swap_plans(scores, k, band=2, gen=gen)
+    sparse, v = sparse_swaps(plan, swapped, valid, 4, gen)
+    assert (sparse.sum(-1) == k[:, None]).all()
+    for b in range(4):
+        at = v[b].nonzero()[:, 0]
+        assert len(at) >= 3 and (at.diff() == 4).all() and at[0] < 4  # one token in 4, from a random offset
+        assert torch.equal(sparse[b, at], swapped[b, at])
+        rest = torch.ones(13, dtype=torch.bool)
+        rest[at] = False
+        assert torch.equal(sparse[b, rest], plan[b, rest])
+    offsets = {int(v[b].nonzero()[0, 0]) for b in range(4)}
+    assert len(offsets) > 1  # the offset is drawn per row
+    x = torch.arange(12.0).view(2, 6)
+    assert torch.equal(window_sum(x, 3)[0], torch.tensor([3.0, 6, 9, 12, 9, 5]))
+    assert torch.equal(window_sum(x, 1), x)
+
+
+def test_swap_every_trains_resumes_and_is_refused_where_it_cannot_hold(tmp_path):
+    bb = tiny_backbone("llama", n_layers=8)
+    t = make_trainer(bb, tmp_path / "s", 3)
+    t.cfg.swap_every = 4
+    t.run(progress=False)
+    assert len(t.history) == 3 and all(math.isfinite(h["loss"]) for h in t.history)
+    resumed = make_trainer(bb, tmp_path / "s", 3)
+    with pytest.raises(ConfigError, match=r"swap_every 4 \(now 1\)"):
+        resumed.load_state()
+    with pytest.raises(ConfigError, match="swap estimator"):
+        TrainConfig(estimator="st", swap_every=4)
+    with pytest.raises(ConfigError, match="swap_every 0"):
+        TrainConfig(swap_every=0)
+
+
 def test_straight_through_estimator_training_runs(tmp_path):
     bb = tiny_backbone("llama", n_layers=8)
     t = make_trainer(bb, tmp_path / "s", 3)
