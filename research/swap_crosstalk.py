@@ -12,7 +12,10 @@ budgets drawn as in training: the same swaps (a, c) are measured twice at every 
 - sparse: only every `--every`-th token swapped, so token t's KL change is (nearly) its own.
 It prints the correlation of the two gains and how often their signs agree (the label the ranking loss uses),
 and, in the sparse forward, the share of a swap's total effect (own token plus the next `--every` - 1 tokens)
-that falls on later tokens.
+that falls on later tokens. A third forward per swapped position swaps that token alone: its KL change summed
+over the token and every later one is the swap's total effect, and the last columns give how often each label's
+sign agrees with it (in brackets: weighted by the total effect's size): the dense per-token label (training's default), the sparse label summed over the token and
+the next `--every` - 1 (`--swap-every`), and the isolated swap's own token.
 
     .venv/bin/python research/swap_crosstalk.py --models smollm2,qwen-coder-0.5b
 """
@@ -53,13 +56,14 @@ def main() -> None:
     ap.add_argument("--policy", default="fill")
     args = ap.parse_args()
     lo_f, hi_f = (float(x) for x in args.budgets.split(":"))
-    print("| model | tokens | corr(dense, sparse) | sign agreement | later tokens' share of a swap's effect |")
-    print("|---|---|---|---|---|")
+    print("| model | tokens | corr(dense, sparse) | sign agreement | later tokens' share of a swap's effect "
+          "| sign vs total: dense per-token | sparse window | isolated own |")
+    print("|---|---|---|---|---|---|---|---|")
     for model in args.models.split(","):
         bb = load_backbone(model, dtype=args.dtype)
         L = bb.n_layers
         prior = prior_scores(load_calibration(bb, "mix")["orders"]["static-greedy"], L)
-        gd, gs, own, later = [], [], [], []
+        gd, gs, own, later, total, win, iso = [], [], [], [], [], [], []
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for windows in mix_windows(bb.tokenizer, "train", args.window, args.per_domain).values():
@@ -82,11 +86,25 @@ def main() -> None:
                 for b, t in pick.nonzero().tolist():
                     own.append(float(d_sp[b, t].abs()))
                     later.append(float(d_sp[b, t + 1:t + args.every].abs().sum()))
+                    win.append(float(d_sp[b, t:t + args.every].sum()))
+                    alone = plan[b:b + 1].clone()
+                    alone[0, t] = swapped[b, t]
+                    d_one = base[b:b + 1] - kl_per_token(bb, alone, ids[b:b + 1], k[b:b + 1], dense_logp[b:b + 1],
+                                                         args.policy)
+                    total.append(float(d_one[0, t:].sum()))
+                    iso.append(float(d_one[0, t]))
         x, y = torch.cat(gd), torch.cat(gs)
         corr = float(torch.corrcoef(torch.stack([x, y]))[0, 1])
         agree = float(((x > 0) == (y > 0)).float().mean())
         share = sum(later) / max(sum(later) + sum(own), 1e-12)
-        print(f"| {model} | {x.numel()} | {corr:.3f} | {agree:.3f} | {share:.3f} |", flush=True)
+        tot = torch.tensor(total)
+
+        def vs_total(label) -> str:  # plain share, and weighted by the size of the total effect
+            ok = ((torch.as_tensor(label) > 0) == (tot > 0)).float()
+            return f"{float(ok.mean()):.3f} ({float((ok * tot.abs()).sum() / tot.abs().sum()):.3f})"
+
+        print(f"| {model} | {x.numel()} | {corr:.3f} | {agree:.3f} | {share:.3f} | {vs_total(x)} "
+              f"| {vs_total(win)} | {vs_total(iso)} |", flush=True)
 
 
 if __name__ == "__main__":
