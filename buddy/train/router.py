@@ -81,7 +81,9 @@ class TrainConfig:
     swap_every: `swap` swaps at every token (1) and credits each swap with its own token's KL change, or swaps at
         one token in every N (a random offset per row and step) and credits each swap with the KL change of its
         token and of the N-1 tokens after it, which read its K/V. Under `fill`, later tokens carry about two
-        thirds of a swap's effect (research/swap_crosstalk.py), which the per-token credit leaves out.
+        thirds of a swap's effect (research/swap_crosstalk.py), which the per-token credit leaves out. A step
+        costs the same two forwards either way, so it carries N times fewer labels; swaps in a window's last
+        N-1 tokens get a shorter credit (cut at the window's end).
     seed: seed for data order, budgets and initialisation.
     teacher_topk: 0 runs the dense model (the teacher) at every step, exactly; K > 0 keeps each token's K most
         likely tokens plus one bucket for the rest (the coarsened KL, never above the exact one) and caches
@@ -181,6 +183,9 @@ class TrainConfig:
                 raise ConfigError(f"invalid {name} {getattr(self, name)}: must be >= 1")
         if self.swap_every > 1 and self.estimator != "swap":
             raise ConfigError(f"swap_every {self.swap_every} is for the swap estimator, not {self.estimator!r}")
+        if self.swap_every > self.seq_len:
+            raise ConfigError(f"swap_every {self.swap_every} is longer than seq_len {self.seq_len}: some windows "
+                              "would get no swap")
         if self.scale_windows < 0:
             raise ConfigError(f"invalid scale_windows {self.scale_windows}: must be >= 0 (0 = the validation windows)")
         if self.scale_rule not in ("strict", "interval"):

@@ -159,6 +159,67 @@ def test_sparse_swaps_swap_one_token_in_n_and_credit_it_with_the_tokens_after_it
     assert torch.equal(window_sum(x, 1), x)
 
 
+def test_sparse_swaps_draw_for_the_global_batch_so_a_shard_matches_one_process():
+    from buddy.train.router import sparse_swaps, swap_plans
+
+    scores = torch.randn(4, 13, 10)
+    k = torch.tensor([6, 7, 8, 6])
+    gen = torch.Generator().manual_seed(3)
+    plan, swapped, a, c, valid = swap_plans(scores, k, band=2, gen=gen)
+    whole, v_whole = sparse_swaps(plan, swapped, valid, 4, gen)
+    gen = torch.Generator().manual_seed(3)
+    rows = slice(2, 4)
+    plan, swapped, a, c, valid = swap_plans(scores[rows], k[rows], band=2, gen=gen, rows=rows, batch=4)
+    part, v_part = sparse_swaps(plan, swapped, valid, 4, gen, rows=rows, batch=4)
+    assert torch.equal(part, whole[rows]) and torch.equal(v_part, v_whole[rows])
+
+
+def test_swap_loss_credits_each_sparse_swap_with_its_window(tmp_path, monkeypatch):
+    """Inside the training loss, a swap's label is the gain summed over its token and the next N-1: with a gain of
+    +1 at each swapped token and -1 at every other, the window credit is negative where the own-token one is not."""
+    import buddy.train.router as tr
+
+    bb = tiny_backbone("llama", n_layers=8)
+    t = make_trainer(bb, tmp_path / "s", 1)
+    t.cfg.swap_every = 4
+    seen, calls = {}, []
+    real_swap, real_sparse = tr.swap_plans, tr.sparse_swaps
+
+    def swap_plans(scores, *args, **kw):
+        out = real_swap(scores, *args, **kw)
+        seen.update(scores=scores, a=out[2], c=out[3])
+        return out
+
+    def sparse_swaps(*args, **kw):
+        out = real_sparse(*args, **kw)
+        seen["valid"] = out[1]
+        return out
+
+    def kl(dense, plan, ids, k):
+        calls.append(plan)
+        if len(calls) == 1:
+            return torch.zeros(plan.shape[:2])
+        return torch.where((plan != calls[0]).any(-1), -1.0, 1.0)  # gain +1 at a swapped token, -1 elsewhere
+
+    monkeypatch.setattr(tr, "swap_plans", swap_plans)
+    monkeypatch.setattr(tr, "sparse_swaps", sparse_swaps)
+    monkeypatch.setattr(t, "_kl", kl)
+    ids = torch.randint(0, 97, (2, 12))
+    loss, _ = t.swap_loss(ids, torch.tensor([5, 6]), dense=None)
+    valid, scores, a, c = seen["valid"], seen["scores"], seen["a"], seen["c"]
+    gain = torch.where(valid, 1.0, -1.0)
+    num = den = 0.0
+    negative = 0
+    for b, i in valid.nonzero().tolist():
+        credit = float(gain[b, i:i + 4].sum())
+        negative += credit < 0
+        margin = float(scores[b, i, c[b, i]] - scores[b, i, a[b, i]])
+        num += abs(credit) * math.log1p(math.exp(-math.copysign(1.0, credit) * margin)) if credit else 0.0
+        den += abs(credit)
+    assert negative >= 2  # the window flips labels that the own-token credit (+1) would have kept
+    assert loss.item() == pytest.approx(num / den, rel=1e-5)
+
+
 def test_swap_every_trains_resumes_and_is_refused_where_it_cannot_hold(tmp_path):
     bb = tiny_backbone("llama", n_layers=8)
     t = make_trainer(bb, tmp_path / "s", 3)
@@ -172,6 +233,8 @@ def test_swap_every_trains_resumes_and_is_refused_where_it_cannot_hold(tmp_path)
         TrainConfig(estimator="st", swap_every=4)
     with pytest.raises(ConfigError, match="swap_every 0"):
         TrainConfig(swap_every=0)
+    with pytest.raises(ConfigError, match="longer than seq_len 12"):
+        TrainConfig(seq_len=12, swap_every=13)
 
 
 def test_straight_through_estimator_training_runs(tmp_path):
