@@ -292,6 +292,9 @@ class ZeroshotConfig:
             raise ConfigError("give --tasks and/or --mc-file")
 
 
+SWEEP_FRACTIONS = (0.5, 0.63, 0.77, 0.9)  # `buddy sweep`'s layer counts when --layers is not given
+
+
 @dataclass
 class SweepConfig:
     """Settings of `buddy sweep` (a resumable grid of methods x layer counts x tasks into JSONL).
@@ -300,7 +303,8 @@ class SweepConfig:
         buddy/corpus.py), `kl:<domain>` (the same plus the mean KL to the dense model), `mc:FILE`.
     out: results JSONL (appended; finished cells are skipped).
     methods: dense and planner names, comma-separated.
-    layers: layer counts: start:stop:step or a comma list, plus `auto` for the budget predictor.
+    layers: layer counts: start:stop:step or a comma list, plus `auto` for the budget predictor; default
+        0.5, 0.63, 0.77 and 0.9 of the model's layers, rounded (15,19,23,27 of SmolLM2's 30, 12,15,18,22 of Qwen2.5's 24).
     limit: first N documents per task (None: all).
     allocation: `request` (every token k layers) or `token` (per-token depth with each document's mean
         exact, from the depth head; perplexity and generation tasks, not multiple choice).
@@ -309,7 +313,7 @@ class SweepConfig:
     tasks: tuple[str, ...]
     out: str
     methods: tuple[str, ...] = ("dense", "static-greedy", "router")
-    layers: str = "15:27:4"
+    layers: str | None = None
     limit: int | None = None
     allocation: str = ALLOCATIONS[0]
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..api import PLANNERS, PREDICTORS, depth_dir, make_depth, make_planner
 from ..budget import AUTO
 from ..calibration import calibration_label
-from ..config import ALLOCATIONS, LoadConfig, SweepConfig
+from ..config import ALLOCATIONS, SWEEP_FRACTIONS, LoadConfig, SweepConfig
 from ..corpus import DOMAINS, domain_windows
 from ..data import sotu_texts, token_windows
 from ..engine import Engine
@@ -46,9 +46,12 @@ def _domain_task(task: str) -> str | None:
     return domain if head in ("ppl", "kl") and domain else None
 
 
-def parse_layers_spec(text: str, n_layers: int) -> list:
+def parse_layers_spec(text: str | None, n_layers: int) -> list:
     """'15:30:3' (start:stop:step, stop included when hit) or '15,21,27' -> sorted layer counts; an `auto`
-    item (e.g. '15:27:4,auto') adds budget="auto" (the budget predictor chooses per document)."""
+    item (e.g. '15:27:4,auto') adds budget="auto" (the budget predictor chooses per document). None: round(f x
+    n_layers) for f in SWEEP_FRACTIONS, so the default fits every model."""
+    if text is None:
+        return sorted({max(2, round(f * n_layers)) for f in SWEEP_FRACTIONS})
     items = [p for p in text.split(",") if p.strip()]
     auto = [AUTO] if AUTO in items else []
     text = ",".join(p for p in items if p != AUTO)

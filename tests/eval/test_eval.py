@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import tiny_backbone
 
+from buddy.config import SWEEP_FRACTIONS, SweepConfig
 from buddy.engine import Engine
 from buddy.eval.generation import gsm8k_number, is_correct, lambada_word
 from buddy.eval.sweep import parse_layers_spec
@@ -107,6 +108,15 @@ def test_layers_spec():
     for bad in ("15:33:3", "a:b", "1", "15:30:0"):
         with pytest.raises(TaskError):
             parse_layers_spec(bad, 30)
+
+
+def test_default_layers_fit_every_depth():
+    """No --layers: the same budgets as fractions of each model's depth (a fixed default once failed on Qwen2.5)."""
+    assert parse_layers_spec(None, 30) == [15, 19, 23, 27]
+    assert parse_layers_spec(None, 24) == [12, 15, 18, 22]
+    assert parse_layers_spec(None, 4) == [2, 3, 4]
+    assert SweepConfig(tasks=("arc_easy",), out="r.jsonl").layers is None
+    assert all(str(f) in SweepConfig.__doc__ for f in SWEEP_FRACTIONS)  # the help states the default
 
 
 # --- on the embedded model and the installed benchmark files ------------------------------------------
