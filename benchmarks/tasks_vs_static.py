@@ -11,6 +11,7 @@ For every layer count k with router rows it prints one row per method (accuracy 
 and on the average against the static method with the higher average at that k (one method for all tasks, as a
 user of static pruning would pick it), with 95% paired bootstrap intervals over documents (resampled within each
 task). `--extra` tasks (e.g. mmlu, lambada) are reported the same way, outside the average. The last line is JSON.
+HumanEval rows: `--tasks humaneval --metric pass_at_1` (paired over problems).
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ def mean_of_means(groups) -> float:
     return float(np.mean([g.mean() for g in groups]))
 
 
+PER_DOC = {"pass_at_1": "passed"}  # a metric's per-document key where it differs (HumanEval: 0/1 per problem)
+
+
 def cells_of(rows: list[dict], metric: str) -> dict:
     """{(method, task, k): row} of the rows with per-document results; one row per cell, or SystemExit."""
     cell = {}
     for r in rows:
-        if metric not in r or metric not in r.get("per_doc", {}) or r.get("allocation", "request") != "request":
+        if metric not in r or PER_DOC.get(metric, metric) not in r.get("per_doc", {}) or r.get("allocation", "request") != "request":
             continue
         key = (r["method"], r["task"], r["k"])
         if key in cell and cell[key] != r:
@@ -48,7 +52,7 @@ def compare(rows: list[dict], tasks: list[str], extra: list[str], method: str, s
     cell = cells_of(rows, metric)
 
     def acc(m, t, k):
-        return np.asarray(cell[(m, t, k)]["per_doc"][metric], dtype=float)
+        return np.asarray(cell[(m, t, k)]["per_doc"][PER_DOC.get(metric, metric)], dtype=float)
 
     def diff(t, k, static):
         a, b = acc(method, t, k), acc(static, t, k)
