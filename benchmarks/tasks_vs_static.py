@@ -1,4 +1,4 @@
-"""The router against the best static plan on accuracy tasks (zero-shot multiple choice, LAMBADA, GSM8K), from
+"""The router against the best static plan on accuracy tasks (multiple choice, LAMBADA, GSM8K, HumanEval), from
 `buddy sweep` rows with per-document results.
 
     .venv/bin/buddy sweep --model smollm2 --methods dense,static-bi,static-greedy,router --layers 19,23 --limit 100 \

@@ -409,8 +409,9 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] =
         elif isinstance(default, tuple):  # comma-separated values of the elements' type
             p.add_argument(flag, type=_csv(type(default[0]) if default else str), default=default,
                            help=f"{doc} (default {','.join(map(str, default)) or 'none'})")
-        else:
-            p.add_argument(flag, type=kind, default=default, help=f"{doc} (default {default!r})")
+        else:  # a None default that its help explains (e.g. sweep's --layers) is not printed as "None"
+            said = default is None and "default" in doc
+            p.add_argument(flag, type=kind, default=default, help=doc if said else f"{doc} (default {default!r})")
 
 
 def _config(cls, args):

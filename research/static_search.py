@@ -88,15 +88,20 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=16, help="test windows per domain")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.band < 1 or args.rounds < 0:
+        ap.error("--band must be at least 1 and --rounds at least 0")
     bb = load_backbone(args.model, dtype=args.dtype)
     L = bb.n_layers
+    ks = [int(x) for x in args.layers.split(",")]
+    if any(not 3 <= k < L for k in ks):
+        ap.error(f"every --layers count must be in [3, {L - 1}] for {args.model} ({L} layers)")
     order = load_calibration(bb, "mix")["orders"]["static-greedy"]
     tok = bb.tokenizer
     train = torch.cat(list(mix_windows(tok, "train", 128, args.train_windows).values()))
     val = mix_windows(tok, "validation", 256, args.val_windows)
     test = {d: domain_windows(tok, d, "test", DOMAIN_WINDOW, args.limit) for d in args.domains.split(",")}
     with torch.no_grad(), open(args.out, "a") as f:
-        for k in (int(x) for x in args.layers.split(",")):
+        for k in ks:
             t0 = time.time()
             plans = search(bb, order, k, train, args.band, args.rounds)
             scores = [mean_nll(bb, p, val) for p in plans]
@@ -112,7 +117,11 @@ def main() -> None:
                        "layer_fraction": k / L, "task": f"ppl:{d}", "limit": args.limit, "ppl": r.ppl,
                        "docs": w.shape[0], "tokens": r.tokens, "layers_per_token": r.layers_per_token,
                        "wall_s": time.perf_counter() - t1, "per_doc": {"nll": [round(x, 5) for x in r.window_nll]},
-                       "plan": plan, "swaps": pick}
+                       "plan": plan, "swaps": pick, "calibration": "mix", "allocation": "request",
+                       "val_ppl_by_swaps": [round(math.exp(x), 4) for x in scores],
+                       "search": {"train_windows": args.train_windows, "val_windows": args.val_windows,
+                                  "band": args.band, "rounds": args.rounds, "dtype": args.dtype},
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
                 f.write(json.dumps(row) + "\n")
                 f.flush()
 

@@ -10,6 +10,7 @@ interrupted sweep continues where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..api import PLANNERS, PREDICTORS, depth_dir, make_depth, make_planner
+from ..api import PLANNERS, PREDICTORS, ROUTER_PLANNERS, depth_dir, make_depth, make_planner, router_dir
 from ..budget import AUTO
 from ..calibration import calibration_label
 from ..config import ALLOCATIONS, SWEEP_FRACTIONS, LoadConfig, SweepConfig
@@ -156,10 +157,22 @@ def _drop_partial_line(path: Path) -> None:
             f.truncate(keep)
 
 
+def router_label(rdir: Path | None) -> str | None:
+    """'<directory name>@<first 12 hex of sha256(router.safetensors)>': which router a row measured, the same
+    whatever path it was loaded from, and different when a shipped router is retrained."""
+    f = Path(rdir) / "router.safetensors" if rdir else None
+    if f is None or not f.is_file():
+        return None
+    return f"{Path(rdir).name}@{hashlib.sha256(f.read_bytes()).hexdigest()[:12]}"
+
+
 def cell_key(row: dict) -> tuple:
+    """What makes two rows the same cell. Router rows written before rows named their router have none, so a
+    sweep measures them again rather than mistake them for the router it is given."""
     return (row["model"], row["method"], row["kv_policy"], row["k"], row["task"], row.get("limit"), row.get("predictor"),
             row.get("calibration", "sotu") if row["method"] in STATIC_METHODS else None,
-            row.get("allocation", ALLOCATIONS[0]), row.get("depth"))
+            row.get("allocation", ALLOCATIONS[0]), row.get("depth"),
+            row.get("router") if row["method"] in ROUTER_PLANNERS else None)
 
 
 def sweep(bb, cfg: SweepConfig, load: LoadConfig | None = None, progress: bool = True) -> list[dict]:
@@ -194,10 +207,13 @@ def sweep(bb, cfg: SweepConfig, load: LoadConfig | None = None, progress: bool =
         pred_module, pred_name, pred_tradeoff = pred_module.to(bb.device), str(pdir), meta.tradeoff
     if any(m in STATIC_METHODS for m in methods):
         calibration = calibration_label(bb, calibration)
+    rlabel = router_label(Path(router) if router else router_dir(bb, kv_policy)) \
+        if any(m in ROUTER_PLANNERS for m in methods) else None
     _drop_partial_line(Path(out))
     done = {cell_key(r) for r in read_results(out)}
     todo = [c for c in cells if (bb.name, c[0], kv_policy, c[1], c[2], limit, pred_name if c[1] == AUTO else None,
-                                 calibration if c[0] in STATIC_METHODS else None, allocation, depth_name) not in done]
+                                 calibration if c[0] in STATIC_METHODS else None, allocation, depth_name,
+                                 rlabel if c[0] in ROUTER_PLANNERS else None) not in done]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     engines: dict[str, Engine] = {}
     new = []
@@ -214,7 +230,8 @@ def sweep(bb, cfg: SweepConfig, load: LoadConfig | None = None, progress: bool =
                "layer_fraction": metrics["layers_per_token"] / L if measured else k / L, "task": task, "limit": limit,
                "allocation": allocation, **({"depth": depth_name} if depth_name else {}),
                **({"predictor": pred_name, "tradeoff": pred_tradeoff} if k == AUTO else {}),
-               **({"calibration": calibration} if method in STATIC_METHODS else {}), **metrics,
+               **({"calibration": calibration} if method in STATIC_METHODS else {}),
+               **({"router": rlabel} if method in ROUTER_PLANNERS else {}), **metrics,
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         with open(out, "a", encoding="utf-8") as f:  # one whole line per cell, flushed before the next
             f.write(json.dumps(row) + "\n")

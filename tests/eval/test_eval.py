@@ -179,6 +179,25 @@ def test_lambada_output_is_the_greedy_generation(smol32):
     assert res.acc == sum(res.per_doc["acc"]) / 2
 
 
+def test_router_rows_name_their_router_so_a_retrained_router_is_measured_again(tmp_path):
+    from buddy.eval.sweep import cell_key, router_label
+
+    def router(path, data):
+        path.mkdir(parents=True)
+        (path / "router.safetensors").write_bytes(data)
+        return path
+
+    a, b = router(tmp_path / "a" / "smollm2-fill", b"one"), router(tmp_path / "b" / "smollm2-fill", b"two")
+    assert router_label(a).startswith("smollm2-fill@") and router_label(a) != router_label(b)
+    assert router_label(router(tmp_path / "c" / "smollm2-fill", b"one")) == router_label(a)  # by content, not path
+    assert router_label(tmp_path / "missing") is None and router_label(None) is None
+    row = {"model": "m", "method": "router", "kv_policy": "fill", "k": 15, "task": "t", "limit": None}
+    assert cell_key({**row, "router": router_label(a)}) != cell_key({**row, "router": router_label(b)})
+    assert cell_key(row) != cell_key({**row, "router": router_label(a)})  # a row from before rows named routers
+    static = {**row, "method": "static-greedy", "calibration": "mix"}
+    assert cell_key({**static, "router": "x"}) == cell_key(static)  # static cells do not depend on the router
+
+
 @pytest.mark.integration
 def test_sweep_is_resumable_and_plots(tmp_path):
     mc = tmp_path / "mc.jsonl"
