@@ -383,12 +383,13 @@ def test_tasks_vs_static_benchmark_pairs_accuracy_by_document(tmp_path):
     assert bad.returncode != 0 and "not paired" in bad.stderr
     he = [{"model": "m", "method": m, "kv_policy": "fill", "k": 12, "n_layers": 24, "task": "humaneval",
            "pass_at_1": float(np.mean(v)), "docs": 4, "per_doc": {"passed": v}}
-          for m, v in (("router", [1, 1, 0, 0]), ("static-bi", [1, 0, 0, 0]), ("static-greedy", [0, 0, 0, 1]))]
+          for m, v in (("router", [1, 1, 1, 0]), ("static-bi", [1, 0, 0, 0]), ("static-greedy", [0, 1, 0, 1]))]
     f.write_text("".join(json.dumps(r) + "\n" for r in he))
     out = run(f, "--tasks", "humaneval", "--metric", "pass_at_1")  # HumanEval keeps 0/1 per problem as "passed"
     assert out.returncode == 0, out.stderr
     (res,) = json.loads(out.stdout.strip().splitlines()[-1])["by_k"]
-    assert res["tasks"]["humaneval"]["diff"] == pytest.approx(0.25) and res["tasks"]["humaneval"]["docs"] == 4
+    he_res = res["tasks"]["humaneval"]
+    assert he_res["best_static"] == "static-greedy" and he_res["diff"] == pytest.approx(0.25) and he_res["docs"] == 4
 
 
 def test_kl_to_the_dense_model_is_zero_at_full_depth_and_grows_with_skipping():
