@@ -38,12 +38,13 @@ def nll(bb, layers, windows) -> float:
 
 
 def search(bb, order, k, windows, band, rounds):
-    """Best-improvement swaps from the top k of `order` (intermediate layers by prior rank) -> (plan, evals)."""
+    """Best-improvement swaps from the top k of `order` (intermediate layers by prior rank) -> the plans after 0,
+    1, ... accepted swaps (the last is the search's result; research/static_search.py picks one on validation)."""
     L = bb.n_layers
     rank = {layer: r for r, layer in enumerate(order)}
     kept = set(order[:k - 2])
     best = nll(bb, [0, *kept, L - 1], windows)
-    evals = 1
+    plans = [[0, *sorted(kept), L - 1]]
     for _ in range(rounds):
         weak = sorted(kept, key=rank.get)[-band:]
         strong = sorted(set(order) - kept, key=rank.get)[:band]
@@ -51,7 +52,6 @@ def search(bb, order, k, windows, band, rounds):
         for a in weak:
             for c in strong:
                 v = nll(bb, [0, *(kept - {a} | {c}), L - 1], windows)
-                evals += 1
                 if v < best - 1e-4 and (cand is None or v < cand[0]):
                     cand = (v, a, c)
         if cand is None:
@@ -59,7 +59,8 @@ def search(bb, order, k, windows, band, rounds):
         best, a, c = cand
         kept = kept - {a} | {c}
         rank[a], rank[c] = rank[c], rank[a]  # the swapped-in layer takes the swapped-out one's rank
-    return [0, *sorted(kept), L - 1], evals
+        plans.append([0, *sorted(kept), L - 1])
+    return plans
 
 
 def main() -> None:
@@ -89,10 +90,10 @@ def main() -> None:
             for f in (float(x) for x in args.fractions.split(",")):
                 k = round(f * L)
                 mix_plan = [0, *sorted(order[:k - 2]), L - 1]
-                pooled_plan, _ = search(bb, order, k, pooled, args.band, args.rounds)
+                pooled_plan = search(bb, order, k, pooled, args.band, args.rounds)[-1]
                 ratios = []
                 for d in domains:
-                    dom_plan, _ = search(bb, order, k, train[d], args.band, args.rounds)
+                    dom_plan = search(bb, order, k, train[d], args.band, args.rounds)[-1]
                     base = nll(bb, mix_plan, val[d])
                     rp = math.exp(nll(bb, pooled_plan, val[d]) - base)
                     rd = math.exp(nll(bb, dom_plan, val[d]) - base)

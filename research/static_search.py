@@ -34,6 +34,7 @@ from buddy.engine import Engine
 from buddy.eval.ppl import evaluate_windows
 from buddy.eval.sweep import DOMAIN_PREFILL, DOMAIN_WINDOW
 from buddy.planner import GivenPlanner
+from domain_plans import nll, search  # research/, on the path when run as a script
 
 DOMAINS = "sotu,lambada,squad,drop,coqa,gsm8k,chat,code,moby_dick,qasper"
 
@@ -42,37 +43,8 @@ def engine(bb, layers):
     return Engine(bb, GivenPlanner(sorted(layers), bb.n_layers), "fill")
 
 
-def nll(bb, layers, windows) -> float:
-    return math.log(evaluate_windows(engine(bb, layers), windows, layers=len(layers), batch_size=4).ppl)
-
-
 def mean_nll(bb, layers, windows: dict) -> float:
     return sum(nll(bb, layers, w) for w in windows.values()) / len(windows)
-
-
-def search(bb, order, k, train, band, rounds):
-    """Best-improvement swaps from the top k of `order` on `train` -> the plans after 0, 1, ... accepted swaps."""
-    L = bb.n_layers
-    rank = {layer: r for r, layer in enumerate(order)}
-    kept = set(order[:k - 2])
-    best = nll(bb, [0, *kept, L - 1], train)
-    plans = [[0, *sorted(kept), L - 1]]
-    for _ in range(rounds):
-        weak = sorted(kept, key=rank.get)[-band:]
-        strong = sorted(set(order) - kept, key=rank.get)[:band]
-        cand = None
-        for a in weak:
-            for c in strong:
-                v = nll(bb, [0, *(kept - {a} | {c}), L - 1], train)
-                if v < best - 1e-4 and (cand is None or v < cand[0]):
-                    cand = (v, a, c)
-        if cand is None:
-            break
-        best, a, c = cand
-        kept = kept - {a} | {c}
-        rank[a], rank[c] = rank[c], rank[a]
-        plans.append([0, *sorted(kept), L - 1])
-    return plans
 
 
 def main() -> None:
