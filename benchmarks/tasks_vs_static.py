@@ -36,7 +36,8 @@ def cells_of(rows: list[dict], metric: str) -> dict:
     """{(method, task, k): row} of the rows with per-document results; one row per cell, or SystemExit."""
     cell = {}
     for r in rows:
-        if metric not in r or PER_DOC.get(metric, metric) not in r.get("per_doc", {}) or r.get("allocation", "request") != "request":
+        per_doc = r.get("per_doc", {})
+        if metric not in r or PER_DOC.get(metric, metric) not in per_doc or r.get("allocation", "request") != "request":
             continue
         key = (r["method"], r["task"], r["k"])
         if key in cell and cell[key] != r:

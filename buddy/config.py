@@ -304,7 +304,8 @@ class SweepConfig:
     out: results JSONL (appended; finished cells are skipped).
     methods: dense and planner names, comma-separated.
     layers: layer counts: start:stop:step or a comma list, plus `auto` for the budget predictor; default
-        0.5, 0.63, 0.77 and 0.9 of the model's layers, rounded (15,19,23,27 of SmolLM2's 30, 12,15,18,22 of Qwen2.5's 24).
+        0.5, 0.63, 0.77 and 0.9 of the model's layers, rounded (15,19,23,27 of SmolLM2's 30, 12,15,18,22 of
+        Qwen2.5's 24).
     limit: first N documents per task (None: all).
     allocation: `request` (every token k layers) or `token` (per-token depth with each document's mean
         exact, from the depth head; perplexity and generation tasks, not multiple choice).

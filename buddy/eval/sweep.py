@@ -211,9 +211,12 @@ def sweep(bb, cfg: SweepConfig, load: LoadConfig | None = None, progress: bool =
         if any(m in ROUTER_PLANNERS for m in methods) else None
     _drop_partial_line(Path(out))
     done = {cell_key(r) for r in read_results(out)}
-    todo = [c for c in cells if (bb.name, c[0], kv_policy, c[1], c[2], limit, pred_name if c[1] == AUTO else None,
-                                 calibration if c[0] in STATIC_METHODS else None, allocation, depth_name,
-                                 rlabel if c[0] in ROUTER_PLANNERS else None) not in done]
+    def key(m, k, t):  # the cell_key of the row this cell would write
+        return cell_key({"model": bb.name, "method": m, "kv_policy": kv_policy, "k": k, "task": t, "limit": limit,
+                         "predictor": pred_name if k == AUTO else None, "calibration": calibration,
+                         "allocation": allocation, "depth": depth_name, "router": rlabel})
+
+    todo = [c for c in cells if key(*c) not in done]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     engines: dict[str, Engine] = {}
     new = []
