@@ -32,9 +32,13 @@ from buddy.eval.ppl import evaluate_windows
 from buddy.planner import GivenPlanner
 
 
+def engine(bb, layers) -> Engine:
+    """An engine that runs exactly `layers` (a static plan) under `fill`."""
+    return Engine(bb, GivenPlanner(sorted(layers), bb.n_layers), "fill")
+
+
 def nll(bb, layers, windows) -> float:
-    eng = Engine(bb, GivenPlanner(sorted(layers), bb.n_layers), "fill")
-    return math.log(evaluate_windows(eng, windows, layers=len(layers), batch_size=4).ppl)
+    return math.log(evaluate_windows(engine(bb, layers), windows, layers=len(layers), batch_size=4).ppl)
 
 
 def search(bb, order, k, windows, band, rounds):

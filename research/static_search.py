@@ -30,17 +30,11 @@ import torch
 from buddy.backbone import load_backbone
 from buddy.calibration import load_calibration
 from buddy.corpus import domain_windows, mix_windows
-from buddy.engine import Engine
 from buddy.eval.ppl import evaluate_windows
 from buddy.eval.sweep import DOMAIN_PREFILL, DOMAIN_WINDOW
-from buddy.planner import GivenPlanner
-from domain_plans import nll, search  # research/, on the path when run as a script
+from domain_plans import engine, nll, search  # research/, on the path when run as a script
 
 DOMAINS = "sotu,lambada,squad,drop,coqa,gsm8k,chat,code,moby_dick,qasper"
-
-
-def engine(bb, layers):
-    return Engine(bb, GivenPlanner(sorted(layers), bb.n_layers), "fill")
 
 
 def mean_nll(bb, layers, windows: dict) -> float:
