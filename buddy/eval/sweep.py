@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..api import PLANNERS, PREDICTORS, ROUTER_PLANNERS, depth_dir, make_depth, make_planner, router_dir
 from ..budget import AUTO
-from ..calibration import calibration_label
+from ..calibration import calibration_label, calibration_path
 from ..config import ALLOCATIONS, SWEEP_FRACTIONS, LoadConfig, SweepConfig
 from ..corpus import DOMAINS, domain_windows
 from ..data import sotu_texts, token_windows
@@ -157,20 +157,27 @@ def _drop_partial_line(path: Path) -> None:
             f.truncate(keep)
 
 
+def content_hash(f: Path | None) -> str | None:
+    """The first 12 hex of a file's sha256 (None if there is no such file): what a row measured, by content."""
+    if f is None or not Path(f).is_file():
+        return None
+    return hashlib.sha256(Path(f).read_bytes()).hexdigest()[:12]
+
+
 def router_label(rdir: Path | None) -> str | None:
     """'<directory name>@<first 12 hex of sha256(router.safetensors)>': which router a row measured, the same
     whatever path it was loaded from, and different when a shipped router is retrained."""
-    f = Path(rdir) / "router.safetensors" if rdir else None
-    if f is None or not f.is_file():
-        return None
-    return f"{Path(rdir).name}@{hashlib.sha256(f.read_bytes()).hexdigest()[:12]}"
+    h = content_hash(Path(rdir) / "router.safetensors") if rdir else None
+    return f"{Path(rdir).name}@{h}" if h else None
 
 
 def cell_key(row: dict) -> tuple:
     """What makes two rows the same cell. Router rows written before rows named their router have none, so a
-    sweep measures them again rather than mistake them for the router it is given."""
+    sweep measures them again rather than mistake them for the router it is given; static rows name their
+    calibration and its file's content (`calibration_sha256`), so a replaced calibration is measured again."""
+    static = row["method"] in STATIC_METHODS
     return (row["model"], row["method"], row["kv_policy"], row["k"], row["task"], row.get("limit"), row.get("predictor"),
-            row.get("calibration", "sotu") if row["method"] in STATIC_METHODS else None,
+            row.get("calibration", "sotu") if static else None, row.get("calibration_sha256") if static else None,
             row.get("allocation", ALLOCATIONS[0]), row.get("depth"),
             row.get("router") if row["method"] in ROUTER_PLANNERS else None)
 
@@ -205,7 +212,9 @@ def sweep(bb, cfg: SweepConfig, load: LoadConfig | None = None, progress: bool =
         pdir = Path(predictor) if predictor else PREDICTORS / bb.name
         pred_module, meta = load_predictor(pdir, checksum=bb.checksum)
         pred_module, pred_name, pred_tradeoff = pred_module.to(bb.device), str(pdir), meta.tradeoff
+    cal_sha = None
     if any(m in STATIC_METHODS for m in methods):
+        cal_sha = content_hash(calibration_path(bb, calibration))
         calibration = calibration_label(bb, calibration)
     rlabel = router_label(Path(router) if router else router_dir(bb, kv_policy)) \
         if any(m in ROUTER_PLANNERS for m in methods) else None
@@ -214,6 +223,7 @@ def sweep(bb, cfg: SweepConfig, load: LoadConfig | None = None, progress: bool =
     def key(m, k, t):  # the cell_key of the row this cell would write
         return cell_key({"model": bb.name, "method": m, "kv_policy": kv_policy, "k": k, "task": t, "limit": limit,
                          "predictor": pred_name if k == AUTO else None, "calibration": calibration,
+                         "calibration_sha256": cal_sha,
                          "allocation": allocation, "depth": depth_name, "router": rlabel})
 
     todo = [c for c in cells if key(*c) not in done]
@@ -233,7 +243,7 @@ def sweep(bb, cfg: SweepConfig, load: LoadConfig | None = None, progress: bool =
                "layer_fraction": metrics["layers_per_token"] / L if measured else k / L, "task": task, "limit": limit,
                "allocation": allocation, **({"depth": depth_name} if depth_name else {}),
                **({"predictor": pred_name, "tradeoff": pred_tradeoff} if k == AUTO else {}),
-               **({"calibration": calibration} if method in STATIC_METHODS else {}),
+               **({"calibration": calibration, "calibration_sha256": cal_sha} if method in STATIC_METHODS else {}),
                **({"router": rlabel} if method in ROUTER_PLANNERS else {}), **metrics,
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         with open(out, "a", encoding="utf-8") as f:  # one whole line per cell, flushed before the next

@@ -198,6 +198,21 @@ def test_router_rows_name_their_router_so_a_retrained_router_is_measured_again(t
     assert cell_key({**static, "router": "x"}) == cell_key(static)  # static cells do not depend on the router
 
 
+def test_static_rows_name_their_calibration_by_content_so_a_replaced_calibration_is_measured_again(tmp_path):
+    from buddy.eval.sweep import cell_key, content_hash
+
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    one.write_text('{"a": 1}'), two.write_text('{"a": 2}')
+    assert content_hash(one) != content_hash(two) and len(content_hash(one)) == 12
+    assert content_hash(tmp_path / "missing") is None
+    row = {"model": "m", "method": "static-greedy", "kv_policy": "fill", "k": 15, "task": "t", "limit": None,
+           "calibration": "mix"}
+    assert cell_key({**row, "calibration_sha256": content_hash(one)}) != cell_key({**row, "calibration_sha256": content_hash(two)})
+    assert cell_key(row) != cell_key({**row, "calibration_sha256": content_hash(one)})  # a row from before the hash
+    dense = {**row, "method": "dense", "calibration_sha256": content_hash(one)}
+    assert cell_key(dense) == cell_key({**dense, "calibration_sha256": content_hash(two)})  # dense needs none
+
+
 @pytest.mark.integration
 def test_sweep_is_resumable_and_plots(tmp_path):
     mc = tmp_path / "mc.jsonl"
@@ -212,6 +227,7 @@ def test_sweep_is_resumable_and_plots(tmp_path):
     assert len(rows) == 5  # dense once + 2 methods x 2 layer counts
     for row in rows:
         assert row["layers_per_token"] == row["k"] and row["wall_s"] > 0 and 0 <= row["acc"] <= 1
+        assert (len(row.get("calibration_sha256") or "") == 12) == (row["method"] == "static-greedy")
     r = subprocess.run([sys.executable, "-m", "buddy", *cmd], capture_output=True, text=True, timeout=600)
     assert "wrote 0 new cells" in r.stdout and len(out.read_text().splitlines()) == 5
     lines = out.read_text().splitlines(keepends=True)
