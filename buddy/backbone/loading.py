@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     docs/performance.md), float32 on other CPUs; pass float32 to compare with a float32 reference."""
     if dtype == "auto":
         return torch.bfloat16 if device.type != "cpu" or cpu_has_bf16() else torch.float32
+    if dtype == "bfloat16" and device.type == "cpu" and not cpu_has_bf16():
+        warnings.warn(f"{dtype} is emulated on this CPU (no AMX or AVX512-BF16): expect it slower than float32, "
+                      "which `--dtype auto` picks here",
+                      stacklevel=2)
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 

@@ -237,7 +237,7 @@ def sweep(bb, cfg: SweepConfig, load: LoadConfig | None = None, progress: bool =
             planner = make_planner("full" if method == "dense" else method, bb, kv_policy, router,
                                    calibration=calibration)
             engines[method] = Engine(bb, planner, kv_policy, pred_module, depth)
-        metrics = run_task(engines[method], task, k, limit, allocation=allocation)
+        metrics = run_task(engines[method], task, k, limit, progress=progress, allocation=allocation)  # a bar within the cell
         measured = k == AUTO or allocation != ALLOCATIONS[0]  # the fraction a row is plotted at
         row = {"model": bb.name, "method": method, "kv_policy": kv_policy, "k": k, "n_layers": L,
                "layer_fraction": metrics["layers_per_token"] / L if measured else k / L, "task": task, "limit": limit,

@@ -109,3 +109,21 @@ def test_an_old_cache_without_file_records_gets_them(tmp_path, monkeypatch):
     assert loading.verify_cache(target) is None
     assert "model.safetensors" in json.loads((target / "buddy-source.json").read_text())["files"]
     assert builds == ["fake"]
+
+
+def test_bfloat16_on_a_cpu_without_native_bfloat16_warns_and_auto_picks_float32(monkeypatch):
+    import warnings
+
+    import torch
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(loading, "cpu_has_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="emulated on this CPU"):
+        assert loading.resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert loading.resolve_dtype("auto", cpu) == torch.float32
+        assert loading.resolve_dtype("float32", cpu) == torch.float32
+        monkeypatch.setattr(loading, "cpu_has_bf16", lambda: True)
+        assert loading.resolve_dtype("bfloat16", cpu) == torch.bfloat16
+        assert loading.resolve_dtype("auto", cpu) == torch.bfloat16

@@ -223,6 +223,7 @@ def test_sweep_is_resumable_and_plots(tmp_path):
            "--out", str(out)]
     r = subprocess.run([sys.executable, "-m", "buddy", *cmd], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
+    assert "batch/s" in r.stderr or "s/batch" in r.stderr  # a progress bar within each cell, not only per cell
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 5  # dense once + 2 methods x 2 layer counts
     for row in rows:
