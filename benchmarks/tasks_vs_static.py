@@ -32,15 +32,23 @@ def mean_of_means(groups) -> float:
 PER_DOC = {"pass_at_1": "passed"}  # a metric's per-document key where it differs (HumanEval: 0/1 per problem)
 
 
+SETUP = ("model", "kv_policy", "limit", "calibration")  # rows of one cell that differ in these are not comparable
+ARTIFACT = ("router", "calibration_sha256")  # a cell measured again after its router or calibration file changed
+
+
 def cells_of(rows: list[dict], metric: str) -> dict:
-    """{(method, task, k): row} of the rows with per-document results; one row per cell, or SystemExit."""
+    """{(method, task, k): row} of the rows with per-document results; one row per cell, or SystemExit. A cell
+    measured again after its router or calibration file changed (`buddy sweep` does that into the same file) keeps
+    the later row, as the other benchmarks do."""
     cell = {}
     for r in rows:
         per_doc = r.get("per_doc", {})
         if metric not in r or PER_DOC.get(metric, metric) not in per_doc or r.get("allocation", "request") != "request":
             continue
         key = (r["method"], r["task"], r["k"])
-        if key in cell and cell[key] != r:
+        old = cell.get(key)
+        if old is not None and old != r and (any(old.get(f) != r.get(f) for f in SETUP)
+                                             or all(old.get(f) == r.get(f) for f in ARTIFACT)):
             raise SystemExit(f"two rows for {key} (model, KV policy, limit or calibration differ): compare them from "
                              "separate results files")
         cell[key] = r

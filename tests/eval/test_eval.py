@@ -394,6 +394,16 @@ def test_tasks_vs_static_benchmark_pairs_accuracy_by_document(tmp_path):
     assert "| router | 15 | 75.0 | 50.0 | 62.5 | 25.0 |" in out.stdout
     bad = run(f, "--tasks", "zzz")
     assert bad.returncode != 0 and "no router rows" in bad.stderr
+    # static-bi on task a measured again after its calibration file changed: the later row counts
+    again = {**rows[3], "calibration_sha256": "new", "acc": 0.0, "per_doc": {"acc": [0, 0, 0, 0]}}
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows + [again]))
+    out = run(f, "--tasks", "a,b")
+    assert out.returncode == 0, out.stderr
+    (res,) = json.loads(out.stdout.strip().splitlines()[-1])["by_k"]
+    assert res["tasks"]["a"]["static-bi"] == 0.0 and res["tasks"]["a"]["best_static"] == "static-greedy"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows + [{**again, "calibration_sha256": None, "limit": 4}]))
+    bad = run(f, "--tasks", "a,b")  # a row of another setup (its limit) is not a re-measurement
+    assert bad.returncode != 0 and "two rows for" in bad.stderr
     rows[0]["per_doc"]["acc"] = [1, 1, 0]  # router on a: 3 documents against static's 4
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     bad = run(f, "--tasks", "a,b")
