@@ -80,24 +80,23 @@ def main() -> None:
         order = load_calibration(bb, "mix")["orders"]["static-greedy"]
         windows = list(mix_windows(bb.tokenizer, "validation", args.window, args.per_domain).values())
         dense = [torch.log_softmax(bb.dense_logits(w.to(bb.device)).float(), dim=-1)[:, :-1] for w in windows]
+        # each predicted token's window and span, in the order the per-token results are concatenated below
+        rows = [row for w in windows for row in w]
+        per_window = torch.cat([torch.full((len(row) - 1,), i) for i, row in enumerate(rows)])
+        span_of = torch.cat([torch.arange(len(row) - 1) // args.span + i * len(row) for i, row in enumerate(rows)])
+        span_of = torch.unique(span_of, return_inverse=True)[1]
         for f in (float(x) for x in args.fractions.split(",")):
             k = min(L - 1, max(ALWAYS_ON + 1, round(f * L)))
             plans = candidate_plans(order, L, k, args.band)
-            # [C, N] per-token KL and NLL over every window's tokens; win: [N] which window each token is in
-            kl, nll = [], []
+            kl, nll = [], []  # [C, N]: per candidate, every predicted token of every window
             for plan in plans:
                 per = [kl_and_nll(bb, plan, w.to(bb.device), k, d, args.policy) for w, d in zip(windows, dense)]
                 kl.append(torch.cat([x.reshape(-1) for x, _ in per]))
                 nll.append(torch.cat([y.reshape(-1) for _, y in per]))
             kl, nll = torch.stack(kl).cpu(), torch.stack(nll).cpu()
-            rows = [row for w in windows for row in w]  # every window, in the order the tokens were concatenated
-            per_window = torch.cat([torch.full((len(row) - 1,), i) for i, row in enumerate(rows)])
-            n_win = len(rows)
-            span_of = torch.cat([torch.arange(len(row) - 1) // args.span + i * len(row) for i, row in enumerate(rows)])
-            span_of = torch.unique(span_of, return_inverse=True)[1]
             prior = float(nll[0].mean())
             best = int(kl.mean(1).argmin())
-            win_kl = torch.zeros(len(plans), n_win).index_add_(1, per_window, kl)
+            win_kl = torch.zeros(len(plans), len(rows)).index_add_(1, per_window, kl)
             pick_w = win_kl.argmin(0)[per_window]  # [N] the candidate each token's window takes
             span_kl = torch.zeros(len(plans), int(span_of.max()) + 1).index_add_(1, span_of, kl)
             pick_s = span_kl.argmin(0)[span_of]
