@@ -228,15 +228,15 @@ def sweep(bb, cfg: SweepConfig, load: LoadConfig | None = None, progress: bool =
 
     todo = [c for c in cells if key(*c) not in done]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    engines: dict[str, Engine] = {}
+    # every planner is built now, next to the calibration hash above, so that rows name the content they ran
+    # even if `buddy calibrate` rewrites the file during a long sweep
+    engines = {m: Engine(bb, make_planner("full" if m == "dense" else m, bb, kv_policy, router,
+                                          calibration=calibration), kv_policy, pred_module, depth)
+               for m in dict.fromkeys(m for m, _, _ in todo)}
     new = []
     bar = tqdm(todo, desc="sweep", unit="cell", disable=not progress)
     for method, k, task in bar:
         bar.set_postfix_str(f"{method} k={k} {task}")
-        if method not in engines:
-            planner = make_planner("full" if method == "dense" else method, bb, kv_policy, router,
-                                   calibration=calibration)
-            engines[method] = Engine(bb, planner, kv_policy, pred_module, depth)
         metrics = run_task(engines[method], task, k, limit, progress=progress, allocation=allocation)  # a bar within the cell
         measured = k == AUTO or allocation != ALLOCATIONS[0]  # the fraction a row is plotted at
         row = {"model": bb.name, "method": method, "kv_policy": kv_policy, "k": k, "n_layers": L,

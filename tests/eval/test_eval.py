@@ -213,6 +213,34 @@ def test_static_rows_name_their_calibration_by_content_so_a_replaced_calibration
     assert cell_key(dense) == cell_key({**dense, "calibration_sha256": content_hash(two)})  # dense needs none
 
 
+def test_a_sweep_builds_its_static_plans_when_it_hashes_the_calibration_so_rows_name_what_ran(tmp_path, monkeypatch):
+    """A calibration rewritten during a long sweep (`buddy calibrate` in another shell) changes neither the plans
+    of the cells still to run nor the hash their rows carry."""
+    import buddy.eval.sweep as sw
+    from buddy.calibration import save_calibration
+    from buddy.config import LoadConfig
+
+    bb = tiny_backbone()
+    cal = tmp_path / "cal.json"
+    first = {"model": bb.name, "checksum": bb.checksum, "n_layers": 6,
+             "orders": {"static-greedy": [3, 1, 4, 2], "static-bi": [1, 2, 3, 4]}}
+    save_calibration(first, cal)
+    first_hash = sw.content_hash(cal)
+    seen = []
+
+    def fake_run_task(engine, task, k, limit=None, progress=False, allocation="request"):
+        seen.append((engine.planner.name, engine.planner.order))
+        save_calibration({**first, "orders": {"static-greedy": [4, 3, 2, 1], "static-bi": [2, 1, 4, 3]}}, cal)
+        return {"ppl": 1.0, "layers_per_token": float(k)}
+
+    monkeypatch.setattr(sw, "run_task", fake_run_task)
+    cfg = SweepConfig(methods=("static-greedy", "static-bi"), layers="3", tasks=("ppl:sotu",),
+                      out=str(tmp_path / "r.jsonl"))
+    rows = sw.sweep(bb, cfg, LoadConfig(model=bb.name, calibration=str(cal)), progress=False)
+    assert seen == [("static-greedy", [3, 1, 4, 2]), ("static-bi", [1, 2, 3, 4])]  # the first content, both cells
+    assert [r["calibration_sha256"] for r in rows] == [first_hash, first_hash] != [sw.content_hash(cal)] * 2
+
+
 @pytest.mark.integration
 def test_sweep_is_resumable_and_plots(tmp_path):
     mc = tmp_path / "mc.jsonl"
