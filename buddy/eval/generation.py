@@ -9,13 +9,14 @@ the reference answer.
 
 from __future__ import annotations
 
+import queue
 import re
 import time
 from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
-from ..budget import AUTO, Budget
+from ..budget import AUTO
 from ..config import GenerateConfig
 from .tasks import GenDoc
 
@@ -68,33 +69,48 @@ def _cut(text: str, stop: list[str]) -> str:
     return text
 
 
-def generate_until(engine, prompts: list[str], k: int, max_new_tokens: int, stops: list[list[str]],
+def generate_until(engine, prompts: list[str], k, max_new_tokens: int, stops: list[list[str]],
                    batch_size: int = 8, finished=None, progress: bool = False, desc: str = "generate",
                    allocation: str = GenerateConfig.allocation):
-    """Greedy texts for prompts, batched; a row stops at a stop string (cut off) or when finished(text).
-    `allocation="token"`: each generated token its own depth, each row's mean exact (buddy/allocation.py).
+    """Greedy texts for prompts; a row stops at a stop string (cut off), when finished(text), at EOS or after
+    max_new_tokens. Continuous batching (the server's scheduler, buddy/serve/scheduler.py): up to batch_size rows
+    decode together, each prompt prefilled alone, and a finished row's place goes to the next prompt at once, so
+    one long completion does not hold up a batch of short ones. `allocation="token"`: each generated token its
+    own depth, each row's mean exact (buddy/allocation.py).
     Returns (texts, executed layer-token count, generated token count)."""
-    texts_out: list[str] = []
-    layer_sum = n_tok = 0
-    for s in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-        batch = list(range(s, min(s + batch_size, len(prompts))))
-        texts, live = ["" for _ in batch], [True] * len(batch)
-        gen = engine.generate_batch([engine.encode(prompts[i]) for i in batch],
-                                    [AUTO if k == AUTO else Budget(layers=k)] * len(batch),
-                                    max_new_tokens=max_new_tokens, allocation=allocation)
-        for step in gen:
-            for r, st in enumerate(step):
-                if st is None or not live[r]:
-                    continue
-                texts[r] += st.text
-                layer_sum += len(st.layers)
-                n_tok += 1
-                live[r] = not (any(x in texts[r] for x in stops[batch[r]]) or (finished and finished(texts[r])))
-            if not any(live):
-                gen.close()
-                break
-        texts_out.extend(_cut(t, stops[i]) for i, t in zip(batch, texts))
-    return texts_out, layer_sum, n_tok
+    from ..serve.scheduler import Request, Scheduler
+
+    ids = [engine.encode(p) for p in prompts]
+    ks = engine.choose_k(ids) if k == AUTO and ids else [k] * len(ids)
+    texts = [""] * len(ids)
+    done: queue.Queue = queue.Queue()
+    reqs = []
+
+    def listener(i: int):
+        def on_event(kind, payload):
+            if kind == "token":
+                texts[i] += payload[0]
+                if any(x in texts[i] for x in stops[i]) or (finished and finished(texts[i])):
+                    reqs[i].cancel()  # the scheduler frees the row after this token
+            else:
+                done.put((i, payload))
+        return on_event
+
+    for i, (row, ki) in enumerate(zip(ids, ks)):
+        reqs.append(Request(row, ki, engine.kv_policy, max_new_tokens, listener(i), allocation=allocation))
+    sched = Scheduler({engine.kv_policy: engine}, batch_size)
+    for r in reqs:
+        sched.submit(r)
+    sched.start()
+    try:
+        for _ in tqdm(range(len(reqs)), desc=desc, unit="prompt", disable=not progress, leave=False):
+            i, reason = done.get()
+            if reason.startswith("error"):
+                raise RuntimeError(f"generating for prompt {i} failed: {reason}")
+    finally:
+        sched.shutdown()
+    return ([_cut(t, s) for t, s in zip(texts, stops)], sum(r.layer_sum for r in reqs),
+            sum(len(r.tokens) for r in reqs))
 
 
 def evaluate_gen(engine, task: str, docs: list[GenDoc], budget=None, layers=None, batch_size: int = 8,

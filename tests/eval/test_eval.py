@@ -164,6 +164,37 @@ def test_per_document_results_match_the_aggregates(smol32):
     assert res.per_doc["acc"] == [r.acc for r in alone] and res.per_doc["acc_norm"] == [r.acc_norm for r in alone]
 
 
+def test_generate_until_gives_each_prompt_its_own_greedy_text_and_refills_a_finished_rows_place(tiny_ckpt):
+    """Continuous batching for generation evals: every text equals the prompt's greedy generation alone, cut at
+    its stop string; a long completion does not hold up the short ones (fewer decode steps than fixed batches)."""
+    from buddy.api import load
+    from buddy.eval.generation import generate_until
+
+    m = load(str(tiny_ckpt), planner="random", device="cpu", dtype="float32")
+    prompts = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10 w11", "w12"]
+    alone = [[s.text for s in m.generate(p, layers=4, max_new_tokens=12)] for p in prompts]
+    stops = [["w999"]] + [[a[2]] if len(a) > 3 else ["w999"] for a in alone[1:]]  # short rows stop early
+
+    def expected(pieces, stop):  # the rule: stop once the text holds a stop string, then cut there
+        text = ""
+        for n, piece in enumerate(pieces, 1):
+            text += piece
+            if any(x in text for x in stop):
+                return text.split(stop[0])[0], n
+        return text, len(pieces)
+
+    want = [expected(a, st) for a, st in zip(alone, stops)]
+    decode_steps = []
+    real = m._forward
+    m._forward = lambda x, cache, k, valid=None: (decode_steps.append(x.shape[0]) if x.shape[1] == 1 else None,
+                                                  real(x, cache, k, valid))[1]
+    texts, layer_sum, n_tok = generate_until(m, prompts, 4, 12, stops, batch_size=2)
+    assert texts == [w[0] for w in want]
+    assert n_tok == sum(w[1] for w in want) and layer_sum == 4 * n_tok
+    fixed = sum(max(w[1] for w in want[i:i + 2]) - 1 for i in range(0, len(want), 2))  # decode steps, fixed batches
+    assert max(decode_steps) == 2 and len(decode_steps) < fixed, (decode_steps, want)
+
+
 @pytest.mark.integration
 def test_lambada_output_is_the_greedy_generation(smol32):
     from buddy.eval.generation import evaluate_gen
