@@ -86,16 +86,24 @@ class BuddyLM(LM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        out = []
-        for r in requests:  # lm-eval groups requests by settings rarely; keep per-request settings exact
+        """Greedy, with continuous batching (contexts_per_batch rows decode together): requests with the same
+        max_gen_toks decode in one pass, each stopping at its own `until` strings."""
+        jobs = []
+        for r in requests:
             context, kwargs = r.args[0], dict(r.args[1] or {})
             until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.get("max_gen_toks", 256))
-            texts, layers, tokens = generate_until(self.engine, [context], self.k, max_new, [until], 1)
+            jobs.append((context, [until] if isinstance(until, str) else list(until),
+                         int(kwargs.get("max_gen_toks", 256))))
+        out: list[str] = [""] * len(jobs)
+        for max_new in sorted({j[2] for j in jobs}):
+            idx = [i for i, j in enumerate(jobs) if j[2] == max_new]
+            texts, layers, tokens = generate_until(self.engine, [jobs[i][0] for i in idx], self.k, max_new,
+                                                   [jobs[i][1] for i in idx], self.contexts_per_batch,
+                                                   progress=not disable_tqdm, desc="buddy")
             self.executed_layers += layers
             self.tokens += tokens
-            out.append(texts[0])
+            for i, t in zip(idx, texts):
+                out[i] = t
         return out
 
 

@@ -106,6 +106,25 @@ def test_lm_eval_model_args(tiny_ckpt, inp, expected):
     expect(expected, lambda: BuddyLM(model=str(tiny_ckpt), planner="random", device="cpu", dtype="float32", **kw).k)
 
 
+def test_lm_eval_generate_until_gives_each_request_its_own_stop_and_length(tiny_ckpt):
+    """lm-eval's generate_until requests decode together; each keeps its own until strings and max_gen_toks,
+    and its text is the prompt's greedy generation alone."""
+    pytest.importorskip("lm_eval")
+    from types import SimpleNamespace
+
+    from buddy.harness import BuddyLM
+
+    lm = BuddyLM(model=str(tiny_ckpt), planner="random", layers=4, device="cpu", dtype="float32", contexts_per_batch=2)
+    prompts = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10 w11"]
+    alone = ["".join(s.text for s in lm.engine.generate(p, layers=4, max_new_tokens=n)) for p, n in zip(prompts, (6, 3, 6, 3))]
+    until = [[], ["w999"], [alone[2].split()[1]] if len(alone[2].split()) > 1 else [], "w999"]
+    reqs = [SimpleNamespace(args=(p, {"until": u, "max_gen_toks": n})) for p, u, n in zip(prompts, until, (6, 3, 6, 3))]
+    out = lm.generate_until(reqs, disable_tqdm=True)
+    assert out[0] == alone[0] and out[1] == alone[1] and out[3] == alone[3]
+    assert out[2] == (alone[2].split(until[2][0])[0] if until[2] else alone[2])
+    assert lm.layers_per_token == 4 and lm.tokens > 0
+
+
 def test_echo_names_are_the_same_everywhere():
     assert budget_echo(request_budget(0.5), 3) == {"budget": 0.5, "layers": None, "k": 3}
     assert budget_echo(request_budget(layers=4), 4) == {"budget": None, "layers": 4, "k": 4}
