@@ -176,7 +176,9 @@ class KVCache:
         new.has_holes = True
         states = [c.planner_state for c, _ in parts]
         if all(isinstance(st, dict) and "last" in st for st in states):
-            new.planner_state = {"prefill_end": 0,
+            # each row keeps its decode step count: it decoded c.length - prefill_end tokens in its old cache
+            decoded = [c.length - int(st["prefill_end"][r]) for st, (c, r) in zip(states, parts)]
+            new.planner_state = {"prefill_end": torch.tensor([T - d for d in decoded], device=first.k.device),
                                  "last": torch.stack([st["last"][r] for st, (_, r) in zip(states, parts)])}
         return new
 

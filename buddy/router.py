@@ -194,17 +194,18 @@ class RouterPlanner(Planner):
                 p = self.routed(h0, cache, torch.full((B,), v, dtype=torch.long, device=h0.device))
                 plan = p if plan is None else torch.where((ks == v)[..., None], p, plan)
         start, end = cache.slot
-        if start == 0:  # prefill: every prompt token routed; remember where decoding starts
-            cache.planner_state = {"prefill_end": end, "last": plan[:, -1]}
+        if start == 0:  # prefill: every prompt token routed; remember where each row's decoding starts
+            cache.planner_state = {"prefill_end": torch.full((B,), end, device=h0.device), "last": plan[:, -1]}
             return plan
         if self.reroute_every != 1:  # reuse the plan of the last routing position
             st = cache.planner_state
-            d = torch.arange(start, end, device=h0.device) - st["prefill_end"]  # decode step index
+            # each row's decode step index [B, T] (rows of a continuous batch joined at different steps)
+            d = torch.arange(start, end, device=h0.device)[None] - st["prefill_end"][:, None]
             routed = d % self.reroute_every == 0 if self.reroute_every else torch.zeros_like(d, dtype=torch.bool)
             plans = torch.cat([st["last"][:, None], plan], dim=1)  # index 0 = carried-over plan
             pos = torch.arange(1, end - start + 1, device=h0.device) * routed
-            src = torch.cummax(pos, dim=0).values
-            plan = plans[:, src]
+            src = torch.cummax(pos, dim=1).values
+            plan = plans.gather(1, src[..., None].expand(-1, -1, plans.shape[-1]))
         cache.planner_state["last"] = plan[:, -1]
         return plan
 

@@ -210,3 +210,38 @@ def test_standardize_reads_the_varying_part_of_a_near_constant_feature_and_round
     loaded, _ = load_router(tmp_path / "r", checksum="c0ffee", n_layers=8)
     assert loaded.cfg.standardize and torch.equal(loaded.mu_h, std.mu_h) and torch.equal(loaded.sd_kv, std.sd_kv)
     assert torch.equal(loaded.forward(kv, h, frac), std.forward(kv, h, frac))
+
+
+def test_rerouting_every_n_tokens_keeps_each_rows_own_schedule_in_a_continuous_batch(tiny_ckpt):
+    """With reroute_every=3, a row re-plans at its own decode steps 0, 3, 6, ... however rows join and leave the
+    server's (and the generation evals') continuous batch: each row's layers equal its solo generation's."""
+    import threading
+
+    from buddy.api import load
+    from buddy.serve.scheduler import Request, Scheduler
+
+    m = load(str(tiny_ckpt), planner="random", device="cpu", dtype="float32")
+    m.planner = RouterPlanner(random_router(m.bb, 1), prior_scores(list(range(1, m.n_layers - 1)), m.n_layers),
+                              reroute_every=3)
+    jobs = [([5, 6, 7, 8, 9], 10), ([11, 12], 4), ([13, 14, 15], 9), ([16, 17, 18, 19], 7)]
+    solo = [[s.layers for s in m.generate(p, layers=3, max_new_tokens=n, ignore_eos=True)] for p, n in jobs]
+    assert any(x[i] != x[i + 1] for x in solo for i in range(1, len(x) - 1))  # a re-plan during decoding matters
+    got, finished = [[] for _ in jobs], threading.Semaphore(0)
+
+    def events(i):
+        def on_event(kind, payload):
+            if kind == "token":
+                got[i].append(payload[1])
+            else:
+                finished.release()
+        return on_event
+
+    sched = Scheduler({"fill": m}, max_batch=2, stop_ids=set())  # rows 2 and 3 join as rows 0 and 1 leave
+    for i, (p, n) in enumerate(jobs):
+        sched.submit(Request(p, 3, "fill", n, events(i)))
+    sched.start()
+    try:
+        assert all(finished.acquire(timeout=60) for _ in jobs)
+    finally:
+        sched.shutdown()
+    assert got == solo

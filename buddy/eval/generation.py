@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from ..budget import AUTO
-from ..config import GenerateConfig
+from ..config import ConfigError, GenerateConfig
 from .tasks import GenDoc
 
 MAX_NEW = {"lambada": 8, "gsm8k": 192}
@@ -80,6 +80,9 @@ def generate_until(engine, prompts: list[str], k, max_new_tokens: int, stops: li
     Returns (texts, executed layer-token count, generated token count)."""
     from ..serve.scheduler import Request, Scheduler
 
+    GenerateConfig(max_new_tokens=max_new_tokens, allocation=allocation)  # ConfigError for bad values
+    if batch_size < 1:
+        raise ConfigError(f"invalid batch size {batch_size!r}: must be >= 1")
     ids = [engine.encode(p) for p in prompts]
     ks = engine.choose_k(ids) if k == AUTO and ids else [k] * len(ids)
     texts = [""] * len(ids)
@@ -104,7 +107,15 @@ def generate_until(engine, prompts: list[str], k, max_new_tokens: int, stops: li
     sched.start()
     try:
         for _ in tqdm(range(len(reqs)), desc=desc, unit="prompt", disable=not progress, leave=False):
-            i, reason = done.get()
+            while True:
+                try:
+                    i, reason = done.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    if not sched.alive:
+                        raise RuntimeError("the decoding thread stopped before every prompt finished") from None
+            if reqs[i].error is not None:  # the original error (a BuddyError stays one: a clear CLI message)
+                raise reqs[i].error
             if reason.startswith("error"):
                 raise RuntimeError(f"generating for prompt {i} failed: {reason}")
     finally:

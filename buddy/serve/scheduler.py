@@ -40,6 +40,7 @@ class Request:
     seed: int = 0
     allocation: str = "request"  # or "token": per-token depth, mean exact (buddy/allocation.py)
     cancelled: bool = False
+    error: Exception | None = None  # what failed the request (its "done" payload is "error: ...")
     tokens: list[int] = field(default_factory=list)
     layer_sum: int = 0
 
@@ -93,6 +94,11 @@ class Scheduler:
         self.queue.put(req)
 
     @property
+    def alive(self) -> bool:
+        """The scheduler thread is running."""
+        return self._thread.is_alive()
+
+    @property
     def active(self) -> int:
         return sum(len(g.rows) + len(g.pending) for g in self.groups.values())
 
@@ -120,6 +126,7 @@ class Scheduler:
                     self._step(policy, g)
                 except Exception as e:  # noqa: BLE001 - fail the group's requests, keep serving
                     for row in g.rows + [r for r, _ in g.pending]:
+                        row.req.error = e
                         row.req.on_event("done", f"error: {e}")
                     self.groups[policy] = _Group()
 
@@ -141,6 +148,7 @@ class Scheduler:
                 self.groups[req.kv_policy].pending.append((row, cache))
                 self.groups[req.kv_policy].dirty = True
         except Exception as e:  # noqa: BLE001 - one bad request must not stop the server
+            req.error = e
             req.on_event("done", f"error: {e}")
 
     def _emit(self, row: _Row, logits: torch.Tensor, path: torch.Tensor) -> bool:
@@ -167,6 +175,7 @@ class Scheduler:
         try:
             return self._emit(row, logits, path)
         except Exception as e:  # noqa: BLE001 - fault isolation per row
+            row.req.error = e
             row.req.on_event("done", f"error: {e}")
             return False
 

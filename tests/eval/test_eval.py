@@ -195,6 +195,28 @@ def test_generate_until_gives_each_prompt_its_own_greedy_text_and_refills_a_fini
     assert max(decode_steps) == 2 and len(decode_steps) < fixed, (decode_steps, want)
 
 
+def test_generate_until_keeps_the_errors_type_and_checks_its_settings(tiny_ckpt):
+    """A failure inside the decoding thread reaches the caller as the same exception (so the CLI prints
+    `buddy: error: ...`), and bad settings fail before anything is decoded."""
+    from buddy.allocation import AllocationError
+    from buddy.api import load
+    from buddy.config import ConfigError
+    from buddy.eval.generation import generate_until
+    from buddy.kv_cache import ContextOverflowError
+
+    m = load(str(tiny_ckpt), planner="random", device="cpu", dtype="float32")
+    with pytest.raises(AllocationError, match="depth head"):
+        generate_until(m, ["w1 w2"], 4, 4, [[]], allocation="token")
+    with pytest.raises(ContextOverflowError):
+        generate_until(m, ["w1 w2", "w3"], 4, m.bb.shapes.max_context, [[], []])
+    for bad in ({"batch_size": 0}, {"allocation": "tokens"}):
+        with pytest.raises(ConfigError):
+            generate_until(m, ["w1 w2"], 4, 4, [[]], **bad)
+    with pytest.raises(ConfigError):
+        generate_until(m, ["w1 w2"], 4, 0, [[]])
+    assert generate_until(m, [], 4, 4, []) == ([], 0, 0)
+
+
 @pytest.mark.integration
 def test_lambada_output_is_the_greedy_generation(smol32):
     from buddy.eval.generation import evaluate_gen
