@@ -50,6 +50,7 @@ class CodeResult:
     layers_per_token: float
     wall_s: float
     statuses: dict  # outcome -> count (passed, failed, timeout, killed)
+    tokens_per_problem: float  # mean generated tokens per problem (up to its stop sequence, EOS or the limit)
     per_doc: dict  # {"passed": [0/1 per problem]}, for paired intervals
 
     def as_dict(self) -> dict:
@@ -114,4 +115,4 @@ def evaluate_code(engine, problems: list[Problem], budget=None, layers=None, bat
         statuses[o.status] = statuses.get(o.status, 0) + 1
     n = max(len(problems), 1)
     return CodeResult("humaneval", sum(passed) / n, len(problems), layer_sum / max(n_tok, 1),
-                      time.perf_counter() - t0, statuses, {"passed": passed}), completions
+                      time.perf_counter() - t0, statuses, n_tok / n, {"passed": passed}), completions

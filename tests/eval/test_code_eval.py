@@ -116,6 +116,7 @@ def test_evaluate_code_on_a_tiny_model_reports_layers_and_per_problem_results(ti
     assert r.docs == 3 and len(completions) == 3 and len(r.per_doc["passed"]) == 3
     assert r.pass_at_1 == sum(r.per_doc["passed"]) / 3 == 0.0  # random words are not Python
     assert r.layers_per_token == 4 and sum(r.statuses.values()) == 3
+    assert 1 <= r.tokens_per_problem <= 6  # at most max_new_tokens each
 
 
 def test_eval_code_cli_errors(tiny_ckpt, capsys, tmp_path):
