@@ -318,7 +318,8 @@ def cmd_eval_code(args) -> int:
             json.dumps({"task_id": p.task_id, "completion": c, "passed": bool(ok)}) + "\n"
             for p, c, ok in zip(problems, completions, r.per_doc["passed"])))
     out = {"task": "humaneval", "pass_at_1": round(r.pass_at_1, 4), "docs": r.docs, "statuses": r.statuses,
-           "layers_per_token": round(r.layers_per_token, 3), "wall_s": round(r.wall_s, 1), "planner": m.planner.name,
+           "layers_per_token": round(r.layers_per_token, 3), "tokens_per_problem": round(r.tokens_per_problem, 1),
+           "wall_s": round(r.wall_s, 1), "planner": m.planner.name,
            "kv_policy": m.kv_policy, "allocation": cfg.allocation, **budget_echo(budget, k), "model": m.bb.name}
     if args.json:
         print(json.dumps(out))

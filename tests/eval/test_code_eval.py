@@ -152,6 +152,7 @@ def test_eval_code_cli_writes_samples(tiny_ckpt, capsys, tmp_path):
                  "--layers", "4", "--limit", "2", "--max-new-tokens", "4", "--samples-out", str(out), "--json"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["task"] == "humaneval" and row["docs"] == 2 and row["k"] == 4 and row["layers"] == 4
+    assert 1 <= row["tokens_per_problem"] <= 4
     samples = [json.loads(x) for x in Path(out).read_text().splitlines()]
     assert [s["task_id"] for s in samples] == ["HumanEval/0", "HumanEval/1"]
     assert all(s["passed"] is False for s in samples)
