@@ -247,7 +247,7 @@ class CodeEvalConfig:
 
     limit: first N of the 164 problems (None: all).
     max_new_tokens: tokens per completion at most.
-    batch_size: prompts decoded together.
+    batch_size: completions decoded together (continuous batching: a finished one's place goes to the next prompt).
     timeout: seconds of wall clock and of CPU per program.
     weak_sandbox: run generated code without seccomp and Landlock where this machine lacks them.
     samples_out: write each completion and its result to this JSONL file.
