@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ..budget import AUTO
 from ..config import ConfigError, GenerateConfig
+from ..serve.scheduler import Request, Scheduler
 from .tasks import GenDoc
 
 MAX_NEW = {"lambada": 8, "gsm8k": 192}
@@ -78,8 +79,6 @@ def generate_until(engine, prompts: list[str], k, max_new_tokens: int, stops: li
     one long completion does not hold up a batch of short ones. `allocation="token"`: each generated token its
     own depth, each row's mean exact (buddy/allocation.py).
     Returns (texts, executed layer-token count, generated token count)."""
-    from ..serve.scheduler import Request, Scheduler
-
     GenerateConfig(max_new_tokens=max_new_tokens, allocation=allocation)  # ConfigError for bad values
     if batch_size < 1:
         raise ConfigError(f"invalid batch size {batch_size!r}: must be >= 1")
@@ -96,7 +95,7 @@ def generate_until(engine, prompts: list[str], k, max_new_tokens: int, stops: li
                 if any(x in texts[i] for x in stops[i]) or (finished and finished(texts[i])):
                     reqs[i].cancel()  # the scheduler frees the row after this token
             else:
-                done.put((i, payload))
+                done.put(i)
         return on_event
 
     for i, (row, ki) in enumerate(zip(ids, ks)):
@@ -109,15 +108,13 @@ def generate_until(engine, prompts: list[str], k, max_new_tokens: int, stops: li
         for _ in tqdm(range(len(reqs)), desc=desc, unit="prompt", disable=not progress, leave=False):
             while True:
                 try:
-                    i, reason = done.get(timeout=1.0)
+                    i = done.get(timeout=1.0)
                     break
                 except queue.Empty:
                     if not sched.alive:
                         raise RuntimeError("the decoding thread stopped before every prompt finished") from None
             if reqs[i].error is not None:  # the original error (a BuddyError stays one: a clear CLI message)
                 raise reqs[i].error
-            if reason.startswith("error"):
-                raise RuntimeError(f"generating for prompt {i} failed: {reason}")
     finally:
         sched.shutdown()
     return ([_cut(t, s) for t, s in zip(texts, stops)], sum(r.layer_sum for r in reqs),

@@ -44,6 +44,11 @@ class Request:
     tokens: list[int] = field(default_factory=list)
     layer_sum: int = 0
 
+    def fail(self, error: Exception) -> None:
+        """End the request with an error: `error` keeps the exception, the "done" event its message."""
+        self.error = error
+        self.on_event("done", f"error: {error}")
+
     def cancel(self) -> None:
         """Free the row at the next step (a client disconnected)."""
         self.cancelled = True
@@ -126,8 +131,7 @@ class Scheduler:
                     self._step(policy, g)
                 except Exception as e:  # noqa: BLE001 - fail the group's requests, keep serving
                     for row in g.rows + [r for r, _ in g.pending]:
-                        row.req.error = e
-                        row.req.on_event("done", f"error: {e}")
+                        row.req.fail(e)
                     self.groups[policy] = _Group()
 
     def _drop_if_cancelled(self, req: Request) -> bool:
@@ -148,8 +152,7 @@ class Scheduler:
                 self.groups[req.kv_policy].pending.append((row, cache))
                 self.groups[req.kv_policy].dirty = True
         except Exception as e:  # noqa: BLE001 - one bad request must not stop the server
-            req.error = e
-            req.on_event("done", f"error: {e}")
+            req.fail(e)
 
     def _emit(self, row: _Row, logits: torch.Tensor, path: torch.Tensor) -> bool:
         """Sample the row's next token, hand it over; True while the row goes on."""
@@ -175,8 +178,7 @@ class Scheduler:
         try:
             return self._emit(row, logits, path)
         except Exception as e:  # noqa: BLE001 - fault isolation per row
-            row.req.error = e
-            row.req.on_event("done", f"error: {e}")
+            row.req.fail(e)
             return False
 
     @torch.inference_mode()
