@@ -120,18 +120,7 @@ def test_shipped_router_is_not_worse_than_the_best_static_plan_on_held_out_domai
     """On the domains kept out of training and validation, at every k from 0.5L to 0.9L, the shipped router's
     perplexity does not exceed the better static plan's (the 16 test windows `buddy sweep --limit 16` reads; about
     10 minutes on 2 cores: `pytest -m slow`). docs/results.md, "Every k on the held-out domains", has the table."""
-    from buddy.api import make_planner
-    from buddy.corpus import HELDOUT_DOMAINS
-    from buddy.engine import Engine
-    from buddy.eval.sweep import run_task
+    from conftest import worse_than_static_on_held_out
 
-    bb = smol.bb
-    engines = {m: Engine(bb, make_planner(m, bb, "fill"), "fill") for m in ("router", "static-bi", "static-greedy")}
-    worse = []
-    for domain in HELDOUT_DOMAINS:
-        for k in range(round(0.5 * bb.n_layers), round(0.9 * bb.n_layers) + 1):
-            ppl = {m: run_task(e, f"ppl:{domain}", k, limit=16)["ppl"] for m, e in engines.items()}
-            best = min(ppl["static-bi"], ppl["static-greedy"])
-            if ppl["router"] > best:
-                worse.append((domain, k, round(ppl["router"] / best, 4)))
+    worse = worse_than_static_on_held_out(smol.bb)
     assert not worse, f"router worse than the best static plan at (domain, k, ratio): {worse}"
