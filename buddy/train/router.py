@@ -96,6 +96,8 @@ class TrainConfig:
         always allowed); layer counts in between interpolate. The validation split is the one that also picks
         the checkpoint, so judge the result on test domains. Empty: weight 1 (the router as trained). Rerun
         with `--resume` and the same `--steps` to fit scales for a finished run; `--init` starts from weight 1.
+        `--init ROUTER_DIR --steps 0 --scales ...` fits the weights of a trained router (a shipped one included)
+        without training it: its validation is then the init router's, and its metadata names the init.
     scale_windows: fit the scales on this many validation windows (per domain for `mix`), every weight (the prior's and
         the router's as trained included) measured afresh on them; 0 = the checkpoint's own validation windows.
         More windows make the per-domain test less noisy (2 windows per domain decide on noise).
@@ -177,9 +179,12 @@ class TrainConfig:
                 raise ConfigError(f"invalid val_layers {self.val_layers!r}: every count must be >= 2")
         if self.data not in ("mix", "sotu") and not self.data.endswith(".txt"):
             raise ConfigError(f"invalid data {self.data!r}: must be mix, sotu or a UTF-8 .txt file of your own")
+        if self.steps == 0 and not (self.init and self.scales):
+            raise ConfigError("steps 0 fits the per-k weights of a trained router without training it: "
+                              "give --init ROUTER_DIR and --scales too")
         for name in ("steps", "batch", "seq_len", "val_every", "save_every", "val_windows", "width", "band",
                      "swap_every", "train_per_domain", "standardize_windows"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) < (0 if name == "steps" else 1):
                 raise ConfigError(f"invalid {name} {getattr(self, name)}: must be >= 1")
         if self.swap_every > 1 and self.estimator != "swap":
             raise ConfigError(f"swap_every {self.swap_every} is for the swap estimator, not {self.estimator!r}")
@@ -608,8 +613,11 @@ class RouterTrainer:
         progress = progress and main
         if self.baseline is None and main:
             self.baseline = self.validate(use_router=False)
-            self.best = {"step": 0, "mean_nll": self.baseline["mean_nll"], "nll": self.baseline["nll"],
-                         "domains": self.baseline["domains"], "module": {k: v.clone() for k, v in self.module.state_dict().items()}}
+            # step 0's checkpoint is the router the run starts from, validated as such with --init (with
+            # --steps 0 that is a weight fit of a trained router); a fresh router starts as the prior's plan
+            start = self.validate(module=self.shipped()) if cfg.init else self.baseline
+            self.best = {"step": 0, "mean_nll": start["mean_nll"], "nll": start["nll"], "domains": start["domains"],
+                         "module": {k: v.clone() for k, v in self.shipped().state_dict().items()}}
         self.module.train()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train router", unit="step", disable=not progress)
         tokens = cfg.batch * cfg.seq_len

@@ -199,3 +199,35 @@ def test_interval_rule_drops_a_weight_only_for_a_significant_loss(tmp_path, monk
     assert tr.fit_scales([0.0, 1.0], progress=False) == {4: 0.0, 6: 0.0}
     with pytest.raises(ConfigError, match="invalid scale_rule"):
         TrainConfig(scale_rule="loose")
+
+
+def test_steps_zero_fits_the_weights_of_a_trained_router_without_training_it(tmp_path):
+    """`--init DIR --steps 0 --scales ...`: the init router's scores are kept bit for bit, step 0's checkpoint is
+    the init router validated as itself (not the prior's numbers), and only the per-k weight changes."""
+    bb = tiny_backbone("llama", n_layers=8)
+    m = random_router(bb)
+    with torch.no_grad():
+        m.fc2.weight.mul_(50.0)  # scores far from the prior's, so the router's plan differs from the prior's
+    meta = RouterMeta(model="tiny", checksum=bb.checksum, n_layers=8, kv_policy="fill", budgets=(0.5, 1.0),
+                      prior="static-greedy", prior_order=list(range(1, 7)), config=m.cfg.__dict__)
+    save_router(m, meta, tmp_path / "init")
+    cfg = TrainConfig(steps=0, batch=2, seq_len=12, width=32, val_windows=2, init=str(tmp_path / "init"),
+                      scales="0,1")
+    g = torch.Generator().manual_seed(0)
+    tr = RouterTrainer(bb, cfg, list(range(1, 7)), torch.randint(0, 97, (4, 12), generator=g),
+                       torch.randint(0, 97, (2, 12), generator=g), tmp_path / "fit")
+    tr.run(progress=False)
+    fitted, fmeta = load_router(tmp_path / "fit", n_layers=8)
+    assert torch.equal(fitted.fc2.weight, m.fc2.weight) and fmeta.steps == 0 and fmeta.best_step == 0
+    v = fmeta.validation
+    assert v["router_ppl"] != v["prior_only_ppl"]  # the init router's own validation, not the prior's
+    assert v["router_ppl"] == pytest.approx({k: v["scale"]["ppl"]["1"][k] for k in v["router_ppl"]}, rel=1e-3)
+    assert fmeta.init["sha256"] and set(v["scale"]["by_k"].values()) <= {0.0, 1.0}
+
+
+def test_steps_zero_needs_a_router_and_weights_to_fit():
+    for bad in ({}, {"init": "r"}, {"scales": "0,1"}):
+        with pytest.raises(ConfigError, match="steps 0 fits the per-k weights"):
+            TrainConfig(steps=0, **bad)
+    with pytest.raises(ConfigError, match="invalid steps"):
+        TrainConfig(steps=-1, init="r", scales="0,1")
