@@ -107,3 +107,27 @@ def test_vllm_throughput_grouped_cell_submits_one_call_per_budget_in_request_ord
     assert [ps for ps, _ in calls] == [["p0", "p3", "p6"], ["p1", "p4"], ["p2", "p5"]]
     assert [{sp.extra_args["budget"] for sp in sps} for _, sps in calls] == [{0.5}, {0.75}, {1.0}]
     assert SETTINGS["mixed-grouped"] == SETTINGS["mixed"]  # the same requests; only the submission differs
+
+
+def test_router_vs_static_counts_a_router_that_plans_as_static_as_level(tmp_path):
+    """`never_worse` compares perplexities: equal perplexity with per-window NLLs that differ in the last rounded
+    digit is level, a higher perplexity is not."""
+    import json
+
+    def row(method, ppl, nll):
+        return {"model": "m", "method": method, "kv_policy": "fill", "k": 4, "task": "ppl:sotu", "limit": 2,
+                "ppl": ppl, "per_doc": {"nll": nll}}
+
+    def never_worse(router_ppl, router_nll):
+        f = tmp_path / "rows.jsonl"
+        f.write_text("".join(json.dumps(r) + "\n" for r in (
+            row("static-greedy", 10.0, [2.30258, 2.30260]), row("static-bi", 11.0, [2.4, 2.4]),
+            row("router", router_ppl, router_nll))))
+        r = subprocess.run([sys.executable, "benchmarks/router_vs_static.py", str(f)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1])["never_worse"]
+
+    assert never_worse(10.0, [2.30259, 2.30260])
+    assert never_worse(10.000001, [2.30259, 2.30260])  # the same plan through another planner: float32 rounding
+    assert not never_worse(10.01, [2.30358, 2.30360])

@@ -34,3 +34,9 @@ def stratified_bootstrap(groups, stat, n: int = 4000, seed: int = 0,
     tail = 100 * (1 - level) / 2
     lo, hi = np.percentile(reps, [tail, 100 - tail])
     return float(stat(groups)), float(lo), float(hi)
+
+
+def no_worse(ppl: float, best: float, rtol: float = 1e-6) -> bool:
+    """Whether perplexity `ppl` is at most `best` up to float32 rounding: the same plan run through two planners
+    (the router with its scores weighted 0, and static-greedy) gives perplexities about 1e-7 apart."""
+    return ppl <= best * (1 + rtol)

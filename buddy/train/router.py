@@ -48,7 +48,7 @@ class TrainConfig:
 
     kv_policy: the KV policy the router is trained (and later served) with.
     budgets: range of budget fractions `lo:hi`; each sequence samples k uniformly in it (k < L).
-    steps: optimizer steps.
+    steps: optimizer steps (0 with `init` and `scales`: fit the per-k weights of a trained router, no training).
     batch: sequences per step.
     seq_len: tokens per sequence.
     lr: AdamW learning rate.

@@ -28,13 +28,13 @@ def test_shipped_router_is_the_default_and_routes_exactly_k(qwen):
     for budget, k in ((0.5, 12), (0.83, 20)):
         steps = list(qwen.generate("def fibonacci(n):", budget=budget, max_new_tokens=12, ignore_eos=True))
         assert all(len(s.layers) == k and 0 in s.layers and 23 in s.layers for s in steps)
-    # at 0.83L the router's scores count in full (router.json, validation.scale.by_k), so it re-plans per token
+    # at 0.83L the router's scores count with weight 0.75 (router.json, validation.scale.by_k): it re-plans per token
     assert len({s.layers for s in steps}) > 1
 
 
 def test_shipped_router_keeps_its_prior_where_validation_gave_its_scores_no_weight(qwen):
-    """The per-k score weight fitted on validation is 0 at k=16 and 18, so there the router's plans are the prior's
-    (static-greedy on the mix calibration) at every token: it cannot be worse than static-greedy there."""
+    """The per-k score weight fitted on validation is 0 at k=12, 16 and 18, so there the router's plans are the
+    prior's (static-greedy on the mix calibration) at every token: it cannot be worse than static-greedy there."""
     import json
     from pathlib import Path
 

@@ -557,3 +557,10 @@ def test_auto_vs_fixed_judges_auto_per_domain_and_pooled(tmp_path):
     for ln in lines:
         assert "-0.1000 [-0.1000, -0.1000]" in ln and "1.000 [1.000, 1.000]" in ln
     assert lines[-1].split(" | ")[4] == "17.00"  # the cross-domain line names auto's overall mean layers
+
+
+def test_no_worse_allows_float32_rounding_only():
+    from buddy.eval.stats import no_worse
+
+    assert no_worse(9.0, 10.0) and no_worse(10.0, 10.0) and no_worse(10.0 * (1 + 1e-7), 10.0)
+    assert not no_worse(10.0 * (1 + 1e-5), 10.0) and not no_worse(10.1, 10.0)
