@@ -179,12 +179,14 @@ class TrainConfig:
                 raise ConfigError(f"invalid val_layers {self.val_layers!r}: every count must be >= 2")
         if self.data not in ("mix", "sotu") and not self.data.endswith(".txt"):
             raise ConfigError(f"invalid data {self.data!r}: must be mix, sotu or a UTF-8 .txt file of your own")
+        if self.steps < 0:
+            raise ConfigError(f"invalid steps {self.steps}: must be >= 0")
         if self.steps == 0 and not (self.init and self.scales):
             raise ConfigError("steps 0 fits the per-k weights of a trained router without training it: "
                               "give --init ROUTER_DIR and --scales too")
-        for name in ("steps", "batch", "seq_len", "val_every", "save_every", "val_windows", "width", "band",
+        for name in ("batch", "seq_len", "val_every", "save_every", "val_windows", "width", "band",
                      "swap_every", "train_per_domain", "standardize_windows"):
-            if getattr(self, name) < (0 if name == "steps" else 1):
+            if getattr(self, name) < 1:
                 raise ConfigError(f"invalid {name} {getattr(self, name)}: must be >= 1")
         if self.swap_every > 1 and self.estimator != "swap":
             raise ConfigError(f"swap_every {self.swap_every} is for the swap estimator, not {self.estimator!r}")

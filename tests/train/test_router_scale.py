@@ -229,5 +229,5 @@ def test_steps_zero_needs_a_router_and_weights_to_fit():
     for bad in ({}, {"init": "r"}, {"scales": "0,1"}):
         with pytest.raises(ConfigError, match="steps 0 fits the per-k weights"):
             TrainConfig(steps=0, **bad)
-    with pytest.raises(ConfigError, match="invalid steps"):
+    with pytest.raises(ConfigError, match="invalid steps -1: must be >= 0"):
         TrainConfig(steps=-1, init="r", scales="0,1")
