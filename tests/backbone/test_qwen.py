@@ -52,6 +52,20 @@ def test_shipped_router_keeps_its_prior_where_validation_gave_its_scores_no_weig
         assert ours == ref, k
 
 
+def test_shipped_depth_head_gives_each_token_its_own_depth_and_keeps_the_mean(qwen):
+    """allocation="token" with the depth head shipped for Qwen (loaded by default): depths vary per token, the
+    mean over the generated tokens stays within half a layer of k after every token."""
+    assert qwen.depth is not None and qwen.depth.cfg.n_layers == 24
+    for budget, k in ((0.5, 12), (0.63, 15), (0.87, 21)):
+        steps = list(qwen.generate("def fibonacci(n):", budget=budget, max_new_tokens=24, ignore_eos=True,
+                                   allocation="token"))
+        depths = [len(s.layers) for s in steps]
+        assert len(set(depths)) > 1, (k, depths)
+        for n in range(1, len(depths) + 1):
+            assert abs(sum(depths[:n]) - n * k) <= n // 2, (k, depths)
+        assert all(0 in s.layers and 23 in s.layers for s in steps)
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason="measured: moby_dick at k=22 (0.92L) is 1.0005x the best "
                    "static plan (interval [0.998, 1.003]), docs/results.md, 'Every k on the held-out domains: "
