@@ -164,11 +164,16 @@ def content_hash(f: Path | None) -> str | None:
     return hashlib.sha256(Path(f).read_bytes()).hexdigest()[:12]
 
 
+def artifact_label(d: Path | None, weights: str) -> str | None:
+    """'<directory name>@<first 12 hex of sha256(d/weights)>': which artifact a row measured, the same whatever
+    path it was loaded from (another clone, a relative path), and different when a shipped one is refitted."""
+    h = content_hash(Path(d) / weights) if d else None
+    return f"{Path(d).name}@{h}" if h else None
+
+
 def router_label(rdir: Path | None) -> str | None:
-    """'<directory name>@<first 12 hex of sha256(router.safetensors)>': which router a row measured, the same
-    whatever path it was loaded from, and different when a shipped router is retrained."""
-    h = content_hash(Path(rdir) / "router.safetensors") if rdir else None
-    return f"{Path(rdir).name}@{h}" if h else None
+    """The router a row measured: `artifact_label` of its router.safetensors."""
+    return artifact_label(rdir, "router.safetensors")
 
 
 def cell_key(row: dict) -> tuple:
@@ -195,7 +200,7 @@ def sweep(bb, cfg: SweepConfig, load: LoadConfig | None = None, progress: bool =
     allocation, depth, depth_name = cfg.allocation, None, None
     if allocation != ALLOCATIONS[0]:
         depth = make_depth(bb, kv_policy, load.depth)
-        depth_name = str(depth_dir(bb, kv_policy, load.depth))
+        depth_name = artifact_label(depth_dir(bb, kv_policy, load.depth), "depth.safetensors")
         if depth is None:
             raise TaskError(f"allocation {allocation!r} needs a depth head for model {bb.name!r} and kv policy "
                             f"{kv_policy!r}: fit one with `buddy train depth`, then pass --depth DIR")

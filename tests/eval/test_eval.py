@@ -294,6 +294,44 @@ def test_a_sweep_builds_its_static_plans_when_it_hashes_the_calibration_so_rows_
     assert [r["calibration_sha256"] for r in rows] == [first_hash, first_hash] != [sw.content_hash(cal)] * 2
 
 
+def test_token_allocation_rows_name_their_depth_head_by_content_not_by_path(tmp_path, monkeypatch):
+    """A row measured with allocation="token" names its depth head '<dir>@<sha256 prefix>', so a copy of the same
+    head at another path (another clone) resumes the sweep, and a refitted head is measured again."""
+    from dataclasses import asdict
+
+    import buddy.eval.sweep as sw
+    from buddy.allocation import DepthMeta, save_depth
+    from buddy.calibration import save_calibration
+    from buddy.config import LoadConfig
+    from test_allocation import random_head
+
+    bb = tiny_backbone()
+    cal = tmp_path / "cal.json"
+    save_calibration({"model": bb.name, "checksum": bb.checksum, "n_layers": 6,
+                      "orders": {"static-greedy": [3, 1, 4, 2], "static-bi": [1, 2, 3, 4]}}, cal)
+
+    def write_head(d, seed):
+        head = random_head(hidden=bb.shapes.hidden, n_layers=6, seed=seed)
+        save_depth(head, DepthMeta(model=bb.name, checksum=bb.checksum, n_layers=6, kv_policy="fill",
+                                   router="router", config=asdict(head.cfg)), d)
+
+    a, b, c = tmp_path / "a" / "head", tmp_path / "b" / "head", tmp_path / "c" / "head"
+    write_head(a, 0), write_head(b, 0), write_head(c, 1)
+    monkeypatch.setattr(sw, "run_task", lambda engine, task, k, limit=None, progress=False, allocation="request":
+                        {"ppl": 1.0, "layers_per_token": float(k)})
+    cfg = SweepConfig(methods=("static-greedy",), layers="3", tasks=("ppl:sotu",), out=str(tmp_path / "r.jsonl"),
+                      allocation="token")
+
+    def run(d):
+        return sw.sweep(bb, cfg, LoadConfig(model=bb.name, calibration=str(cal), depth=str(d)), progress=False)
+
+    first = run(a)
+    assert first[0]["depth"] == f"head@{sw.content_hash(a / 'depth.safetensors')}"
+    assert run(b) == []  # the same head at another path: nothing to measure again
+    refit = run(c)
+    assert len(refit) == 1 and refit[0]["depth"] != first[0]["depth"]
+
+
 @pytest.mark.integration
 def test_sweep_is_resumable_and_plots(tmp_path):
     mc = tmp_path / "mc.jsonl"
