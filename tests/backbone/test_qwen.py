@@ -66,6 +66,20 @@ def test_shipped_depth_head_gives_each_token_its_own_depth_and_keeps_the_mean(qw
         assert all(0 in s.layers and 23 in s.layers for s in steps)
 
 
+def test_shipped_predictor_is_the_default_for_auto_and_picks_a_budget_per_prompt(qwen):
+    """budget="auto" with the predictor shipped for Qwen (loaded by default): each prompt gets one of the
+    predictor's levels, prompts of different kinds get different ones, and generation runs at the chosen k."""
+    assert qwen.predictor is not None
+    allowed = {qwen.resolve_k(level) for level in qwen.predictor.cfg.levels}
+    prompts = ["def fibonacci(n):", "Question: Natalia sold clips to 48 of her friends in April, and then she sold "
+               "half as many clips in May. How many clips did Natalia sell altogether in April and May?\nAnswer:"]
+    ks = qwen.choose_k([qwen.encode(p) for p in prompts])
+    assert set(ks) <= allowed and len(set(ks)) == 2, ks
+    for p, k in zip(prompts, ks):
+        steps = list(qwen.generate(p, budget="auto", max_new_tokens=4, ignore_eos=True))
+        assert all(len(s.layers) == k for s in steps), (k, [len(s.layers) for s in steps])
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason="measured: moby_dick at k=22 (0.92L) is 1.0005x the best "
                    "static plan (interval [0.998, 1.003]), docs/results.md, 'Every k on the held-out domains: "
