@@ -13,6 +13,8 @@ layer counts (log-perplexity for `ppl-sotu`, accuracy for the average over the m
 When the rows carry per-document results (`per_doc`, written by `buddy sweep`), a second table gives the
 difference against `fixed` paired by document (the same documents and SOTU windows, fixed interpolated per
 document with the same weights), with a 95% bootstrap interval over documents.
+With `--tasks`, a per-task table follows: each task's accuracy against fixed budgets at auto's measured mean
+layers on that task, paired by document (the average line above compares at auto's mean over all tasks).
 
 Per-domain rows (`kl:<domain>` or `ppl:<domain>` tasks of the training mix, buddy/corpus.py) get a third
 table: for each domain, auto's mean KL to the dense model and its perplexity against fixed budgets at auto's
@@ -101,7 +103,7 @@ def main() -> None:
 
     boot = stratified_bootstrap
 
-    paired_lines, domain_lines = [], []
+    paired_lines, domain_lines, task_lines = [], [], []
     print("| predictor | lambda | task | auto layers/token | auto | fixed | auto - fixed | fixed, levels | "
           "auto - fixed, levels |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -139,11 +141,19 @@ def main() -> None:
                 m, lo, hi = (100 * v for v in boot(d, lambda ds: float(np.mean([x.mean() for x in ds]))))
                 paired_lines.append(f"| {pred} | {lam} | average of {len(tasks)} tasks: auto - fixed (acc points) | "
                                     f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}] | {sum(len(x) for x in d)} documents |")
+            task_lines += task_table(mine, pred, lam, tasks, paired, boot)
     if paired_lines:
         print("\nPaired by document, against `fixed` (95% bootstrap interval over documents):\n")
         print("| predictor | lambda | measure | auto vs fixed [95% CI] | n |")
         print("|---|---|---|---|---|")
         print("\n".join(paired_lines))
+    if task_lines:
+        print("\nPer task, against fixed budgets at auto's measured mean layers on that task (paired by document, "
+              "95% bootstrap interval):\n")
+        print("| predictor | lambda | task | documents | auto layers/token | auto acc % | fixed acc % "
+              "| auto - fixed (points) [95% CI] |")
+        print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(task_lines))
     if domain_lines:
         print("\nPer domain, against fixed budgets at auto's measured mean layers on that domain (paired by window, "
               "95% bootstrap interval):\n")
@@ -151,6 +161,22 @@ def main() -> None:
               "| auto / fixed ppl [95% CI] |")
         print("|---|---|---|---|---|---|---|---|---|")
         print("\n".join(domain_lines))
+
+
+def task_table(mine: dict, pred, lam, tasks, paired, boot) -> list[str]:
+    """Markdown rows: each multiple-choice task's accuracy against fixed budgets at auto's mean layers on that
+    task, paired by document (where `auto` spends its layers, and what each task gains or loses by it)."""
+    lines = []
+    for t in tasks:
+        x = mine[t]["layers_per_token"]
+        d = paired(mine, lambda _: x, "acc", [t])
+        if d is None:
+            continue
+        auto = float(np.mean(mine[t]["per_doc"]["acc"]))
+        m, lo, hi = (100 * v for v in boot(d, lambda ds: float(ds[0].mean())))
+        lines.append(f"| {pred} | {lam} | {t} | {len(d[0])} | {x:.2f} | {100 * auto:.1f} | {100 * (auto - m / 100):.1f} | "
+                     f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}] |")
+    return lines
 
 
 def domain_table(mine: dict, pred, lam, bracket, boot) -> list[str]:

@@ -597,6 +597,33 @@ def test_auto_vs_fixed_judges_auto_per_domain_and_pooled(tmp_path):
     assert lines[-1].split(" | ")[4] == "17.00"  # the cross-domain line names auto's overall mean layers
 
 
+def test_auto_vs_fixed_reports_each_task_at_autos_own_mean_layers(tmp_path):
+    """Per-task accuracy table: task a's auto runs 17 layers per token, halfway between fixed 15 (every document
+    wrong) and 19 (every one right), and gets every document right: +50 points on each document. Task b's auto
+    runs 19 layers and answers as fixed 19 does: +0.0."""
+    import subprocess
+    import sys
+
+    rows = []
+    for t, auto_k in (("arc_easy", 17.0), ("piqa", 19.0)):
+        for k, acc in ((15, [0, 0, 0, 0]), (19, [1, 1, 1, 1]), (30, [1, 1, 1, 1])):
+            rows.append({"model": "m", "method": "dense" if k == 30 else "router", "kv_policy": "fill", "k": k,
+                         "n_layers": 30, "task": t, "layers_per_token": float(k), "acc": float(np.mean(acc)),
+                         "per_doc": {"acc": acc}})
+        rows.append({"model": "m", "method": "router", "kv_policy": "fill", "k": "auto", "n_layers": 30, "task": t,
+                     "layers_per_token": auto_k, "predictor": "p", "tradeoff": 1.0, "acc": 1.0,
+                     "per_doc": {"acc": [1, 1, 1, 1]}})
+    f = tmp_path / "r.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run([sys.executable, "benchmarks/auto_vs_fixed.py", str(f), "--tasks", "arc_easy,piqa"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert out.returncode == 0, out.stderr
+    table = out.stdout.split("Per task")[1]
+    lines = [ln.split(" | ") for ln in table.splitlines() if ln.startswith("| p | 1.0 |")]
+    assert [(ln[2], ln[4], ln[5], ln[6], ln[7]) for ln in lines] == [
+        ("arc_easy", "17.00", "100.0", "50.0", "+50.0 [+50.0, +50.0] |"), ("piqa", "19.00", "100.0", "100.0", "+0.0 [+0.0, +0.0] |")]
+
+
 def test_no_worse_allows_float32_rounding_only():
     from buddy.eval.stats import no_worse
 
