@@ -173,8 +173,9 @@ def task_table(mine: dict, pred, lam, tasks, paired, boot) -> list[str]:
         if d is None:
             continue
         auto = float(np.mean(mine[t]["per_doc"]["acc"]))
+        fixed = auto - float(d[0].mean())  # the interpolated fixed accuracy, per document, averaged
         m, lo, hi = (100 * v for v in boot(d, lambda ds: float(ds[0].mean())))
-        lines.append(f"| {pred} | {lam} | {t} | {len(d[0])} | {x:.2f} | {100 * auto:.1f} | {100 * (auto - m / 100):.1f} | "
+        lines.append(f"| {pred} | {lam} | {t} | {len(d[0])} | {x:.2f} | {100 * auto:.1f} | {100 * fixed:.1f} | "
                      f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}] |")
     return lines
 
