@@ -199,6 +199,8 @@ class DepthMeta:
     router: str
     config: dict
     ridge: float = 0.0
+    ahead: int = 0  # the training targets' look-ahead (buddy/train/depth.py); 0: own NLL only
+    ahead_weight: float = 0.0
     data: str = ""
     command: str = ""
     git_commit: str = ""

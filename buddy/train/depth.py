@@ -2,8 +2,10 @@
 
 For windows of the training mix it records, at every depth level, each token's next-token NLL under the
 routed engine (teacher-forced, prompt part at the level, the rest as decode) and the token's layer-0 output.
-A ridge regression maps the LayerNorm'd layer-0 output to the NLL at every level; the mu table (the NLL a
-layer must buy for each mean layer count) is set on the same training tokens. Validation windows report the
+A ridge regression maps the LayerNorm'd layer-0 output to a target at every level: the token's NLL there, mixed
+with the mean NLL of the next `ahead` tokens at that level (`ahead_weight`), so that a token whose shallow run
+goes with a costly stretch after it stays deep. The mu table (the NLL a layer must buy for each mean layer
+count) is set on the same training tokens. Validation windows report the
 table estimate: the NLL of per-token choices at a mean against fixed budgets at the same mean.
 """
 
@@ -29,6 +31,9 @@ from ..config import ConfigError, at_least
 from ..engine import layer0
 
 
+AHEAD_WEIGHT = 0.6  # chosen on the validation split (SmolLM2) by research/depth_targets.py and research/depth_span.py
+
+
 @dataclass
 class DepthTrainConfig:
     """Settings of `buddy train depth`.
@@ -40,6 +45,8 @@ class DepthTrainConfig:
     ridge: L2 penalty of the regression.
     batch_size: windows scored together.
     targets: mean layer counts at which validation is reported (comma-separated; default 0.5L, 0.63L, 0.87L).
+    ahead: how many tokens after each token its target looks at.
+    ahead_weight: the weight of those tokens' mean NLL in the target (0: the token's own NLL only).
     """
 
     windows: int = 8
@@ -49,14 +56,38 @@ class DepthTrainConfig:
     ridge: float = 10.0
     batch_size: int = 8
     targets: str = ""
+    ahead: int = 8
+    ahead_weight: float = AHEAD_WEIGHT
 
     def __post_init__(self):
-        at_least(self, 1, "windows", "val_windows", "batch_size", "prefill")
+        at_least(self, 1, "windows", "val_windows", "batch_size", "prefill", "ahead")
+        if not 0 <= self.ahead_weight <= 1:
+            raise ConfigError(f"invalid ahead_weight {self.ahead_weight!r}: must be in [0, 1]")
         at_least(self, 2, "window")
         if self.prefill >= self.window - 1:
             raise ConfigError(f"invalid prefill {self.prefill}: must be below window - 1 ({self.window - 1})")
         if not self.ridge > 0:
             raise ConfigError(f"invalid ridge {self.ridge!r}: must be > 0")
+
+
+def ahead_mean(y: torch.Tensor, ahead: int) -> torch.Tensor:
+    """y [W, T, n] -> at each position, the mean of the next `ahead` positions (fewer near the end; the
+    position itself at the last one)."""
+    W, T, n = y.shape
+    c = torch.cat([torch.zeros(W, 1, n, dtype=y.dtype), y.cumsum(1)], dim=1)  # c[t] = sum of y[:t]
+    t = torch.arange(T)
+    hi = (t + 1 + ahead).clamp(max=T)
+    cnt = hi - t - 1
+    out = (c[:, hi] - c[:, t + 1]) / cnt.clamp(min=1)[None, :, None]
+    return torch.where((cnt > 0)[None, :, None], out, y)
+
+
+def fit_targets(y: torch.Tensor, cfg: DepthTrainConfig) -> torch.Tensor:
+    """The regression targets [N, n] from the tables' NLL y [N, n] (window by window, in order)."""
+    if cfg.ahead_weight == 0:
+        return y
+    w = y.view(-1, cfg.window - cfg.prefill - 1, y.shape[-1])
+    return ((1 - cfg.ahead_weight) * w + cfg.ahead_weight * ahead_mean(w, cfg.ahead)).reshape(y.shape)
 
 
 def default_targets(n_layers: int) -> list[int]:
@@ -104,12 +135,13 @@ def fit_depth(engine, train: torch.Tensor, val: torch.Tensor, cfg: DepthTrainCon
     levels = depth_levels(L)
     head = DepthHead(DepthConfig(hidden_dim=engine.bb.shapes.hidden, n_layers=L, levels=tuple(levels)))
     x, y = tables(engine, train, levels, cfg, "train tables")
-    head.weight.copy_(fit_ridge(x, y, cfg.ridge))
+    head.weight.copy_(fit_ridge(x, fit_targets(y, cfg), cfg.ridge))
     head.mu_table.copy_(fit_mu_table(x @ head.weight, levels, L))
     xv, yv = tables(engine, val, levels, cfg, "validation tables")
     targets = [int(t) for t in cfg.targets.split(",")] if cfg.targets else default_targets(L)
     meta = DepthMeta(model=engine.bb.name, checksum=engine.bb.checksum, n_layers=L, kv_policy=engine.kv_policy,
-                     router=engine.planner.name, config=asdict(head.cfg), ridge=cfg.ridge, data=data,
+                     router=engine.planner.name, config=asdict(head.cfg), ridge=cfg.ridge,
+                     ahead=cfg.ahead if cfg.ahead_weight else 0, ahead_weight=cfg.ahead_weight, data=data,
                      command=command, git_commit=commit,
                      validation={"tokens": int(xv.shape[0]), "table": table_report(head, xv, yv, targets)})
     return head, meta

@@ -29,6 +29,25 @@ def test_fit_depth_on_a_tiny_model_gives_a_usable_head(tmp_path):
     assert abs(r.layers_per_token - 6) <= 0.5
 
 
+def test_ahead_targets_mix_each_tokens_nll_with_the_mean_of_the_next_ones():
+    import pytest
+
+    from buddy.config import ConfigError
+    from buddy.train.depth import DepthTrainConfig, ahead_mean, fit_targets
+
+    y = torch.arange(12.0).view(1, 6, 2)  # one window, 6 positions, 2 levels
+    assert ahead_mean(y, 2)[0].tolist() == [[3, 4], [5, 6], [7, 8], [9, 10], [10, 11], [10, 11]]
+    cfg = DepthTrainConfig(window=8, prefill=1, ahead=2, ahead_weight=0.5)  # 8 - 1 - 1 = 6 positions per window
+    flat = torch.cat([y, y + 100]).reshape(-1, 2)  # two windows, rows in order
+    got = fit_targets(flat, cfg).view(2, 6, 2)
+    assert torch.equal(got[0], 0.5 * y[0] + 0.5 * ahead_mean(y, 2)[0])  # windows do not leak into each other
+    assert torch.equal(got[1], got[0] + 100)
+    assert fit_targets(flat, DepthTrainConfig(window=8, prefill=1, ahead_weight=0.0)) is flat
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match="ahead_weight"):
+            DepthTrainConfig(ahead_weight=bad)
+
+
 def test_train_depth_then_generate_and_eval_with_it(tiny_ckpt, tmp_path, monkeypatch, capsys):
     """`buddy train depth` end to end (the mix replaced by random windows), then `generate --allocation token`
     and `eval ppl --allocation token` with the head it wrote."""
@@ -42,9 +61,10 @@ def test_train_depth_then_generate_and_eval_with_it(tiny_ckpt, tmp_path, monkeyp
                         lambda tok, split, window, per, domains=None: {"prose": torch.randint(2, 97, (3, window), generator=g)})
     common = ["--model", str(tiny_ckpt), "--planner", "random", "--dtype", "float32", "--device", "cpu"]
     assert main(["train", "depth", *common, "--window", "16", "--prefill", "2", "--windows", "1", "--val-windows", "1",
-                 "--out", str(tmp_path / "d")]) == 0
+                 "--ahead", "3", "--ahead-weight", "0.5", "--out", str(tmp_path / "d")]) == 0
     head, meta = load_depth(tmp_path / "d")
     assert meta.command.startswith("buddy train depth") and meta.kv_policy == "fill"
+    assert (meta.ahead, meta.ahead_weight) == (3, 0.5)
     capsys.readouterr()
     assert main(["generate", *common, "--depth", str(tmp_path / "d"), "--allocation", "token", "--layers", "4",
                  "--max-new-tokens", "12", "--trace", str(tmp_path / "t.jsonl"), "w1 w2 w3"]) == 0
