@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from buddy.api import load  # noqa: E402
+from buddy.api import load, make_depth  # noqa: E402
 from buddy.corpus import mix_windows  # noqa: E402
 from buddy.eval.ppl import evaluate_windows  # noqa: E402
 from buddy.eval.sweep import DOMAIN_PREFILL, DOMAIN_WINDOW  # noqa: E402
@@ -36,8 +36,6 @@ def main() -> None:
     ap.add_argument("--targets", default="15,19,26")
     ap.add_argument("--windows", type=int, default=2, help="validation windows per domain")
     args = ap.parse_args()
-    from buddy.api import make_depth
-
     dirs = args.depth.split(",")
     eng = load(args.model, dtype="float32", depth=dirs[0])
     windows = torch.cat(list(mix_windows(eng.tokenizer, "validation", DOMAIN_WINDOW, args.windows).values()))
@@ -66,6 +64,7 @@ def main() -> None:
                 f = float(np.interp(m, [lo, hi + 1e-9], [fixed[lo], fixed[hi]]))
                 cells.append(f"{100 * (math.exp(n - f) - 1):+.1f}% ({m:.2f} layers)")
             print("| " + " | ".join(cells) + " |", flush=True)
+
 
 if __name__ == "__main__":
     main()

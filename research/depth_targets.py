@@ -1,6 +1,6 @@
 """Which targets should the depth head of allocation="token" learn? Two alternatives to `buddy train depth`'s.
 
-    .venv/bin/python research/depth_targets.py --mode mixed --out runs/depth-smollm2-mixed        # about 5 min
+    .venv/bin/python research/depth_targets.py --mode mixed --passes 6 --out runs/depth-smollm2-mixed   # 5 min
     .venv/bin/python research/depth_targets.py --mode smooth --alphas 0,0.3,0.6 --out runs/depth-smollm2-smooth
     .venv/bin/python research/depth_span.py --depth DIR1,DIR2,... --spans 4 --targets 15,19,26     # judge them
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ from buddy.artifacts import git_commit  # noqa: E402
 from buddy.corpus import describe, mix_windows  # noqa: E402
 from buddy.engine import layer0  # noqa: E402
 from buddy.eval.ppl import token_nll  # noqa: E402
-from buddy.train.depth import DepthTrainConfig, ahead_mean, tables  # noqa: E402
+from buddy.train.depth import DepthTrainConfig, fit_targets, tables  # noqa: E402
 
 
 @torch.inference_mode()
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--mode", choices=("mixed", "smooth"), default="mixed")
     ap.add_argument("--windows", type=int, default=6)
-    ap.add_argument("--passes", type=int, default=10, help="mixed: random level draws per window")
+    ap.add_argument("--passes", type=int, default=6, help="mixed: random level draws per window")
     ap.add_argument("--alphas", default="0,0.3,0.6", help="smooth: weights of the tokens ahead")
     ap.add_argument("--ahead", type=int, default=8, help="smooth: how many tokens ahead")
     ap.add_argument("--tables", help="smooth: a .pt file that keeps the training tables (read if it exists)")
@@ -92,13 +92,14 @@ def main() -> None:
     data = (f"training mix (buddy/corpus.py), {cfg.window}-token windows, first {cfg.prefill} as the prompt, "
             f"mode {args.mode}: {describe(train)}")
 
-    def save(weight, out):
+    def save(weight, out, ahead=0, ahead_weight=0.0):
         head = DepthHead(eng.depth.cfg)
         head.weight.copy_(weight)
         head.mu_table.copy_(fit_mu_table(x @ head.weight, levels, eng.n_layers))
         meta = DepthMeta(model=eng.bb.name, checksum=eng.bb.checksum, n_layers=eng.n_layers,
                          kv_policy=eng.kv_policy, router=eng.planner.name, config=asdict(head.cfg),
-                         ridge=cfg.ridge, data=data, command=command, git_commit=commit)
+                         ridge=cfg.ridge, ahead=ahead, ahead_weight=ahead_weight, data=data, command=command,
+                         git_commit=commit)
         save_depth(head, meta, Path(out))
         print(f"wrote {out}")
 
@@ -117,11 +118,9 @@ def main() -> None:
         x, y = tables(eng, torch.cat(list(train.values())), levels, cfg, "train tables")
         if args.tables:
             torch.save((x, y), args.tables)
-    y = y.view(-1, cfg.window - cfg.prefill - 1, len(levels))
-    ahead = ahead_mean(y, args.ahead)
     for a in (float(v) for v in args.alphas.split(",")):
-        target = ((1 - a) * y + a * ahead).reshape(-1, len(levels))
-        save(fit_ridge(x, target, cfg.ridge), f"{args.out}-a{a:g}")
+        c = replace(cfg, ahead=args.ahead, ahead_weight=a)
+        save(fit_ridge(x, fit_targets(y, c), cfg.ridge), f"{args.out}-a{a:g}", args.ahead if a else 0, a)
 
 
 if __name__ == "__main__":

@@ -74,8 +74,8 @@ def ahead_mean(y: torch.Tensor, ahead: int) -> torch.Tensor:
     """y [W, T, n] -> at each position, the mean of the next `ahead` positions (fewer near the end; the
     position itself at the last one)."""
     W, T, n = y.shape
-    c = torch.cat([torch.zeros(W, 1, n, dtype=y.dtype), y.cumsum(1)], dim=1)  # c[t] = sum of y[:t]
-    t = torch.arange(T)
+    c = torch.cat([torch.zeros(W, 1, n, dtype=y.dtype, device=y.device), y.cumsum(1)], dim=1)  # c[t] = sum of y[:t]
+    t = torch.arange(T, device=y.device)
     hi = (t + 1 + ahead).clamp(max=T)
     cnt = hi - t - 1
     out = (c[:, hi] - c[:, t + 1]) / cnt.clamp(min=1)[None, :, None]
