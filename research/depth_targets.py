@@ -92,7 +92,7 @@ def main() -> None:
     data = (f"training mix (buddy/corpus.py), {cfg.window}-token windows, first {cfg.prefill} as the prompt, "
             f"mode {args.mode}: {describe(train)}")
 
-    def save(weight, out, ahead=0, ahead_weight=0.0):
+    def save(x, weight, out, ahead=0, ahead_weight=0.0):
         head = DepthHead(eng.depth.cfg)
         head.weight.copy_(weight)
         head.mu_table.copy_(fit_mu_table(x @ head.weight, levels, eng.n_layers))
@@ -110,7 +110,7 @@ def main() -> None:
             m = idx == j  # [P, N]
             w[:, j] = fit_ridge(x[m.nonzero()[:, 1]], y[m][:, None], cfg.ridge)[:, 0]
             print(f"level {levels[j]}: {int(m.sum())} tokens, mean NLL {float(y[m].mean()):.3f}")
-        save(w, args.out)
+        save(x, w, args.out)
         return
     if args.tables and Path(args.tables).is_file():
         x, y = torch.load(args.tables, weights_only=True)
@@ -120,7 +120,7 @@ def main() -> None:
             torch.save((x, y), args.tables)
     for a in (float(v) for v in args.alphas.split(",")):
         c = replace(cfg, ahead=args.ahead, ahead_weight=a)
-        save(fit_ridge(x, fit_targets(y, c), cfg.ridge), f"{args.out}-a{a:g}", args.ahead if a else 0, a)
+        save(x, fit_ridge(x, fit_targets(y, c), cfg.ridge), f"{args.out}-a{a:g}", args.ahead if a else 0, a)
 
 
 if __name__ == "__main__":
